@@ -1,0 +1,725 @@
+//! The allocator: malloc, free, promotion, trimming and limits.
+//!
+//! One [`Allocator`] owns a backend, its queues, the ready list and the
+//! pending list. Its state sits behind one mutex; backends are only called for
+//! cheap queries under it, except device allocation and release, which are
+//! rare next to cache hits.
+//!
+//! # Paths
+//!
+//! - **free** (the last handle of a buffer is dropped): every stamp passed →
+//!   ready; else → pending, filed under its first incomplete stamp. Then ready
+//!   bytes are trimmed to the cache limit, oldest first.
+//! - **malloc**: promote due pending blocks; best fit from ready; else, on a
+//!   queue that orders memory, a pending block whose only stamp is on that
+//!   queue; else a device allocation: trim to the GC limit, trim to the memory
+//!   limit, wait (boundedly) for the oldest in-flight stamp, and finally fail
+//!   with [`Error::OutOfMemory`].
+//!
+//! # Lock order
+//!
+//! `State` (allocator) → `SubmitState` (queue) → stamps (buffer). Dropping a
+//! buffer takes `State`, so nothing may drop a buffer handle while holding a
+//! queue's submit lock or the state lock: handles are collected and dropped
+//! after those locks are released.
+
+use std::collections::VecDeque;
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, MutexGuard};
+
+use crate::backend::{Backend, DeviceError, DeviceInfo};
+use crate::cache::{Block, ReadyList};
+use crate::config::{fit_bound, round_size, validate_sizing, Config, Limits};
+use crate::error::{Error, Result};
+use crate::pending::PendingList;
+use crate::policy::PolicyKind;
+use crate::stats::Stats;
+use crate::timeline::{QueueId, Stamp, Stamps, Watermark};
+use crate::{Buffer, Queue};
+
+/// The most queues one allocator supports.
+pub const MAX_QUEUES: usize = 64;
+
+static NEXT_ALLOCATOR_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A GPU buffer caching allocator over backend `B`. Cheap to clone: clones
+/// share one cache.
+pub struct Allocator<B: Backend> {
+    pub(crate) shared: Arc<Shared<B>>,
+}
+
+impl<B: Backend> Clone for Allocator<B> {
+    fn clone(&self) -> Self {
+        Allocator { shared: self.shared.clone() }
+    }
+}
+
+/// What every handle of one allocator points to.
+pub(crate) struct Shared<B: Backend> {
+    pub(crate) id: u64,
+    pub(crate) config: Config,
+    pub(crate) info: DeviceInfo,
+    state: Mutex<State<B::Buffer>>,
+    pub(crate) queues: QueueRegistry<B>,
+    // Declared last: dropped after the queues and blocks that need it.
+    pub(crate) backend: B,
+}
+
+/// The allocator's mutable state, behind `Shared::state`.
+struct State<R> {
+    ready: ReadyList<R>,
+    pending: PendingList<R>,
+    limits: Limits,
+    /// Counters; the ready and pending figures are filled in at snapshot.
+    stats: Stats,
+    next_block_id: u64,
+}
+
+impl<R> State<R> {
+    /// Bytes the allocator holds or has handed out.
+    fn reserved(&self) -> u64 {
+        self.stats.reserved_bytes
+    }
+
+    fn snapshot(&self) -> Stats {
+        let mut s = self.stats;
+        s.ready_bytes = self.ready.bytes();
+        s.ready_count = self.ready.len() as u64;
+        s.pending_bytes = self.pending.bytes();
+        s.pending_count = self.pending.len() as u64;
+        s
+    }
+
+    /// Takes blocks off the ready list, oldest first, until ready bytes are
+    /// at most `target`, and accounts them as released.
+    fn trim_ready_to(&mut self, target: u64, out: &mut Vec<Block<R>>) {
+        while self.ready.bytes() > target {
+            let Some(b) = self.ready.pop_oldest() else { break };
+            self.account_release(&b);
+            out.push(b);
+        }
+    }
+
+    fn account_release(&mut self, b: &Block<R>) {
+        self.stats.reserved_bytes -= b.size;
+        self.stats.device_releases += 1;
+        self.stats.trims += 1;
+    }
+
+    fn account_alloc(&mut self, size: u64) {
+        self.stats.reserved_bytes += size;
+        self.stats.peak_reserved_bytes = self.stats.peak_reserved_bytes.max(self.stats.reserved_bytes);
+        self.stats.device_allocations += 1;
+    }
+}
+
+/// One queue's shared state.
+pub(crate) struct QueueShared<B: Backend> {
+    pub(crate) id: QueueId,
+    pub(crate) raw: B::Queue,
+    pub(crate) orders_memory: bool,
+    pub(crate) watermark: Watermark,
+    pub(crate) submit: Mutex<SubmitState<B>>,
+    /// Submissions under `Retained` whose references are still held.
+    pub(crate) retained_len: AtomicUsize,
+    /// An error from the completion path, reported at the next call.
+    fault: Mutex<Option<Error>>,
+}
+
+/// A queue's submission bookkeeping, behind `QueueShared::submit`.
+pub(crate) struct SubmitState<B: Backend> {
+    /// The value the next commit gets.
+    pub(crate) next: u64,
+    /// Under `Retained`: (value, buffers it bound), oldest first.
+    pub(crate) retained: VecDeque<(u64, Vec<Arc<BufferInner<B>>>)>,
+}
+
+impl<B: Backend> QueueShared<B> {
+    /// Stores an error raised where it cannot be returned.
+    fn record_fault(&self, e: DeviceError) {
+        let mut f = self.fault.lock();
+        if !matches!(*f, Some(Error::DeviceLost(_))) {
+            *f = Some(match e {
+                DeviceError::SubmissionFailed { value, reason } => {
+                    Error::SubmissionFailed { queue: self.id, value, reason }
+                }
+                other => other.into(),
+            });
+        }
+    }
+
+    /// Reports a stored error once (a lost device: every time).
+    pub(crate) fn check_fault(&self) -> Result<()> {
+        let mut f = self.fault.lock();
+        match f.as_ref() {
+            None => Ok(()),
+            Some(Error::DeviceLost(why)) => Err(Error::DeviceLost(why.clone())),
+            Some(_) => Err(f.take().expect("checked above")),
+        }
+    }
+
+    /// The stored error if it concerns submission `value` or the whole device.
+    pub(crate) fn fault_for(&self, value: u64) -> Option<Error> {
+        match self.fault.lock().as_ref() {
+            Some(e @ Error::DeviceLost(_)) => Some(e.clone()),
+            Some(e @ Error::SubmissionFailed { value: v, .. }) if *v == value => Some(e.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Queues by id, append-only, readable without a lock.
+pub(crate) struct QueueRegistry<B: Backend> {
+    slots: Box<[OnceLock<Arc<QueueShared<B>>>]>,
+    len: AtomicUsize,
+    grow: Mutex<()>,
+}
+
+impl<B: Backend> QueueRegistry<B> {
+    fn new() -> Self {
+        QueueRegistry {
+            slots: (0..MAX_QUEUES).map(|_| OnceLock::new()).collect(),
+            len: AtomicUsize::new(0),
+            grow: Mutex::new(()),
+        }
+    }
+
+    /// The queue with id `id`. Ids come from this registry, so it exists.
+    #[inline]
+    pub(crate) fn get(&self, id: QueueId) -> &Arc<QueueShared<B>> {
+        self.slots[id as usize].get().expect("queue ids are handed out only after registration")
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<QueueShared<B>>> {
+        let n = self.len.load(Ordering::Acquire);
+        self.slots[..n].iter().filter_map(|s| s.get())
+    }
+}
+
+/// A buffer's shared state: dropping the last reference frees the block.
+pub(crate) struct BufferInner<B: Backend> {
+    pub(crate) shared: Arc<Shared<B>>,
+    raw: ManuallyDrop<B::Buffer>,
+    pub(crate) len: u64,
+    pub(crate) size: u64,
+    pub(crate) id: u64,
+    pub(crate) queue: QueueId,
+    pub(crate) stamps: Mutex<Stamps>,
+}
+
+impl<B: Backend> BufferInner<B> {
+    #[inline]
+    pub(crate) fn raw(&self) -> &B::Buffer {
+        &self.raw
+    }
+}
+
+impl<B: Backend> Drop for BufferInner<B> {
+    fn drop(&mut self) {
+        // SAFETY: `raw` is initialised from construction to here, and `drop`
+        // runs once; nothing reads `self.raw` after this line.
+        let raw = unsafe { ManuallyDrop::take(&mut self.raw) };
+        let block = Block {
+            raw,
+            size: self.size,
+            id: self.id,
+            stamps: std::mem::take(self.stamps.get_mut()),
+            release_when_idle: false,
+        };
+        self.shared.free(block);
+    }
+}
+
+impl<B: Backend> Allocator<B> {
+    /// Creates an allocator over `backend`. Limits left `None` in `config`
+    /// take their defaults from the device's capacity (see [`Config`]).
+    pub fn new(backend: B, config: Config) -> Result<Self> {
+        validate_sizing(&config)?;
+        let info = backend.info();
+        if info.max_buffer_size < 4 {
+            return Err(Error::InvalidConfig(format!(
+                "device {} reports a largest buffer of {} bytes",
+                info.name, info.max_buffer_size
+            )));
+        }
+        let limits = Limits::resolve(&config, info.memory_capacity)?;
+        Ok(Allocator {
+            shared: Arc::new(Shared {
+                id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),
+                config,
+                info,
+                state: Mutex::new(State {
+                    ready: ReadyList::default(),
+                    pending: PendingList::default(),
+                    limits,
+                    stats: Stats::default(),
+                    next_block_id: 1,
+                }),
+                queues: QueueRegistry::new(),
+                backend,
+            }),
+        })
+    }
+
+    /// Creates a queue: an in-order stream with its own timeline.
+    pub fn create_queue(&self) -> Result<Queue<B>> {
+        let s = &self.shared;
+        let _grow = s.queues.grow.lock();
+        let id = s.queues.len.load(Ordering::Acquire);
+        if id >= MAX_QUEUES {
+            return Err(Error::TooManyQueues(MAX_QUEUES));
+        }
+        let raw = s.backend.create_queue()?;
+        let q = Arc::new(QueueShared {
+            id: id as QueueId,
+            orders_memory: s.backend.orders_memory(&raw),
+            raw,
+            watermark: Watermark::default(),
+            submit: Mutex::new(SubmitState { next: 1, retained: VecDeque::new() }),
+            retained_len: AtomicUsize::new(0),
+            fault: Mutex::new(None),
+        });
+        s.queues.slots[id].set(q.clone()).unwrap_or_else(|_| unreachable!("slot {id} filled twice"));
+        s.queues.len.store(id + 1, Ordering::Release);
+        Ok(Queue { shared: s.clone(), q })
+    }
+
+    /// Allocates a buffer of `size` bytes for work on `queue`.
+    ///
+    /// `size` 0 is [`Error::ZeroSize`]; above the device's largest buffer,
+    /// [`Error::TooLarge`]. Under memory pressure the cache is trimmed, then
+    /// the call waits up to [`Config::pressure_timeout`] for in-flight work,
+    /// then returns [`Error::OutOfMemory`] with a statistics snapshot.
+    pub fn malloc(&self, size: u64, queue: &Queue<B>) -> Result<Buffer<B>> {
+        if !Arc::ptr_eq(&queue.shared, &self.shared) {
+            return Err(Error::ForeignQueue);
+        }
+        self.shared.malloc(size, &queue.q)
+    }
+
+    /// A snapshot of the statistics, after promoting what has completed.
+    pub fn stats(&self) -> Stats {
+        let s = &self.shared;
+        s.drain_retained();
+        let mut st = s.state.lock();
+        let release = s.promote(&mut st);
+        let snap = st.snapshot();
+        drop(st);
+        s.release_blocks(release);
+        snap
+    }
+
+    /// Promotes completed pending blocks and drops references held for
+    /// completed submissions, without allocating.
+    pub fn poll(&self) {
+        let _ = self.stats();
+    }
+
+    /// Resets the peak figures to the current ones.
+    pub fn reset_peak(&self) {
+        let mut st = self.shared.state.lock();
+        st.stats.peak_active_bytes = st.stats.active_bytes;
+        st.stats.peak_reserved_bytes = st.stats.reserved_bytes;
+    }
+
+    /// Releases every ready block now, and every pending block once its work
+    /// completes. Returns the bytes released now.
+    pub fn clear_cache(&self) -> u64 {
+        let s = &self.shared;
+        s.drain_retained();
+        let mut st = s.state.lock();
+        let mut release = s.promote(&mut st);
+        st.trim_ready_to(0, &mut release);
+        st.pending.mark_all_for_release();
+        drop(st);
+        s.release_blocks(release)
+    }
+
+    /// Releases ready blocks, oldest first, until at most `ready_bytes` remain.
+    /// Never touches pending blocks. Returns the bytes released.
+    pub fn trim(&self, ready_bytes: u64) -> u64 {
+        let s = &self.shared;
+        let mut st = s.state.lock();
+        let mut release = s.promote(&mut st);
+        st.trim_ready_to(ready_bytes, &mut release);
+        drop(st);
+        s.release_blocks(release)
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.shared.state.lock().limits
+    }
+
+    /// Replaces all three limits at once, after checking them against each
+    /// other and the device; then trims to the new cache limit.
+    pub fn set_limits(&self, limits: Limits) -> Result<()> {
+        limits.validate(self.shared.info.memory_capacity)?;
+        let mut st = self.shared.state.lock();
+        st.limits = limits;
+        let mut release = Vec::new();
+        st.trim_ready_to(limits.cache, &mut release);
+        drop(st);
+        self.shared.release_blocks(release);
+        Ok(())
+    }
+
+    /// Sets the memory limit (see [`Config`]); the others must still fit under it.
+    pub fn set_memory_limit(&self, bytes: u64) -> Result<()> {
+        self.set_limits(Limits { memory: bytes, ..self.limits() })
+    }
+
+    /// Sets the cache limit and trims to it.
+    pub fn set_cache_limit(&self, bytes: u64) -> Result<()> {
+        self.set_limits(Limits { cache: bytes, ..self.limits() })
+    }
+
+    /// Sets the GC limit.
+    pub fn set_gc_limit(&self, bytes: u64) -> Result<()> {
+        self.set_limits(Limits { gc: bytes, ..self.limits() })
+    }
+
+    /// A process-unique id of this allocator.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The release policy.
+    pub fn policy(&self) -> PolicyKind {
+        self.shared.config.policy.kind()
+    }
+
+    /// The configuration it was created with.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The device, as the backend describes it.
+    pub fn device_info(&self) -> &DeviceInfo {
+        &self.shared.info
+    }
+
+    /// The backend, for backend-specific calls (the simulator's validation
+    /// report, for instance).
+    pub fn backend(&self) -> &B {
+        &self.shared.backend
+    }
+}
+
+impl<B: Backend> Shared<B> {
+    /// Refreshes a queue's watermark from the backend. A backend error is
+    /// stored on the queue and reported at its next call.
+    pub(crate) fn refresh(&self, q: &QueueShared<B>) -> u64 {
+        match self.backend.completed(&q.raw) {
+            Ok(v) => q.watermark.advance(v),
+            Err(e) => {
+                q.record_fault(e);
+                q.watermark.get()
+            }
+        }
+    }
+
+    fn malloc(self: &Arc<Self>, size: u64, queue: &Arc<QueueShared<B>>) -> Result<Buffer<B>> {
+        queue.check_fault()?;
+        let max = self.info.max_buffer_size;
+        if size == 0 {
+            return Err(Error::ZeroSize);
+        }
+        if size > max {
+            return Err(Error::TooLarge { requested: size, max });
+        }
+        let rounded = round_size(size, self.config.page_size, self.config.small_align)
+            .map(|r| r.min(max & !3))
+            .filter(|&r| r >= size)
+            .ok_or(Error::TooLarge { requested: size, max })?;
+        let policy = self.config.policy.kind();
+        self.drain_retained();
+
+        let mut st = self.state.lock();
+        let mut release = self.promote(&mut st);
+        let bound = fit_bound(rounded, &self.config);
+        let mut hit = st.ready.take_best_fit(rounded, bound);
+        if hit.is_none() && policy == PolicyKind::Deferred && queue.orders_memory {
+            hit = st.pending.take_in_order(queue.id, rounded, bound);
+            if hit.is_some() {
+                st.stats.in_order_hits += 1;
+            }
+        }
+        let block = match hit {
+            Some(b) => {
+                st.stats.cache_hits += 1;
+                b
+            }
+            None => {
+                let (guard, block) = self.allocate_device(st, size, rounded, &mut release)?;
+                st = guard;
+                st.stats.cache_misses += 1;
+                block
+            }
+        };
+        st.stats.allocations += 1;
+        st.stats.active_bytes += block.size;
+        st.stats.active_count += 1;
+        st.stats.peak_active_bytes = st.stats.peak_active_bytes.max(st.stats.active_bytes);
+        let cache_limit = st.limits.cache;
+        st.trim_ready_to(cache_limit, &mut release);
+        drop(st);
+        self.release_blocks(release);
+
+        Ok(Buffer {
+            inner: Arc::new(BufferInner {
+                shared: self.clone(),
+                raw: ManuallyDrop::new(block.raw),
+                len: size,
+                size: block.size,
+                id: block.id,
+                queue: queue.id,
+                stamps: Mutex::new(block.stamps),
+            }),
+        })
+    }
+
+    /// The miss path: makes room under the limits, then asks the device.
+    /// Blocks to release are collected in `release` (released here too when
+    /// the device needs the room at once).
+    fn allocate_device<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State<B::Buffer>>,
+        requested: u64,
+        size: u64,
+        release: &mut Vec<Block<B::Buffer>>,
+    ) -> Result<(MutexGuard<'a, State<B::Buffer>>, Block<B::Buffer>)> {
+        let deadline = Instant::now() + self.config.pressure_timeout;
+        let mut device_refused = false;
+        loop {
+            // GC limit: trim ready blocks while used + request would pass it.
+            let used = st.reserved();
+            if used + size > st.limits.gc {
+                let target = st.ready.bytes().saturating_sub(used + size - st.limits.gc);
+                st.trim_ready_to(target, release);
+            }
+            // Memory limit, or the device said no: trim harder.
+            if st.reserved() + size > st.limits.memory || device_refused {
+                let target = if device_refused {
+                    0
+                } else {
+                    st.ready.bytes().saturating_sub(st.reserved() + size - st.limits.memory)
+                };
+                st.trim_ready_to(target, release);
+            }
+            let fits = st.reserved() + size <= st.limits.memory;
+            if fits {
+                if device_refused || !release.is_empty() {
+                    // Give memory back before asking for more.
+                    MutexGuard::unlocked(&mut st, || self.release_blocks(std::mem::take(release)));
+                }
+                match self.backend.allocate(size) {
+                    Ok(raw) => {
+                        st.account_alloc(size);
+                        let id = st.next_block_id;
+                        st.next_block_id += 1;
+                        let block =
+                            Block { raw, size, id, stamps: Stamps::default(), release_when_idle: false };
+                        return Ok((st, block));
+                    }
+                    Err(DeviceError::OutOfMemory) => device_refused = true,
+                    Err(e) => return Err(e.into()),
+                }
+                if !st.ready.is_empty() {
+                    continue;
+                }
+            }
+            // Nothing left to trim: wait for the oldest in-flight work.
+            let now = Instant::now();
+            let target = st.pending.oldest().or_else(|| self.oldest_retained());
+            match target {
+                Some(stamp) if now < deadline => {
+                    st.stats.waits += 1;
+                    let waited = MutexGuard::unlocked(&mut st, || {
+                        let q = self.queues.get(stamp.queue);
+                        let r = self.backend.wait(&q.raw, stamp.value, deadline - now);
+                        self.refresh(q);
+                        self.drain_retained();
+                        r
+                    });
+                    if let Err(e) = waited {
+                        return Err(e.into());
+                    }
+                    let more = self.promote(&mut st);
+                    release.extend(more);
+                }
+                _ => {
+                    st.stats.oom_errors += 1;
+                    let reason = if device_refused {
+                        "the device refused the allocation"
+                    } else {
+                        "the memory limit would be passed"
+                    };
+                    let limit = st.limits.memory;
+                    let stats = Box::new(st.snapshot());
+                    drop(st);
+                    self.release_blocks(std::mem::take(release));
+                    return Err(Error::OutOfMemory { requested, reason, limit, stats });
+                }
+            }
+        }
+    }
+
+    /// The oldest submission still holding references under `Retained`.
+    fn oldest_retained(&self) -> Option<Stamp> {
+        self.queues
+            .iter()
+            .filter(|q| q.retained_len.load(Ordering::Acquire) > 0)
+            .filter_map(|q| q.submit.lock().retained.front().map(|(v, _)| Stamp { queue: q.id, value: *v }))
+            .min_by_key(|s| s.value)
+    }
+
+    /// Moves pending blocks whose stamps have all passed to the ready list;
+    /// returns those marked for release instead.
+    #[must_use]
+    fn promote(&self, st: &mut State<B::Buffer>) -> Vec<Block<B::Buffer>> {
+        let mut release = Vec::new();
+        if st.pending.is_empty() {
+            return release;
+        }
+        let queues: Vec<QueueId> = st.pending.queues().collect();
+        for qid in queues {
+            let completed = self.refresh(self.queues.get(qid));
+            for mut block in st.pending.take_due(qid, completed) {
+                match block.stamps.first_incomplete(|q| self.queues.get(q).watermark.get()) {
+                    Some(next) => st.pending.insert(block, next),
+                    None if block.release_when_idle => {
+                        st.account_release(&block);
+                        release.push(block);
+                    }
+                    None => {
+                        block.stamps.clear();
+                        st.ready.insert(block);
+                    }
+                }
+            }
+        }
+        release
+    }
+
+    /// The free path (see the module documentation).
+    fn free(&self, mut block: Block<B::Buffer>) {
+        let due = match self.config.policy.kind() {
+            // The defect: in-flight uses are ignored.
+            PolicyKind::Immediate => None,
+            _ => block
+                .stamps
+                .first_incomplete(|q| self.queues.get(q).watermark.get())
+                .and_then(|_| block.stamps.first_incomplete(|q| self.refresh(self.queues.get(q)))),
+        };
+        let mut st = self.state.lock();
+        st.stats.frees += 1;
+        st.stats.active_bytes -= block.size;
+        st.stats.active_count -= 1;
+        match due {
+            Some(stamp) => {
+                st.stats.deferred_frees += 1;
+                st.pending.insert(block, stamp);
+            }
+            None => {
+                block.stamps.clear();
+                st.ready.insert(block);
+            }
+        }
+        let mut release = Vec::new();
+        let cache_limit = st.limits.cache;
+        st.trim_ready_to(cache_limit, &mut release);
+        drop(st);
+        self.release_blocks(release);
+    }
+
+    /// Gives blocks back to the device; returns the bytes released.
+    fn release_blocks(&self, blocks: Vec<Block<B::Buffer>>) -> u64 {
+        let mut bytes = 0;
+        for b in blocks {
+            bytes += b.size;
+            // SAFETY: (1) every block came from `self.backend.allocate`.
+            // (2) It came off the ready list, or was promoted with every stamp
+            // passed: no submission that recorded a use is incomplete. The
+            // exception is the `Immediate` policy, whose `unsafe` constructor
+            // makes the caller accept releasing in flight.
+            unsafe { self.backend.release(b.raw) };
+        }
+        bytes
+    }
+
+    /// Under `Retained`: drops the references held for completed submissions.
+    /// Never called with the state lock held (dropping may free buffers).
+    pub(crate) fn drain_retained(&self) {
+        if self.config.policy.kind() != PolicyKind::Retained {
+            return;
+        }
+        for q in self.queues.iter() {
+            if q.retained_len.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let completed = self.refresh(q);
+            let mut done = Vec::new();
+            {
+                let mut sub = q.submit.lock();
+                while sub.retained.front().is_some_and(|(v, _)| *v <= completed) {
+                    done.push(sub.retained.pop_front().expect("front checked"));
+                }
+                q.retained_len.store(sub.retained.len(), Ordering::Release);
+            }
+            drop(done);
+        }
+    }
+
+    /// Teardown wait: how long dropping the allocator waits for in-flight work
+    /// before leaking (never releasing) what is still in use.
+    fn teardown_timeout(&self) -> Duration {
+        self.config.pressure_timeout
+    }
+}
+
+impl<B: Backend> Drop for Shared<B> {
+    fn drop(&mut self) {
+        // No handle is left, so no buffer is live and no command buffer holds
+        // references. Ready blocks are idle; pending ones wait for their work.
+        let st = self.state.get_mut();
+        let mut blocks: Vec<Block<B::Buffer>> = Vec::new();
+        while let Some(b) = st.ready.pop_oldest() {
+            blocks.push(b);
+        }
+        let pending = st.pending.take_all();
+        let deadline = Instant::now() + self.teardown_timeout();
+        let mut leaked = 0usize;
+        for b in pending {
+            let idle = b.stamps.iter().all(|s| {
+                let q = self.queues.get(s.queue);
+                let left = deadline.saturating_duration_since(Instant::now());
+                q.watermark.get() >= s.value
+                    || matches!(self.backend.wait(&q.raw, s.value, left), Ok(true))
+                    || self.backend.completed(&q.raw).is_ok_and(|c| c >= s.value)
+            });
+            if idle {
+                blocks.push(b);
+            } else {
+                // Never release memory that work may still use (I1): leak it.
+                leaked += 1;
+                std::mem::forget(b.raw);
+            }
+        }
+        for b in blocks {
+            // SAFETY: (1) allocated by this backend. (2) Ready blocks are idle;
+            // pending ones were kept only if every stamp was seen completed.
+            // Under `Immediate`, the caller accepted releasing in flight.
+            unsafe { self.backend.release(b.raw) };
+        }
+        if leaked > 0 {
+            eprintln!(
+                "inflight: {leaked} block(s) still in use by unfinished GPU work at teardown were leaked, not released"
+            );
+        }
+    }
+}

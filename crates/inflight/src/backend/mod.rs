@@ -1,0 +1,232 @@
+//! The backend trait: the small surface a GPU API must offer the allocator.
+//!
+//! A backend allocates and releases raw device buffers, creates queues, records
+//! the few operations the harness and tests need (fill, copy, add, checksum)
+//! into a command list, submits that list with a timeline value, and reports
+//! which values have completed. Everything about lifetimes, caching and reuse
+//! lives above this trait, in the allocator; a backend keeps no per-buffer
+//! bookkeeping of its own beyond what its API requires.
+//!
+//! # Timeline contract
+//!
+//! The allocator assigns each submission on a queue the values 1, 2, 3, … in
+//! submission order and passes the value to [`Backend::submit`].
+//! [`Backend::completed`] returns the highest value `v` such that every
+//! submission with a value `<= v` on that queue has finished executing (a
+//! watermark; it never goes backwards). [`Backend::wait`] blocks until the
+//! watermark reaches a value or the timeout passes.
+//!
+//! # Memory ordering
+//!
+//! [`Backend::orders_memory`] says whether work submitted later on a queue is
+//! guaranteed to see the memory effects of work submitted earlier on it and to
+//! not overlap with it (a CUDA stream: yes; a Vulkan queue without barriers or
+//! Metal with untracked hazards: no). Only where it says yes may the allocator
+//! hand a block still in use by that queue to new work on the same queue.
+
+#[cfg(feature = "sim")]
+pub mod sim;
+
+use std::fmt;
+use std::time::Duration;
+
+/// A byte range of a buffer that an operation reads or writes.
+///
+/// Operations work on 32-bit words, so `offset` and `len` are multiples of 4.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Span {
+    /// First byte, a multiple of 4.
+    pub offset: u64,
+    /// Length in bytes, a multiple of 4.
+    pub len: u64,
+}
+
+impl Span {
+    /// The first `len` bytes of a buffer.
+    pub const fn prefix(len: u64) -> Self {
+        Span { offset: 0, len }
+    }
+
+    /// One past the last byte.
+    pub const fn end(&self) -> u64 {
+        self.offset + self.len
+    }
+
+    /// Number of 32-bit words covered.
+    pub const fn words(&self) -> u64 {
+        self.len / 4
+    }
+}
+
+/// What a backend tells the allocator about its device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// The backend's short name: `sim`, `vulkan`, `cuda`, `metal`.
+    pub backend: &'static str,
+    /// The device's name, as its driver reports it.
+    pub name: String,
+    /// Device memory the allocator may plan with, in bytes.
+    pub memory_capacity: u64,
+    /// The largest single buffer the device can create, in bytes.
+    pub max_buffer_size: u64,
+    /// The largest span one operation may cover, in bytes (a storage-buffer
+    /// range limit, for instance). Operations on longer spans are refused.
+    pub max_op_span: u64,
+}
+
+/// The small set of errors every backend maps its own codes onto
+/// (after wgpu-hal's `DeviceError`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    /// The device could not satisfy an allocation.
+    #[error("device out of memory")]
+    OutOfMemory,
+    /// The device is gone; nothing submitted to it will complete.
+    #[error("device lost: {0}")]
+    Lost(String),
+    /// A submission finished with an error on the device.
+    #[error("submission {value} failed on the device: {reason}")]
+    SubmissionFailed {
+        /// The submission's timeline value.
+        value: u64,
+        /// What the backend reported.
+        reason: String,
+    },
+    /// The request is outside what this backend or device supports.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// Anything else, with the backend's own description.
+    #[error("backend error: {0}")]
+    Other(String),
+}
+
+/// A GPU API as the allocator sees it. See the module documentation for the
+/// timeline and memory-ordering contracts.
+///
+/// Implementations must be cheap to call concurrently from many threads: the
+/// allocator calls [`Backend::completed`] on its allocation path.
+pub trait Backend: Send + Sync + 'static {
+    /// A raw device buffer.
+    type Buffer: Send + Sync + 'static;
+    /// A raw in-order queue of submissions.
+    type Queue: Send + Sync + 'static;
+    /// Work being recorded for one submission.
+    type Commands: Send + 'static;
+    /// A submitted piece of work; gives back its checksums once complete.
+    type Submission: Send + Sync + 'static;
+
+    /// Facts about the device.
+    fn info(&self) -> DeviceInfo;
+
+    /// Creates a raw buffer of exactly `bytes` bytes (a multiple of 4, > 0).
+    fn allocate(&self, bytes: u64) -> Result<Self::Buffer, DeviceError>;
+
+    /// Gives a raw buffer back to the driver.
+    ///
+    /// # Safety
+    ///
+    /// 1. `buffer` was created by this backend.
+    /// 2. Every submission that recorded a use of `buffer` has completed
+    ///    (invariant I1). The only caller that breaks this rule on purpose is
+    ///    the `Immediate` policy, whose constructor is `unsafe` for that reason;
+    ///    on a real driver the result is undefined behaviour.
+    unsafe fn release(&self, buffer: Self::Buffer);
+
+    /// Creates a queue with its own timeline, starting at 0 (nothing done).
+    fn create_queue(&self) -> Result<Self::Queue, DeviceError>;
+
+    /// Whether later work on `queue` is ordered after earlier work on it for
+    /// memory (see the module documentation).
+    fn orders_memory(&self, queue: &Self::Queue) -> bool;
+
+    /// Starts recording a submission for `queue`.
+    fn begin(&self, queue: &Self::Queue) -> Result<Self::Commands, DeviceError>;
+
+    /// Records: write `pattern` to every word of `dst[span]`.
+    fn fill(
+        &self,
+        cmds: &mut Self::Commands,
+        dst: &Self::Buffer,
+        span: Span,
+        pattern: u32,
+    ) -> Result<(), DeviceError>;
+
+    /// Records: `dst[span] = src[span]`.
+    fn copy(
+        &self,
+        cmds: &mut Self::Commands,
+        src: &Self::Buffer,
+        dst: &Self::Buffer,
+        span: Span,
+    ) -> Result<(), DeviceError>;
+
+    /// Records: `out[i] = a[i] + b[i]` (wrapping) for every word of `span`.
+    fn add(
+        &self,
+        cmds: &mut Self::Commands,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        out: &Self::Buffer,
+        span: Span,
+    ) -> Result<(), DeviceError>;
+
+    /// Records: compute [`checksum_words`] over `src[span]` into the next
+    /// result slot of this submission, and returns that slot's index
+    /// (0, 1, 2, … in recording order).
+    fn checksum(
+        &self,
+        cmds: &mut Self::Commands,
+        src: &Self::Buffer,
+        span: Span,
+    ) -> Result<usize, DeviceError>;
+
+    /// Submits recorded work to `queue` as timeline value `value`. Values on a
+    /// queue are submitted in increasing order, one call at a time.
+    fn submit(
+        &self,
+        queue: &Self::Queue,
+        cmds: Self::Commands,
+        value: u64,
+    ) -> Result<Self::Submission, DeviceError>;
+
+    /// The queue's completed watermark (see the module documentation).
+    /// Does not block.
+    fn completed(&self, queue: &Self::Queue) -> Result<u64, DeviceError>;
+
+    /// Blocks until `completed(queue) >= value` or `timeout` passes; returns
+    /// whether the value was reached.
+    fn wait(&self, queue: &Self::Queue, value: u64, timeout: Duration)
+        -> Result<bool, DeviceError>;
+
+    /// The checksums a completed submission computed, in slot order.
+    fn results(&self, submission: &Self::Submission) -> Result<Vec<u64>, DeviceError>;
+}
+
+/// The checksum every backend computes: the wrapping sum over the words `w[i]`
+/// of a span of `w[i] ^ (i * 0x9E37_79B1)` (wrapping u32 multiply), each term
+/// widened to u64. The index term makes a shifted or misplaced copy visible.
+pub fn checksum_words(words: &[u32]) -> u64 {
+    words
+        .iter()
+        .enumerate()
+        .fold(0u64, |acc, (i, &w)| acc.wrapping_add(u64::from(w ^ index_mix(i as u64))))
+}
+
+/// The per-index term of [`checksum_words`].
+#[inline]
+pub const fn index_mix(i: u64) -> u32 {
+    (i as u32).wrapping_mul(0x9E37_79B1)
+}
+
+/// The checksum of `words` words that all hold `value`, computed without
+/// materialising them (for the harness's CPU model).
+pub fn checksum_uniform(value: u32, words: u64) -> u64 {
+    (0..words).fold(0u64, |acc, i| acc.wrapping_add(u64::from(value ^ index_mix(i))))
+}
+
+impl fmt::Display for Span {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}..{})", self.offset, self.end())
+    }
+}

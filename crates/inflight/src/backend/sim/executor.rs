@@ -1,0 +1,252 @@
+//! One simulated queue's executor: a thread that runs submissions in order.
+//!
+//! Each operation is checked by the validation layer, performed on host
+//! memory, and paced: its simulated cost (fixed + per KiB, with jitter) is
+//! added to a running deadline and the thread sleeps whenever it is ahead of
+//! the deadline. Completion stores the submission's checksums, drops its
+//! in-flight marks, then advances the watermark and wakes waiters, in that
+//! order, so that a waiter that sees the value also sees the results.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Condvar, Mutex as StdMutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use super::validation::ViolationKind;
+use super::{Memory, SimConfig, SimGpu};
+use crate::backend::{checksum_words, DeviceError, Span};
+
+/// One recorded operation.
+pub(crate) enum Op {
+    Fill { dst: Arc<Memory>, span: Span, pattern: u32 },
+    Copy { src: Arc<Memory>, dst: Arc<Memory>, span: Span },
+    Add { a: Arc<Memory>, b: Arc<Memory>, out: Arc<Memory>, span: Span },
+    Checksum { src: Arc<Memory>, span: Span, slot: usize },
+}
+
+impl Op {
+    pub(crate) fn buffers(&self) -> impl Iterator<Item = &Arc<Memory>> {
+        let (x, y, z) = match self {
+            Op::Fill { dst, .. } => (dst, None, None),
+            Op::Copy { src, dst, .. } => (src, Some(dst), None),
+            Op::Add { a, b, out, .. } => (a, Some(b), Some(out)),
+            Op::Checksum { src, .. } => (src, None, None),
+        };
+        std::iter::once(x).chain(y).chain(z)
+    }
+
+    fn span(&self) -> Span {
+        match self {
+            Op::Fill { span, .. }
+            | Op::Copy { span, .. }
+            | Op::Add { span, .. }
+            | Op::Checksum { span, .. } => *span,
+        }
+    }
+}
+
+/// A submission on its way to the executor.
+pub(crate) struct Job {
+    pub(crate) value: u64,
+    pub(crate) ops: Vec<Op>,
+    pub(crate) touched: Vec<Arc<Memory>>,
+    pub(crate) results: Arc<Mutex<Vec<u64>>>,
+}
+
+struct Timeline {
+    completed: AtomicU64,
+    lock: StdMutex<()>,
+    cv: Condvar,
+}
+
+/// The handle a `SimQueue` holds.
+pub(crate) struct Executor {
+    timeline: Arc<Timeline>,
+    tx: Mutex<Option<Sender<Job>>>,
+    thread: Option<JoinHandle<()>>,
+    gpu: SimGpu,
+}
+
+/// SplitMix64: a tiny seeded generator for jitter.
+struct Jitter {
+    state: u64,
+    amount: f64,
+}
+
+impl Jitter {
+    fn factor(&mut self) -> f64 {
+        if self.amount <= 0.0 {
+            return 1.0;
+        }
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+        1.0 + self.amount * (2.0 * u - 1.0)
+    }
+}
+
+/// Sleep only when this far ahead of the deadline: shorter sleeps cost more
+/// than they simulate.
+const MIN_SLEEP: Duration = Duration::from_micros(50);
+
+impl Executor {
+    pub(crate) fn start(id: u32, config: &SimConfig, gpu: SimGpu) -> Result<Executor, DeviceError> {
+        let timeline = Arc::new(Timeline {
+            completed: AtomicU64::new(0),
+            lock: StdMutex::new(()),
+            cv: Condvar::new(),
+        });
+        let (tx, rx) = channel::<Job>();
+        let tl = timeline.clone();
+        let g = gpu.clone();
+        let mut jitter = Jitter {
+            state: config.seed ^ (u64::from(id) + 1).wrapping_mul(0xD1B5_4A32_D192_ED03),
+            amount: config.jitter.clamp(0.0, 1.0),
+        };
+        let op_cost = config.op_cost.as_nanos() as f64;
+        let ns_per_kib = config.ns_per_kib.max(0.0);
+        let submit_cost = config.submit_cost.as_nanos() as f64;
+        let thread = std::thread::Builder::new()
+            .name(format!("inflight-sim-q{id}"))
+            .spawn(move || {
+                let mut busy_until = Instant::now();
+                for job in rx {
+                    let lost = g.inner.lost.load(Ordering::Acquire);
+                    if lost {
+                        continue; // a lost device completes nothing
+                    }
+                    busy_until = busy_until.max(Instant::now());
+                    busy_until += Duration::from_nanos((submit_cost * jitter.factor()) as u64);
+                    let mut sums = Vec::new();
+                    for op in &job.ops {
+                        run_op(&g, id, job.value, op, &mut sums);
+                        let ns = op_cost + op.span().len as f64 / 1024.0 * ns_per_kib;
+                        busy_until += Duration::from_nanos((ns * jitter.factor()) as u64);
+                        pace(busy_until, MIN_SLEEP * 4);
+                    }
+                    pace(busy_until, Duration::ZERO);
+                    {
+                        let mut r = job.results.lock();
+                        for (slot, sum) in sums {
+                            r[slot] = sum;
+                        }
+                    }
+                    for m in &job.touched {
+                        m.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    let value = job.value;
+                    drop(job);
+                    let _g = tl.lock.lock().unwrap_or_else(|e| e.into_inner());
+                    tl.completed.fetch_max(value, Ordering::Release);
+                    tl.cv.notify_all();
+                }
+            })
+            .map_err(|e| DeviceError::Other(format!("cannot start a simulated queue: {e}")))?;
+        Ok(Executor { timeline, tx: Mutex::new(Some(tx)), thread: Some(thread), gpu })
+    }
+
+    pub(crate) fn send(&self, job: Job) -> Result<(), DeviceError> {
+        match self.tx.lock().as_ref() {
+            Some(tx) => tx.send(job).map_err(|_| DeviceError::Lost("simulated queue stopped".into())),
+            None => Err(DeviceError::Lost("simulated queue stopped".into())),
+        }
+    }
+
+    pub(crate) fn completed(&self) -> u64 {
+        self.timeline.completed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn wait(&self, value: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout.min(Duration::from_secs(365 * 24 * 3600));
+        let tl = &self.timeline;
+        let mut g = tl.lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if tl.completed.load(Ordering::Acquire) >= value {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline || self.gpu.inner.lost.load(Ordering::Acquire) {
+                return false;
+            }
+            // Wake now and then to notice a lost device.
+            let slice = (deadline - now).min(Duration::from_millis(10));
+            g = tl.cv.wait_timeout(g, slice).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        // Closing the channel lets the thread finish queued work and exit.
+        self.tx.lock().take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sleeps until `deadline` if it is more than `slack` away.
+fn pace(deadline: Instant, slack: Duration) {
+    let now = Instant::now();
+    if deadline > now + slack.max(MIN_SLEEP) {
+        std::thread::sleep(deadline - now);
+    }
+}
+
+/// Validates and performs one operation.
+fn run_op(gpu: &SimGpu, queue: u32, value: u64, op: &Op, sums: &mut Vec<(usize, u64)>) {
+    let v = &gpu.inner.validation;
+    let mut ok = true;
+    for m in op.buffers() {
+        if m.released.load(Ordering::Acquire) {
+            let at = Duration::from_nanos(m.released_at_ns.load(Ordering::Acquire));
+            v.report(ViolationKind::UseAfterRelease, m.generation, queue, value, at);
+            ok = false;
+        }
+    }
+    if !ok || gpu.inner.config.backing == super::Backing::Accounting {
+        if let Op::Checksum { slot, .. } = op {
+            sums.push((*slot, 0));
+        }
+        return;
+    }
+    let words = |s: Span| (s.offset / 4) as usize..(s.end() / 4) as usize;
+    // Reads a span into a scratch vector (None if released meanwhile), so
+    // that no two buffer locks are ever held at once.
+    let read = |m: &Arc<Memory>, s: Span| m.data.lock().as_ref().map(|d| d[words(s)].to_vec());
+    let write = |m: &Arc<Memory>, s: Span, src: &[u32]| {
+        if let Some(d) = m.data.lock().as_mut() {
+            d[words(s)].copy_from_slice(src);
+        }
+    };
+    match op {
+        Op::Fill { dst, span, pattern } => {
+            if let Some(d) = dst.data.lock().as_mut() {
+                d[words(*span)].fill(*pattern);
+            }
+        }
+        Op::Copy { src, dst, span } => {
+            if let Some(tmp) = read(src, *span) {
+                write(dst, *span, &tmp);
+            }
+        }
+        Op::Add { a, b, out, span } => {
+            if let (Some(mut x), Some(y)) = (read(a, *span), read(b, *span)) {
+                for (x, y) in x.iter_mut().zip(&y) {
+                    *x = x.wrapping_add(*y);
+                }
+                write(out, *span, &x);
+            }
+        }
+        Op::Checksum { src, span, slot } => {
+            let sum = src.data.lock().as_ref().map_or(0, |d| checksum_words(&d[words(*span)]));
+            sums.push((*slot, sum));
+        }
+    }
+}

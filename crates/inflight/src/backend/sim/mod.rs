@@ -1,0 +1,380 @@
+//! The simulated GPU: the default backend, in plain Rust, needing nothing
+//! installed.
+//!
+//! - **Buffers** are real host memory (zeroed on allocation, lazily backed by
+//!   the OS), or, in [`Backing::Accounting`], no memory at all: sizes are
+//!   accounted and operations validated but not performed (for replaying
+//!   traces that peak at many GiB).
+//! - **Queues** each have an executor thread that runs submissions in order.
+//!   Each operation takes simulated time, a fixed cost plus a cost per KiB of
+//!   its span, with seeded jitter, spread across the submission, so that work
+//!   really is in flight while the host goes on and operations of different
+//!   queues interleave.
+//! - **Validation** ([`validation`]): every raw buffer has a generation; a
+//!   release while in use, and a use after release, are violations.
+//!
+//! Queues order memory by default (one executor runs a queue's work in
+//! order); [`SimConfig::in_order_memory`] turns that off to model Metal's
+//! untracked hazards, where reuse must wait for completion.
+
+mod executor;
+pub mod validation;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use self::executor::{Executor, Job, Op};
+use self::validation::{Validation, ValidationMode, Violation, ViolationKind};
+use crate::backend::{Backend, DeviceError, DeviceInfo, Span};
+
+/// How simulated buffers are backed.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Backing {
+    /// Real host memory: operations compute and checksums are real.
+    #[default]
+    Host,
+    /// No memory: sizes are accounted and uses validated; operations do
+    /// nothing and checksums read 0.
+    Accounting,
+}
+
+/// Settings of the simulated GPU.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The device's name.
+    pub name: String,
+    /// Device memory, in bytes.
+    pub memory_capacity: u64,
+    /// The largest buffer, in bytes.
+    pub max_buffer_size: u64,
+    /// Fixed time of each operation.
+    pub op_cost: Duration,
+    /// Time per KiB of an operation's span, in nanoseconds.
+    pub ns_per_kib: f64,
+    /// Fixed time of each submission (a command-buffer boundary).
+    pub submit_cost: Duration,
+    /// Relative jitter of every cost, 0.0 to 1.0, drawn from `seed`.
+    pub jitter: f64,
+    /// Seed of the jitter.
+    pub seed: u64,
+    /// Whether queues order memory between submissions (see the module doc).
+    pub in_order_memory: bool,
+    /// What the validation layer does on a violation.
+    pub validation: ValidationMode,
+    /// How buffers are backed.
+    pub backing: Backing,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            name: "inflight simulated GPU".into(),
+            memory_capacity: 16 << 30,
+            max_buffer_size: 4 << 30,
+            op_cost: Duration::from_micros(2),
+            ns_per_kib: 20.0,
+            submit_cost: Duration::from_micros(20),
+            jitter: 0.25,
+            seed: 0,
+            in_order_memory: true,
+            validation: ValidationMode::Record,
+            backing: Backing::Host,
+        }
+    }
+}
+
+/// The simulated device. Clones share it.
+#[derive(Clone)]
+pub struct SimGpu {
+    inner: Arc<SimShared>,
+}
+
+struct SimShared {
+    config: SimConfig,
+    validation: Validation,
+    allocated: AtomicU64,
+    next_buffer: AtomicU64,
+    next_queue: AtomicU64,
+    lost: AtomicBool,
+}
+
+/// A raw simulated buffer: one generation of device memory.
+pub struct SimBuffer {
+    mem: Arc<Memory>,
+}
+
+/// Device memory of one raw buffer. Operations hold an `Arc` to it, as a
+/// GPU's page tables would keep the address mapped; `released` is what the
+/// validation layer checks.
+pub(crate) struct Memory {
+    pub(crate) generation: u64,
+    pub(crate) size: u64,
+    pub(crate) data: Mutex<Option<Box<[u32]>>>,
+    pub(crate) released: AtomicBool,
+    pub(crate) released_at_ns: AtomicU64,
+    /// Submitted, incomplete submissions that recorded a use.
+    pub(crate) in_flight: AtomicU64,
+    /// (queue << 48) | value of the last submission that recorded a use.
+    pub(crate) last_use: AtomicU64,
+}
+
+/// A simulated queue: an executor thread and its timeline.
+pub struct SimQueue {
+    id: u32,
+    exec: Executor,
+}
+
+/// Work being recorded for one simulated submission.
+pub struct SimCommands {
+    ops: Vec<Op>,
+    checksums: usize,
+}
+
+/// A submitted simulated submission.
+pub struct SimSubmission {
+    results: Arc<Mutex<Vec<u64>>>,
+}
+
+impl SimGpu {
+    /// A simulated device with the given settings.
+    pub fn new(config: SimConfig) -> Self {
+        SimGpu {
+            inner: Arc::new(SimShared {
+                validation: Validation::new(config.validation),
+                config,
+                allocated: AtomicU64::new(0),
+                next_buffer: AtomicU64::new(1),
+                next_queue: AtomicU64::new(0),
+                lost: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The settings it was created with.
+    pub fn config(&self) -> &SimConfig {
+        &self.inner.config
+    }
+
+    /// Violations the validation layer has seen.
+    pub fn violations(&self) -> u64 {
+        self.inner.validation.count()
+    }
+
+    /// The first violations, in full (at most [`validation::KEPT_VIOLATIONS`]).
+    pub fn violation_log(&self) -> Vec<Violation> {
+        self.inner.validation.kept()
+    }
+
+    /// Bytes of raw buffers currently allocated.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.inner.allocated.load(Ordering::Relaxed)
+    }
+
+    /// Marks the device lost: queues stop, and every call reports it.
+    pub fn lose_device(&self) {
+        self.inner.lost.store(true, Ordering::Release);
+    }
+
+    fn check_lost(&self) -> Result<(), DeviceError> {
+        if self.inner.lost.load(Ordering::Acquire) {
+            Err(DeviceError::Lost("the simulated device was lost".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Backend for SimGpu {
+    type Buffer = SimBuffer;
+    type Queue = SimQueue;
+    type Commands = SimCommands;
+    type Submission = SimSubmission;
+
+    fn info(&self) -> DeviceInfo {
+        let c = &self.inner.config;
+        DeviceInfo {
+            backend: "sim",
+            name: c.name.clone(),
+            memory_capacity: c.memory_capacity,
+            max_buffer_size: c.max_buffer_size,
+            max_op_span: c.max_buffer_size,
+        }
+    }
+
+    fn allocate(&self, bytes: u64) -> Result<SimBuffer, DeviceError> {
+        self.check_lost()?;
+        let c = &self.inner.config;
+        if bytes == 0 || bytes % 4 != 0 || bytes > c.max_buffer_size {
+            return Err(DeviceError::Unsupported(format!("cannot create a buffer of {bytes} bytes")));
+        }
+        let before = self.inner.allocated.fetch_add(bytes, Ordering::AcqRel);
+        if before + bytes > c.memory_capacity {
+            self.inner.allocated.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(DeviceError::OutOfMemory);
+        }
+        let data = match c.backing {
+            Backing::Host => Some(vec![0u32; (bytes / 4) as usize].into_boxed_slice()),
+            Backing::Accounting => None,
+        };
+        Ok(SimBuffer {
+            mem: Arc::new(Memory {
+                generation: self.inner.next_buffer.fetch_add(1, Ordering::Relaxed),
+                size: bytes,
+                data: Mutex::new(data),
+                released: AtomicBool::new(false),
+                released_at_ns: AtomicU64::new(0),
+                in_flight: AtomicU64::new(0),
+                last_use: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    unsafe fn release(&self, buffer: SimBuffer) {
+        let mem = buffer.mem;
+        let now = self.inner.validation.now();
+        mem.released_at_ns.store(now.as_nanos() as u64, Ordering::Release);
+        mem.released.store(true, Ordering::Release);
+        if mem.in_flight.load(Ordering::Acquire) > 0 {
+            let last = mem.last_use.load(Ordering::Acquire);
+            self.inner.validation.report(
+                ViolationKind::ReleasedInFlight,
+                mem.generation,
+                (last >> 48) as u32,
+                last & ((1 << 48) - 1),
+                now,
+            );
+        }
+        // The memory goes back for real: a use after this sees nothing.
+        *mem.data.lock() = None;
+        self.inner.allocated.fetch_sub(mem.size, Ordering::AcqRel);
+    }
+
+    fn create_queue(&self) -> Result<SimQueue, DeviceError> {
+        self.check_lost()?;
+        let id = self.inner.next_queue.fetch_add(1, Ordering::Relaxed) as u32;
+        let c = &self.inner.config;
+        let exec = Executor::start(id, c, self.clone())?;
+        Ok(SimQueue { id, exec })
+    }
+
+    fn orders_memory(&self, _queue: &SimQueue) -> bool {
+        self.inner.config.in_order_memory
+    }
+
+    fn begin(&self, _queue: &SimQueue) -> Result<SimCommands, DeviceError> {
+        self.check_lost()?;
+        Ok(SimCommands { ops: Vec::new(), checksums: 0 })
+    }
+
+    fn fill(
+        &self,
+        cmds: &mut SimCommands,
+        dst: &SimBuffer,
+        span: Span,
+        pattern: u32,
+    ) -> Result<(), DeviceError> {
+        check_span(dst, span)?;
+        cmds.ops.push(Op::Fill { dst: dst.mem.clone(), span, pattern });
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        cmds: &mut SimCommands,
+        src: &SimBuffer,
+        dst: &SimBuffer,
+        span: Span,
+    ) -> Result<(), DeviceError> {
+        check_span(src, span)?;
+        check_span(dst, span)?;
+        cmds.ops.push(Op::Copy { src: src.mem.clone(), dst: dst.mem.clone(), span });
+        Ok(())
+    }
+
+    fn add(
+        &self,
+        cmds: &mut SimCommands,
+        a: &SimBuffer,
+        b: &SimBuffer,
+        out: &SimBuffer,
+        span: Span,
+    ) -> Result<(), DeviceError> {
+        for buf in [a, b, out] {
+            check_span(buf, span)?;
+        }
+        cmds.ops.push(Op::Add { a: a.mem.clone(), b: b.mem.clone(), out: out.mem.clone(), span });
+        Ok(())
+    }
+
+    fn checksum(
+        &self,
+        cmds: &mut SimCommands,
+        src: &SimBuffer,
+        span: Span,
+    ) -> Result<usize, DeviceError> {
+        check_span(src, span)?;
+        let slot = cmds.checksums;
+        cmds.checksums += 1;
+        cmds.ops.push(Op::Checksum { src: src.mem.clone(), span, slot });
+        Ok(slot)
+    }
+
+    fn submit(
+        &self,
+        queue: &SimQueue,
+        cmds: SimCommands,
+        value: u64,
+    ) -> Result<SimSubmission, DeviceError> {
+        self.check_lost()?;
+        let results = Arc::new(Mutex::new(vec![0u64; cmds.checksums]));
+        // Record the uses now: from here until completion, releasing any of
+        // these buffers is a release in flight.
+        let tag = (u64::from(queue.id) << 48) | value;
+        let mut touched: Vec<&Arc<Memory>> = cmds.ops.iter().flat_map(Op::buffers).collect();
+        touched.sort_unstable_by_key(|m| Arc::as_ptr(m) as usize);
+        touched.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        let touched: Vec<Arc<Memory>> = touched.into_iter().cloned().collect();
+        for m in &touched {
+            m.in_flight.fetch_add(1, Ordering::AcqRel);
+            m.last_use.store(tag, Ordering::Release);
+        }
+        queue.exec.send(Job { value, ops: cmds.ops, touched, results: results.clone() })?;
+        Ok(SimSubmission { results })
+    }
+
+    fn completed(&self, queue: &SimQueue) -> Result<u64, DeviceError> {
+        self.check_lost()?;
+        Ok(queue.exec.completed())
+    }
+
+    fn wait(&self, queue: &SimQueue, value: u64, timeout: Duration) -> Result<bool, DeviceError> {
+        self.check_lost()?;
+        let reached = queue.exec.wait(value, timeout);
+        self.check_lost()?;
+        Ok(reached)
+    }
+
+    fn results(&self, submission: &SimSubmission) -> Result<Vec<u64>, DeviceError> {
+        Ok(submission.results.lock().clone())
+    }
+}
+
+fn check_span(buf: &SimBuffer, span: Span) -> Result<(), DeviceError> {
+    if span.offset % 4 != 0 || span.len % 4 != 0 || span.end() > buf.mem.size {
+        return Err(DeviceError::Unsupported(format!(
+            "span {span} does not fit buffer {} of {} bytes",
+            buf.mem.generation, buf.mem.size
+        )));
+    }
+    Ok(())
+}
+
+impl SimBuffer {
+    /// The raw buffer's generation id (unique per device allocation).
+    pub fn generation(&self) -> u64 {
+        self.mem.generation
+    }
+}

@@ -1,0 +1,198 @@
+//! Configuration: size rounding, best-fit slack, and the three limits.
+//!
+//! The limits follow MLX's allocator, with defaults derived from the device's
+//! reported capacity:
+//!
+//! - **memory limit** (default 95% of capacity): reserved bytes never pass it;
+//!   past it an allocation trims, waits for in-flight work, then fails.
+//! - **GC limit** (default 95% of the memory limit): when active + cached +
+//!   request would pass it, ready blocks are trimmed before allocating.
+//! - **cache limit** (default the memory limit): ready bytes are trimmed to it
+//!   after every allocation and free. Pending bytes may exceed it: they may not
+//!   be released yet (I4).
+//!
+//! Limits must satisfy `0 < gc_limit <= memory_limit <= capacity` and
+//! `cache_limit <= memory_limit`; anything else is [`Error::InvalidConfig`].
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::policy::Policy;
+
+/// The default page: 16 KiB, Apple silicon's page, as MLX uses.
+pub const DEFAULT_PAGE_SIZE: u64 = 16 * 1024;
+/// Sizes of at most one page round up to this alignment.
+pub const DEFAULT_SMALL_ALIGN: u64 = 256;
+/// How long an allocation under memory pressure may wait for in-flight work.
+pub const DEFAULT_PRESSURE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Allocator settings. `None` limits take their default from the device.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The release policy.
+    pub policy: Policy,
+    /// Sizes above one page round up to whole pages. A power of two.
+    pub page_size: u64,
+    /// Sizes of at most one page round up to a multiple of this. A power of
+    /// two, at least 4, at most `page_size`.
+    pub small_align: u64,
+    /// Best fit accepts a cached block only if it is smaller than both
+    /// `fit_factor × size` and `size + fit_slack_pages × page_size`.
+    pub fit_factor: u64,
+    /// See `fit_factor`.
+    pub fit_slack_pages: u64,
+    /// Reserved bytes never pass this (default 95% of device capacity).
+    pub memory_limit: Option<u64>,
+    /// Ready bytes are trimmed to this (default: the memory limit).
+    pub cache_limit: Option<u64>,
+    /// Trim before allocating when active + cached + request would pass this
+    /// (default: 95% of the memory limit).
+    pub gc_limit: Option<u64>,
+    /// The longest an allocation waits for in-flight work before failing.
+    pub pressure_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            policy: Policy::DEFERRED,
+            page_size: DEFAULT_PAGE_SIZE,
+            small_align: DEFAULT_SMALL_ALIGN,
+            fit_factor: 2,
+            fit_slack_pages: 2,
+            memory_limit: None,
+            cache_limit: None,
+            gc_limit: None,
+            pressure_timeout: DEFAULT_PRESSURE_TIMEOUT,
+        }
+    }
+}
+
+impl Config {
+    /// The same settings with another policy.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+}
+
+/// The limits in force, resolved and validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Reserved bytes never pass this.
+    pub memory: u64,
+    /// Ready bytes are trimmed to this.
+    pub cache: u64,
+    /// Trim before allocating past this.
+    pub gc: u64,
+}
+
+impl Limits {
+    /// Resolves `None`s against `capacity` and checks the result.
+    pub(crate) fn resolve(config: &Config, capacity: u64) -> Result<Limits> {
+        let memory = config.memory_limit.unwrap_or(capacity / 20 * 19);
+        let limits = Limits {
+            memory,
+            cache: config.cache_limit.unwrap_or(memory),
+            gc: config.gc_limit.unwrap_or(memory / 20 * 19),
+        };
+        limits.validate(capacity)?;
+        Ok(limits)
+    }
+
+    /// Checks `0 < gc <= memory <= capacity` and `cache <= memory`.
+    pub(crate) fn validate(&self, capacity: u64) -> Result<()> {
+        let bad = |msg: String| Err(Error::InvalidConfig(msg));
+        if self.memory == 0 {
+            return bad("the memory limit must be above 0".into());
+        }
+        if self.memory > capacity {
+            return bad(format!(
+                "the memory limit ({} B) is above the device's capacity ({capacity} B)",
+                self.memory
+            ));
+        }
+        if self.gc == 0 || self.gc > self.memory {
+            return bad(format!(
+                "the GC limit ({} B) must be above 0 and at most the memory limit ({} B)",
+                self.gc, self.memory
+            ));
+        }
+        if self.cache > self.memory {
+            return bad(format!(
+                "the cache limit ({} B) is above the memory limit ({} B)",
+                self.cache, self.memory
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks the sizing fields of a configuration.
+pub(crate) fn validate_sizing(config: &Config) -> Result<()> {
+    let bad = |msg: &str| Err(Error::InvalidConfig(msg.to_string()));
+    if !config.page_size.is_power_of_two() || config.page_size < 4 {
+        return bad("page_size must be a power of two of at least 4");
+    }
+    if !config.small_align.is_power_of_two()
+        || config.small_align < 4
+        || config.small_align > config.page_size
+    {
+        return bad("small_align must be a power of two from 4 to page_size");
+    }
+    if config.fit_factor < 1 {
+        return bad("fit_factor must be at least 1");
+    }
+    if config.pressure_timeout > Duration::from_secs(24 * 3600) {
+        return bad("pressure_timeout must be at most a day");
+    }
+    Ok(())
+}
+
+/// Rounds a request up to its block size: whole pages above one page, else a
+/// multiple of `small_align`. `None` on overflow.
+pub(crate) fn round_size(size: u64, page: u64, small_align: u64) -> Option<u64> {
+    let align = if size > page { page } else { small_align };
+    size.checked_add(align - 1).map(|s| s & !(align - 1))
+}
+
+/// The largest cached block best fit accepts for a block of `size` bytes
+/// (exclusive): `min(fit_factor × size, size + fit_slack_pages × page)`.
+pub(crate) fn fit_bound(size: u64, config: &Config) -> u64 {
+    let by_factor = size.saturating_mul(config.fit_factor);
+    let by_slack = size.saturating_add(config.fit_slack_pages.saturating_mul(config.page_size));
+    by_factor.min(by_slack).max(size + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounding_follows_pages_and_alignment() {
+        assert_eq!(round_size(1, 16384, 256), Some(256));
+        assert_eq!(round_size(256, 16384, 256), Some(256));
+        assert_eq!(round_size(16384, 16384, 256), Some(16384));
+        assert_eq!(round_size(16385, 16384, 256), Some(32768));
+        assert_eq!(round_size(u64::MAX, 16384, 256), None);
+    }
+
+    #[test]
+    fn fit_bound_is_the_smaller_of_factor_and_slack() {
+        let c = Config::default();
+        assert_eq!(fit_bound(4096, &c), 8192);
+        assert_eq!(fit_bound(1 << 20, &c), (1 << 20) + 2 * 16384);
+    }
+
+    #[test]
+    fn contradictory_limits_are_refused() {
+        let cap = 1 << 30;
+        let ok = Limits { memory: cap, cache: cap, gc: cap };
+        assert!(ok.validate(cap).is_ok());
+        assert!(Limits { memory: 0, ..ok }.validate(cap).is_err());
+        assert!(Limits { memory: cap + 1, ..ok }.validate(cap).is_err());
+        assert!(Limits { gc: 0, ..ok }.validate(cap).is_err());
+        assert!(Limits { memory: cap / 2, ..ok }.validate(cap).is_err());
+        assert!(Limits { cache: cap + 1, ..ok }.validate(cap).is_err());
+    }
+}

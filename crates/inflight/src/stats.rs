@@ -1,0 +1,75 @@
+//! Statistics: what the allocator holds and what it has done.
+//!
+//! Byte figures are of rounded block sizes. At every quiet point (no call in
+//! progress) they add up (invariant I3):
+//!
+//! ```text
+//! reserved_bytes = active_bytes + ready_bytes + pending_bytes
+//! device_allocations - device_releases = active_count + ready_count + pending_count
+//! ```
+
+use serde::Serialize;
+
+/// A snapshot of the allocator's statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    /// Bytes in buffers that a handle (or, under `Retained`, a command buffer) holds.
+    pub active_bytes: u64,
+    /// The highest `active_bytes` since creation or [`reset_peak`](crate::Allocator::reset_peak).
+    pub peak_active_bytes: u64,
+    /// Cached bytes ready for reuse: every recorded use has completed.
+    pub ready_bytes: u64,
+    /// Cached bytes whose last recorded use has not completed yet.
+    pub pending_bytes: u64,
+    /// Bytes held from the device: active + ready + pending.
+    pub reserved_bytes: u64,
+    /// The highest `reserved_bytes` since creation or reset.
+    pub peak_reserved_bytes: u64,
+    /// Buffers live.
+    pub active_count: u64,
+    /// Blocks cached and ready.
+    pub ready_count: u64,
+    /// Blocks cached and pending.
+    pub pending_count: u64,
+    /// Successful allocations (cache hits + misses).
+    pub allocations: u64,
+    /// Buffers freed (last handle dropped).
+    pub frees: u64,
+    /// Allocations served from the cache.
+    pub cache_hits: u64,
+    /// Of the hits, those that took a pending block on an in-order queue.
+    pub in_order_hits: u64,
+    /// Allocations that went to the device.
+    pub cache_misses: u64,
+    /// Raw buffers created on the device.
+    pub device_allocations: u64,
+    /// Raw buffers given back to the device.
+    pub device_releases: u64,
+    /// Frees that went to the pending list because work was still in flight.
+    pub deferred_frees: u64,
+    /// Times an allocation waited for in-flight work under memory pressure.
+    pub waits: u64,
+    /// Blocks released by trimming (cache limit, GC limit, pressure, clear).
+    pub trims: u64,
+    /// Out-of-memory errors returned.
+    pub oom_errors: u64,
+}
+
+impl Stats {
+    /// Whether the byte and count identities of invariant I3 hold.
+    pub fn balanced(&self) -> bool {
+        self.reserved_bytes == self.active_bytes + self.ready_bytes + self.pending_bytes
+            && self.device_allocations - self.device_releases
+                == self.active_count + self.ready_count + self.pending_count
+            && self.allocations - self.frees == self.active_count
+    }
+
+    /// Cache hits over allocations, 0 when nothing was allocated.
+    pub fn hit_rate(&self) -> f64 {
+        if self.allocations == 0 {
+            0.0
+        } else {
+            self.cache_hits as f64 / self.allocations as f64
+        }
+    }
+}
