@@ -54,7 +54,9 @@ pub struct Allocator<B: Backend> {
 
 impl<B: Backend> Clone for Allocator<B> {
     fn clone(&self) -> Self {
-        Allocator { shared: self.shared.clone() }
+        Allocator {
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -98,7 +100,9 @@ impl<R> State<R> {
     /// at most `target`, and accounts them as released.
     fn trim_ready_to(&mut self, target: u64, out: &mut Vec<Block<R>>) {
         while self.ready.bytes() > target {
-            let Some(b) = self.ready.pop_oldest() else { break };
+            let Some(b) = self.ready.pop_oldest() else {
+                break;
+            };
             self.account_release(&b);
             out.push(b);
         }
@@ -112,7 +116,10 @@ impl<R> State<R> {
 
     fn account_alloc(&mut self, size: u64) {
         self.stats.reserved_bytes += size;
-        self.stats.peak_reserved_bytes = self.stats.peak_reserved_bytes.max(self.stats.reserved_bytes);
+        self.stats.peak_reserved_bytes = self
+            .stats
+            .peak_reserved_bytes
+            .max(self.stats.reserved_bytes);
         self.stats.device_allocations += 1;
     }
 }
@@ -144,9 +151,11 @@ impl<B: Backend> QueueShared<B> {
         let mut f = self.fault.lock();
         if !matches!(*f, Some(Error::DeviceLost(_))) {
             *f = Some(match e {
-                DeviceError::SubmissionFailed { value, reason } => {
-                    Error::SubmissionFailed { queue: self.id, value, reason }
-                }
+                DeviceError::SubmissionFailed { value, reason } => Error::SubmissionFailed {
+                    queue: self.id,
+                    value,
+                    reason,
+                },
                 other => other.into(),
             });
         }
@@ -191,7 +200,9 @@ impl<B: Backend> QueueRegistry<B> {
     /// The queue with id `id`. Ids come from this registry, so it exists.
     #[inline]
     pub(crate) fn get(&self, id: QueueId) -> &Arc<QueueShared<B>> {
-        self.slots[id as usize].get().expect("queue ids are handed out only after registration")
+        self.slots[id as usize]
+            .get()
+            .expect("queue ids are handed out only after registration")
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<QueueShared<B>>> {
@@ -279,13 +290,21 @@ impl<B: Backend> Allocator<B> {
             orders_memory: s.backend.orders_memory(&raw),
             raw,
             watermark: Watermark::default(),
-            submit: Mutex::new(SubmitState { next: 1, retained: VecDeque::new() }),
+            submit: Mutex::new(SubmitState {
+                next: 1,
+                retained: VecDeque::new(),
+            }),
             retained_len: AtomicUsize::new(0),
             fault: Mutex::new(None),
         });
-        s.queues.slots[id].set(q.clone()).unwrap_or_else(|_| unreachable!("slot {id} filled twice"));
+        s.queues.slots[id]
+            .set(q.clone())
+            .unwrap_or_else(|_| unreachable!("slot {id} filled twice"));
         s.queues.len.store(id + 1, Ordering::Release);
-        Ok(Queue { shared: s.clone(), q })
+        Ok(Queue {
+            shared: s.clone(),
+            q,
+        })
     }
 
     /// Allocates a buffer of `size` bytes for work on `queue`.
@@ -370,17 +389,26 @@ impl<B: Backend> Allocator<B> {
 
     /// Sets the memory limit (see [`Config`]); the others must still fit under it.
     pub fn set_memory_limit(&self, bytes: u64) -> Result<()> {
-        self.set_limits(Limits { memory: bytes, ..self.limits() })
+        self.set_limits(Limits {
+            memory: bytes,
+            ..self.limits()
+        })
     }
 
     /// Sets the cache limit and trims to it.
     pub fn set_cache_limit(&self, bytes: u64) -> Result<()> {
-        self.set_limits(Limits { cache: bytes, ..self.limits() })
+        self.set_limits(Limits {
+            cache: bytes,
+            ..self.limits()
+        })
     }
 
     /// Sets the GC limit.
     pub fn set_gc_limit(&self, bytes: u64) -> Result<()> {
-        self.set_limits(Limits { gc: bytes, ..self.limits() })
+        self.set_limits(Limits {
+            gc: bytes,
+            ..self.limits()
+        })
     }
 
     /// A process-unique id of this allocator.
@@ -430,12 +458,18 @@ impl<B: Backend> Shared<B> {
             return Err(Error::ZeroSize);
         }
         if size > max {
-            return Err(Error::TooLarge { requested: size, max });
+            return Err(Error::TooLarge {
+                requested: size,
+                max,
+            });
         }
         let rounded = round_size(size, self.config.page_size, self.config.small_align)
             .map(|r| r.min(max & !3))
             .filter(|&r| r >= size)
-            .ok_or(Error::TooLarge { requested: size, max })?;
+            .ok_or(Error::TooLarge {
+                requested: size,
+                max,
+            })?;
         let policy = self.config.policy.kind();
         self.drain_retained();
 
@@ -507,7 +541,9 @@ impl<B: Backend> Shared<B> {
                 let target = if device_refused {
                     0
                 } else {
-                    st.ready.bytes().saturating_sub(st.reserved() + size - st.limits.memory)
+                    st.ready
+                        .bytes()
+                        .saturating_sub(st.reserved() + size - st.limits.memory)
                 };
                 st.trim_ready_to(target, release);
             }
@@ -522,8 +558,13 @@ impl<B: Backend> Shared<B> {
                         st.account_alloc(size);
                         let id = st.next_block_id;
                         st.next_block_id += 1;
-                        let block =
-                            Block { raw, size, id, stamps: Stamps::default(), release_when_idle: false };
+                        let block = Block {
+                            raw,
+                            size,
+                            id,
+                            stamps: Stamps::default(),
+                            release_when_idle: false,
+                        };
                         return Ok((st, block));
                     }
                     Err(DeviceError::OutOfMemory) => device_refused = true,
@@ -563,7 +604,12 @@ impl<B: Backend> Shared<B> {
                     let stats = Box::new(st.snapshot());
                     drop(st);
                     self.release_blocks(std::mem::take(release));
-                    return Err(Error::OutOfMemory { requested, reason, limit, stats });
+                    return Err(Error::OutOfMemory {
+                        requested,
+                        reason,
+                        limit,
+                        stats,
+                    });
                 }
             }
         }
@@ -574,7 +620,12 @@ impl<B: Backend> Shared<B> {
         self.queues
             .iter()
             .filter(|q| q.retained_len.load(Ordering::Acquire) > 0)
-            .filter_map(|q| q.submit.lock().retained.front().map(|(v, _)| Stamp { queue: q.id, value: *v }))
+            .filter_map(|q| {
+                q.submit.lock().retained.front().map(|(v, _)| Stamp {
+                    queue: q.id,
+                    value: *v,
+                })
+            })
             .min_by_key(|s| s.value)
     }
 
@@ -590,7 +641,10 @@ impl<B: Backend> Shared<B> {
         for qid in queues {
             let completed = self.refresh(self.queues.get(qid));
             for mut block in st.pending.take_due(qid, completed) {
-                match block.stamps.first_incomplete(|q| self.queues.get(q).watermark.get()) {
+                match block
+                    .stamps
+                    .first_incomplete(|q| self.queues.get(q).watermark.get())
+                {
                     Some(next) => st.pending.insert(block, next),
                     None if block.release_when_idle => {
                         st.account_release(&block);
@@ -614,7 +668,11 @@ impl<B: Backend> Shared<B> {
             _ => block
                 .stamps
                 .first_incomplete(|q| self.queues.get(q).watermark.get())
-                .and_then(|_| block.stamps.first_incomplete(|q| self.refresh(self.queues.get(q)))),
+                .and_then(|_| {
+                    block
+                        .stamps
+                        .first_incomplete(|q| self.refresh(self.queues.get(q)))
+                }),
         };
         let mut st = self.state.lock();
         st.stats.frees += 1;

@@ -40,7 +40,12 @@ pub struct ReadyList<R> {
 
 impl<R> Default for ReadyList<R> {
     fn default() -> Self {
-        ReadyList { by_size: BTreeMap::new(), by_age: BTreeMap::new(), bytes: 0, tick: 0 }
+        ReadyList {
+            by_size: BTreeMap::new(),
+            by_age: BTreeMap::new(),
+            bytes: 0,
+            tick: 0,
+        }
     }
 }
 
@@ -97,7 +102,13 @@ mod tests {
     use super::*;
 
     fn block(size: u64, id: u64) -> Block<()> {
-        Block { raw: (), size, id, stamps: Stamps::default(), release_when_idle: false }
+        Block {
+            raw: (),
+            size,
+            id,
+            stamps: Stamps::default(),
+            release_when_idle: false,
+        }
     }
 
     #[test]
@@ -119,7 +130,9 @@ mod tests {
             r.insert(block(64 * (4 - id), id));
         }
         let _ = r.take_best_fit(128, 129);
-        let order: Vec<u64> = std::iter::from_fn(|| r.pop_oldest()).map(|b| b.id).collect();
+        let order: Vec<u64> = std::iter::from_fn(|| r.pop_oldest())
+            .map(|b| b.id)
+            .collect();
         assert_eq!(order, vec![0, 1, 3]);
         assert!(r.is_empty());
         assert_eq!(r.bytes(), 0);

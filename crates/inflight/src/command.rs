@@ -29,7 +29,9 @@ pub struct Buffer<B: Backend> {
 
 impl<B: Backend> Clone for Buffer<B> {
     fn clone(&self) -> Self {
-        Buffer { inner: self.inner.clone() }
+        Buffer {
+            inner: self.inner.clone(),
+        }
     }
 }
 
@@ -90,7 +92,10 @@ pub struct Queue<B: Backend> {
 
 impl<B: Backend> Clone for Queue<B> {
     fn clone(&self) -> Self {
-        Queue { shared: self.shared.clone(), q: self.q.clone() }
+        Queue {
+            shared: self.shared.clone(),
+            q: self.q.clone(),
+        }
     }
 }
 
@@ -98,6 +103,11 @@ impl<B: Backend> Queue<B> {
     /// The queue's index inside its allocator.
     pub fn id(&self) -> QueueId {
         self.q.id
+    }
+
+    /// The raw backend queue.
+    pub fn raw(&self) -> &B::Queue {
+        &self.q.raw
     }
 
     /// Whether the backend orders memory between submissions on this queue.
@@ -162,7 +172,11 @@ impl<B: Backend> CommandBuffer<B> {
             Some("offset and length must be multiples of 4")
         } else if span.len == 0 {
             Some("the span is empty")
-        } else if span.offset.checked_add(span.len).is_none_or(|end| end > inner.len) {
+        } else if span
+            .offset
+            .checked_add(span.len)
+            .is_none_or(|end| end > inner.len)
+        {
             Some("the span ends past the buffer")
         } else if span.len > self.shared.info.max_op_span {
             Some("the span is longer than the device's largest operation")
@@ -170,7 +184,12 @@ impl<B: Backend> CommandBuffer<B> {
             None
         };
         if let Some(why) = why {
-            return Err(Error::InvalidSpan { buffer: inner.id, len: inner.len, span, why });
+            return Err(Error::InvalidSpan {
+                buffer: inner.id,
+                len: inner.len,
+                span,
+                why,
+            });
         }
         if !self.bound.last().is_some_and(|b| Arc::ptr_eq(b, inner)) {
             self.bound.push(inner.clone());
@@ -179,7 +198,9 @@ impl<B: Backend> CommandBuffer<B> {
     }
 
     fn cmds(&mut self) -> &mut B::Commands {
-        self.cmds.as_mut().expect("commands exist until commit consumes self")
+        self.cmds
+            .as_mut()
+            .expect("commands exist until commit consumes self")
     }
 
     /// Records: fill the whole buffer with `pattern`.
@@ -206,7 +227,9 @@ impl<B: Backend> CommandBuffer<B> {
         self.bind(src, span)?;
         self.bind(dst, span)?;
         let shared = self.shared.clone();
-        shared.backend.copy(self.cmds(), src.raw(), dst.raw(), span)?;
+        shared
+            .backend
+            .copy(self.cmds(), src.raw(), dst.raw(), span)?;
         Ok(())
     }
 
@@ -228,7 +251,9 @@ impl<B: Backend> CommandBuffer<B> {
         self.bind(b, span)?;
         self.bind(out, span)?;
         let shared = self.shared.clone();
-        shared.backend.add(self.cmds(), a.raw(), b.raw(), out.raw(), span)?;
+        shared
+            .backend
+            .add(self.cmds(), a.raw(), b.raw(), out.raw(), span)?;
         Ok(())
     }
 
@@ -332,7 +357,10 @@ impl<B: Backend> Ticket<B> {
     /// Blocks until it completes or `timeout` passes; returns whether it
     /// completed. The status is checked again after waking.
     pub fn wait(&self, timeout: Duration) -> Result<bool> {
-        let waited = self.shared.backend.wait(&self.queue.raw, self.value, timeout);
+        let waited = self
+            .shared
+            .backend
+            .wait(&self.queue.raw, self.value, timeout);
         let done = self.is_complete()?;
         waited?;
         self.shared.drain_retained();
@@ -343,7 +371,10 @@ impl<B: Backend> Ticket<B> {
     /// it has not completed.
     pub fn checksums(&self) -> Result<Vec<u64>> {
         if !self.is_complete()? {
-            return Err(Error::NotComplete { queue: self.queue.id, value: self.value });
+            return Err(Error::NotComplete {
+                queue: self.queue.id,
+                value: self.value,
+            });
         }
         Ok(self.shared.backend.results(&self.submission)?)
     }
@@ -351,9 +382,15 @@ impl<B: Backend> Ticket<B> {
     /// The checksum in `slot`. An error if it has not completed.
     pub fn checksum(&self, slot: usize) -> Result<u64> {
         if slot >= self.checksums {
-            return Err(Error::NoSuchSlot { slot, recorded: self.checksums });
+            return Err(Error::NoSuchSlot {
+                slot,
+                recorded: self.checksums,
+            });
         }
         let all = self.checksums()?;
-        all.get(slot).copied().ok_or(Error::NoSuchSlot { slot, recorded: all.len() })
+        all.get(slot).copied().ok_or(Error::NoSuchSlot {
+            slot,
+            recorded: all.len(),
+        })
     }
 }

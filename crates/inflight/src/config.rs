@@ -187,12 +187,31 @@ mod tests {
     #[test]
     fn contradictory_limits_are_refused() {
         let cap = 1 << 30;
-        let ok = Limits { memory: cap, cache: cap, gc: cap };
+        let ok = Limits {
+            memory: cap,
+            cache: cap,
+            gc: cap,
+        };
         assert!(ok.validate(cap).is_ok());
         assert!(Limits { memory: 0, ..ok }.validate(cap).is_err());
-        assert!(Limits { memory: cap + 1, ..ok }.validate(cap).is_err());
+        assert!(Limits {
+            memory: cap + 1,
+            ..ok
+        }
+        .validate(cap)
+        .is_err());
         assert!(Limits { gc: 0, ..ok }.validate(cap).is_err());
-        assert!(Limits { memory: cap / 2, ..ok }.validate(cap).is_err());
-        assert!(Limits { cache: cap + 1, ..ok }.validate(cap).is_err());
+        assert!(Limits {
+            memory: cap / 2,
+            ..ok
+        }
+        .validate(cap)
+        .is_err());
+        assert!(Limits {
+            cache: cap + 1,
+            ..ok
+        }
+        .validate(cap)
+        .is_err());
     }
 }

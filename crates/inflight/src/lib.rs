@@ -74,6 +74,7 @@ pub mod backend;
 pub mod cache;
 mod command;
 mod config;
+pub mod conformance;
 mod error;
 pub mod pending;
 mod policy;
@@ -83,7 +84,9 @@ pub mod timeline;
 pub use allocator::{Allocator, MAX_QUEUES};
 pub use backend::{Backend, DeviceError, DeviceInfo, Span};
 pub use command::{Buffer, CommandBuffer, Queue, Ticket};
-pub use config::{Config, Limits, DEFAULT_PAGE_SIZE, DEFAULT_PRESSURE_TIMEOUT, DEFAULT_SMALL_ALIGN};
+pub use config::{
+    Config, Limits, DEFAULT_PAGE_SIZE, DEFAULT_PRESSURE_TIMEOUT, DEFAULT_SMALL_ALIGN,
+};
 pub use error::{Error, Result};
 pub use policy::{Policy, PolicyKind};
 pub use stats::Stats;

@@ -34,7 +34,10 @@ struct QueuePending<R> {
 
 impl<R> Default for QueuePending<R> {
     fn default() -> Self {
-        QueuePending { by_value: BTreeMap::new(), by_size: BTreeMap::new() }
+        QueuePending {
+            by_value: BTreeMap::new(),
+            by_size: BTreeMap::new(),
+        }
     }
 }
 
@@ -47,14 +50,21 @@ pub struct PendingList<R> {
 
 impl<R> Default for PendingList<R> {
     fn default() -> Self {
-        PendingList { queues: Vec::new(), bytes: 0, len: 0 }
+        PendingList {
+            queues: Vec::new(),
+            bytes: 0,
+            len: 0,
+        }
     }
 }
 
 impl<R> PendingList<R> {
     /// Files `block` under `at`, one of its incomplete stamps.
     pub fn insert(&mut self, block: Block<R>, at: Stamp) {
-        debug_assert!(block.stamps.iter().any(|s| *s == at), "filed under a stamp it lacks");
+        debug_assert!(
+            block.stamps.iter().any(|s| *s == at),
+            "filed under a stamp it lacks"
+        );
         let q = at.queue as usize;
         if self.queues.len() <= q {
             self.queues.resize_with(q + 1, Default::default);
@@ -71,8 +81,12 @@ impl<R> PendingList<R> {
     /// Takes every block filed under `queue` with a stamp value `<= completed`.
     #[must_use]
     pub fn take_due(&mut self, queue: QueueId, completed: u64) -> Vec<Block<R>> {
-        let Some(slot) = self.queues.get_mut(queue as usize) else { return Vec::new() };
-        let Some((&(first, _), _)) = slot.by_value.first_key_value() else { return Vec::new() };
+        let Some(slot) = self.queues.get_mut(queue as usize) else {
+            return Vec::new();
+        };
+        let Some((&(first, _), _)) = slot.by_value.first_key_value() else {
+            return Vec::new();
+        };
         if first > completed {
             return Vec::new();
         }
@@ -113,7 +127,10 @@ impl<R> PendingList<R> {
             .filter_map(|(q, slot)| {
                 slot.by_value
                     .first_key_value()
-                    .map(|(&(value, _), _)| Stamp { queue: q as QueueId, value })
+                    .map(|(&(value, _), _)| Stamp {
+                        queue: q as QueueId,
+                        value,
+                    })
             })
             .min_by_key(|s| s.value)
     }
@@ -175,7 +192,13 @@ mod tests {
         for &(q, v) in stamps {
             s.record(q, v);
         }
-        Block { raw: (), size, id, stamps: s, release_when_idle: false }
+        Block {
+            raw: (),
+            size,
+            id,
+            stamps: s,
+            release_when_idle: false,
+        }
     }
 
     #[test]
@@ -195,8 +218,14 @@ mod tests {
     #[test]
     fn in_order_reuse_takes_only_single_stamp_blocks_of_that_queue() {
         let mut p = PendingList::default();
-        p.insert(block(64, 1, &[(0, 5), (1, 2)]), Stamp { queue: 0, value: 5 });
-        assert!(p.take_in_order(0, 64, 128).is_none(), "two stamps: not in order");
+        p.insert(
+            block(64, 1, &[(0, 5), (1, 2)]),
+            Stamp { queue: 0, value: 5 },
+        );
+        assert!(
+            p.take_in_order(0, 64, 128).is_none(),
+            "two stamps: not in order"
+        );
         p.insert(block(64, 2, &[(0, 6)]), Stamp { queue: 0, value: 6 });
         assert!(p.take_in_order(1, 64, 128).is_none(), "other queue");
         assert_eq!(p.take_in_order(0, 64, 128).map(|b| b.id), Some(2));

@@ -119,7 +119,10 @@ mod tests {
         assert_eq!(s.single(), None);
         assert_eq!(s.iter().count(), 2);
         let wm = [5, 0, 0];
-        assert_eq!(s.first_incomplete(|q| wm[q as usize]), Some(Stamp { queue: 2, value: 1 }));
+        assert_eq!(
+            s.first_incomplete(|q| wm[q as usize]),
+            Some(Stamp { queue: 2, value: 1 })
+        );
         let wm = [5, 0, 1];
         assert_eq!(s.first_incomplete(|q| wm[q as usize]), None);
     }

@@ -207,10 +207,9 @@ pub trait Backend: Send + Sync + 'static {
 /// of a span of `w[i] ^ (i * 0x9E37_79B1)` (wrapping u32 multiply), each term
 /// widened to u64. The index term makes a shifted or misplaced copy visible.
 pub fn checksum_words(words: &[u32]) -> u64 {
-    words
-        .iter()
-        .enumerate()
-        .fold(0u64, |acc, (i, &w)| acc.wrapping_add(u64::from(w ^ index_mix(i as u64))))
+    words.iter().enumerate().fold(0u64, |acc, (i, &w)| {
+        acc.wrapping_add(u64::from(w ^ index_mix(i as u64)))
+    })
 }
 
 /// The per-index term of [`checksum_words`].
@@ -222,7 +221,9 @@ pub const fn index_mix(i: u64) -> u32 {
 /// The checksum of `words` words that all hold `value`, computed without
 /// materialising them (for the harness's CPU model).
 pub fn checksum_uniform(value: u32, words: u64) -> u64 {
-    (0..words).fold(0u64, |acc, i| acc.wrapping_add(u64::from(value ^ index_mix(i))))
+    (0..words).fold(0u64, |acc, i| {
+        acc.wrapping_add(u64::from(value ^ index_mix(i)))
+    })
 }
 
 impl fmt::Display for Span {

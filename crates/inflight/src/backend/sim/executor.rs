@@ -21,10 +21,27 @@ use crate::backend::{checksum_words, DeviceError, Span};
 
 /// One recorded operation.
 pub(crate) enum Op {
-    Fill { dst: Arc<Memory>, span: Span, pattern: u32 },
-    Copy { src: Arc<Memory>, dst: Arc<Memory>, span: Span },
-    Add { a: Arc<Memory>, b: Arc<Memory>, out: Arc<Memory>, span: Span },
-    Checksum { src: Arc<Memory>, span: Span, slot: usize },
+    Fill {
+        dst: Arc<Memory>,
+        span: Span,
+        pattern: u32,
+    },
+    Copy {
+        src: Arc<Memory>,
+        dst: Arc<Memory>,
+        span: Span,
+    },
+    Add {
+        a: Arc<Memory>,
+        b: Arc<Memory>,
+        out: Arc<Memory>,
+        span: Span,
+    },
+    Checksum {
+        src: Arc<Memory>,
+        span: Span,
+        slot: usize,
+    },
 }
 
 impl Op {
@@ -148,12 +165,19 @@ impl Executor {
                 }
             })
             .map_err(|e| DeviceError::Other(format!("cannot start a simulated queue: {e}")))?;
-        Ok(Executor { timeline, tx: Mutex::new(Some(tx)), thread: Some(thread), gpu })
+        Ok(Executor {
+            timeline,
+            tx: Mutex::new(Some(tx)),
+            thread: Some(thread),
+            gpu,
+        })
     }
 
     pub(crate) fn send(&self, job: Job) -> Result<(), DeviceError> {
         match self.tx.lock().as_ref() {
-            Some(tx) => tx.send(job).map_err(|_| DeviceError::Lost("simulated queue stopped".into())),
+            Some(tx) => tx
+                .send(job)
+                .map_err(|_| DeviceError::Lost("simulated queue stopped".into())),
             None => Err(DeviceError::Lost("simulated queue stopped".into())),
         }
     }
@@ -176,7 +200,11 @@ impl Executor {
             }
             // Wake now and then to notice a lost device.
             let slice = (deadline - now).min(Duration::from_millis(10));
-            g = tl.cv.wait_timeout(g, slice).unwrap_or_else(|e| e.into_inner()).0;
+            g = tl
+                .cv
+                .wait_timeout(g, slice)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 }
@@ -206,7 +234,13 @@ fn run_op(gpu: &SimGpu, queue: u32, value: u64, op: &Op, sums: &mut Vec<(usize, 
     for m in op.buffers() {
         if m.released.load(Ordering::Acquire) {
             let at = Duration::from_nanos(m.released_at_ns.load(Ordering::Acquire));
-            v.report(ViolationKind::UseAfterRelease, m.generation, queue, value, at);
+            v.report(
+                ViolationKind::UseAfterRelease,
+                m.generation,
+                queue,
+                value,
+                at,
+            );
             ok = false;
         }
     }
@@ -245,7 +279,11 @@ fn run_op(gpu: &SimGpu, queue: u32, value: u64, op: &Op, sums: &mut Vec<(usize, 
             }
         }
         Op::Checksum { src, span, slot } => {
-            let sum = src.data.lock().as_ref().map_or(0, |d| checksum_words(&d[words(*span)]));
+            let sum = src
+                .data
+                .lock()
+                .as_ref()
+                .map_or(0, |d| checksum_words(&d[words(*span)]));
             sums.push((*slot, sum));
         }
     }

@@ -208,7 +208,9 @@ impl Backend for SimGpu {
         self.check_lost()?;
         let c = &self.inner.config;
         if bytes == 0 || bytes % 4 != 0 || bytes > c.max_buffer_size {
-            return Err(DeviceError::Unsupported(format!("cannot create a buffer of {bytes} bytes")));
+            return Err(DeviceError::Unsupported(format!(
+                "cannot create a buffer of {bytes} bytes"
+            )));
         }
         let before = self.inner.allocated.fetch_add(bytes, Ordering::AcqRel);
         if before + bytes > c.memory_capacity {
@@ -235,7 +237,8 @@ impl Backend for SimGpu {
     unsafe fn release(&self, buffer: SimBuffer) {
         let mem = buffer.mem;
         let now = self.inner.validation.now();
-        mem.released_at_ns.store(now.as_nanos() as u64, Ordering::Release);
+        mem.released_at_ns
+            .store(now.as_nanos() as u64, Ordering::Release);
         mem.released.store(true, Ordering::Release);
         if mem.in_flight.load(Ordering::Acquire) > 0 {
             let last = mem.last_use.load(Ordering::Acquire);
@@ -266,7 +269,10 @@ impl Backend for SimGpu {
 
     fn begin(&self, _queue: &SimQueue) -> Result<SimCommands, DeviceError> {
         self.check_lost()?;
-        Ok(SimCommands { ops: Vec::new(), checksums: 0 })
+        Ok(SimCommands {
+            ops: Vec::new(),
+            checksums: 0,
+        })
     }
 
     fn fill(
@@ -277,7 +283,11 @@ impl Backend for SimGpu {
         pattern: u32,
     ) -> Result<(), DeviceError> {
         check_span(dst, span)?;
-        cmds.ops.push(Op::Fill { dst: dst.mem.clone(), span, pattern });
+        cmds.ops.push(Op::Fill {
+            dst: dst.mem.clone(),
+            span,
+            pattern,
+        });
         Ok(())
     }
 
@@ -290,7 +300,11 @@ impl Backend for SimGpu {
     ) -> Result<(), DeviceError> {
         check_span(src, span)?;
         check_span(dst, span)?;
-        cmds.ops.push(Op::Copy { src: src.mem.clone(), dst: dst.mem.clone(), span });
+        cmds.ops.push(Op::Copy {
+            src: src.mem.clone(),
+            dst: dst.mem.clone(),
+            span,
+        });
         Ok(())
     }
 
@@ -305,7 +319,12 @@ impl Backend for SimGpu {
         for buf in [a, b, out] {
             check_span(buf, span)?;
         }
-        cmds.ops.push(Op::Add { a: a.mem.clone(), b: b.mem.clone(), out: out.mem.clone(), span });
+        cmds.ops.push(Op::Add {
+            a: a.mem.clone(),
+            b: b.mem.clone(),
+            out: out.mem.clone(),
+            span,
+        });
         Ok(())
     }
 
@@ -318,7 +337,11 @@ impl Backend for SimGpu {
         check_span(src, span)?;
         let slot = cmds.checksums;
         cmds.checksums += 1;
-        cmds.ops.push(Op::Checksum { src: src.mem.clone(), span, slot });
+        cmds.ops.push(Op::Checksum {
+            src: src.mem.clone(),
+            span,
+            slot,
+        });
         Ok(slot)
     }
 
@@ -341,7 +364,12 @@ impl Backend for SimGpu {
             m.in_flight.fetch_add(1, Ordering::AcqRel);
             m.last_use.store(tag, Ordering::Release);
         }
-        queue.exec.send(Job { value, ops: cmds.ops, touched, results: results.clone() })?;
+        queue.exec.send(Job {
+            value,
+            ops: cmds.ops,
+            touched,
+            results: results.clone(),
+        })?;
         Ok(SimSubmission { results })
     }
 

@@ -71,7 +71,12 @@ pub(crate) struct Validation {
 
 impl Validation {
     pub(crate) fn new(mode: ValidationMode) -> Self {
-        Validation { mode, start: Instant::now(), count: AtomicU64::new(0), kept: Mutex::new(Vec::new()) }
+        Validation {
+            mode,
+            start: Instant::now(),
+            count: AtomicU64::new(0),
+            kept: Mutex::new(Vec::new()),
+        }
     }
 
     /// Time since the device was created.
@@ -106,7 +111,15 @@ impl Validation {
         self.count.fetch_add(1, Ordering::Relaxed);
         let mut kept = self.kept.lock();
         if kept.len() < KEPT_VIOLATIONS {
-            kept.push(Violation { kind, buffer, queue, submission, released_at, seen_at, message });
+            kept.push(Violation {
+                kind,
+                buffer,
+                queue,
+                submission,
+                released_at,
+                seen_at,
+                message,
+            });
         }
     }
 

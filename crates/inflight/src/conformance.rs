@@ -1,0 +1,328 @@
+//! The conformance suite every backend passes: the same bodies run on the
+//! simulated GPU, Vulkan, CUDA and Metal (after wgpu's `#[gpu_test]`).
+//!
+//! Each check takes a factory that makes a fresh backend, builds an
+//! allocator over it, and panics with a message on the first disagreement,
+//! so that a backend's test file is one line per check:
+//!
+//! ```ignore
+//! #[test]
+//! fn ops_compute() { inflight::conformance::ops_compute(&|| my_backend()) }
+//! ```
+//!
+//! [`run_all`] runs every check in order. Checks keep buffers small (at most
+//! a few MiB) so they run on lavapipe in CI within seconds.
+
+use std::time::Duration;
+
+use crate::backend::{checksum_uniform, checksum_words, Backend, Span};
+use crate::{Allocator, Config, Error, Limits, Policy};
+
+/// How long a check waits for work that should finish at once.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A factory of fresh backends.
+pub type Factory<'a, B> = &'a dyn Fn() -> B;
+
+fn allocator<B: Backend>(make: Factory<'_, B>, policy: Policy) -> Allocator<B> {
+    Allocator::new(make(), Config::default().with_policy(policy))
+        .expect("allocator over a fresh backend")
+}
+
+/// Runs every check, in order.
+pub fn run_all<B: Backend>(make: Factory<'_, B>) {
+    ops_compute(make);
+    timeline_advances_in_order(make);
+    wait_times_out_on_unsubmitted_value(make);
+    freed_buffers_become_reusable_after_completion(make);
+    reuse_on_another_queue_is_ordered(make);
+    cross_queue_use_is_stamped(make);
+    clear_cache_releases_everything(make);
+    retained_policy_keeps_bindings_alive(make);
+    bad_input_is_refused(make);
+    memory_limit_gives_out_of_memory(make);
+}
+
+/// fill, copy, add and checksum compute what the CPU model says, on whole
+/// buffers and on spans at an offset.
+pub fn ops_compute<B: Backend>(make: Factory<'_, B>) {
+    let alloc = allocator(make, Policy::DEFERRED);
+    let q = alloc.create_queue().unwrap();
+    let len = 64 * 1024 + 12; // not a page multiple
+    let a = alloc.malloc(len, &q).unwrap();
+    let b = alloc.malloc(len, &q).unwrap();
+    let c = alloc.malloc(len, &q).unwrap();
+    let d = alloc.malloc(len, &q).unwrap();
+    let words = len / 4;
+    let mut cb = q.command_buffer().unwrap();
+    cb.fill(&a, 0xDEAD_BEEF).unwrap();
+    cb.fill(&b, 0x1234_5678).unwrap();
+    cb.add(&a, &b, &c).unwrap();
+    cb.copy(&c, &d).unwrap();
+    let s_d = cb.checksum(&d).unwrap();
+    // A span at an offset: overwrite the middle of `d` and checksum it alone.
+    let mid = Span {
+        offset: 4096,
+        len: 8192,
+    };
+    cb.fill_span(&d, mid, 7).unwrap();
+    let s_mid = cb.checksum_span(&d, mid).unwrap();
+    let s_all = cb.checksum(&d).unwrap();
+    let t = cb.commit().unwrap();
+    assert!(
+        t.wait(WAIT).unwrap(),
+        "submission did not complete in {WAIT:?}"
+    );
+    let sum = 0xDEAD_BEEFu32.wrapping_add(0x1234_5678);
+    assert_eq!(
+        t.checksum(s_d).unwrap(),
+        checksum_uniform(sum, words),
+        "fill + add + copy"
+    );
+    assert_eq!(
+        t.checksum(s_mid).unwrap(),
+        checksum_uniform(7, mid.words()),
+        "span checksum"
+    );
+    let mut model = vec![sum; words as usize];
+    model[1024..1024 + 2048].fill(7);
+    assert_eq!(
+        t.checksum(s_all).unwrap(),
+        checksum_words(&model),
+        "ops run in recording order"
+    );
+}
+
+/// Values are assigned 1, 2, 3, …; the watermark reaches the last.
+pub fn timeline_advances_in_order<B: Backend>(make: Factory<'_, B>) {
+    let alloc = allocator(make, Policy::DEFERRED);
+    let q = alloc.create_queue().unwrap();
+    let buf = alloc.malloc(4096, &q).unwrap();
+    let mut tickets = Vec::new();
+    for i in 0..8u32 {
+        let mut cb = q.command_buffer().unwrap();
+        cb.fill(&buf, i).unwrap();
+        tickets.push(cb.commit().unwrap());
+    }
+    let values: Vec<u64> = tickets.iter().map(|t| t.value()).collect();
+    assert_eq!(values, (1..=8).collect::<Vec<_>>());
+    assert!(tickets.last().unwrap().wait(WAIT).unwrap());
+    assert!(q.completed() >= 8);
+    for t in &tickets {
+        assert!(
+            t.is_complete().unwrap(),
+            "an earlier submission is not complete after a later one"
+        );
+    }
+    assert_eq!(q.last_submitted(), 8);
+}
+
+/// Waiting for a value never submitted times out and says so.
+pub fn wait_times_out_on_unsubmitted_value<B: Backend>(make: Factory<'_, B>) {
+    let alloc = allocator(make, Policy::DEFERRED);
+    let q = alloc.create_queue().unwrap();
+    let b = alloc.backend();
+    let raw_q = q.raw();
+    let reached = b.wait(raw_q, 5, Duration::from_millis(20)).unwrap();
+    assert!(!reached, "wait for an unsubmitted value reported success");
+    assert!(
+        b.wait(raw_q, 0, Duration::ZERO).unwrap(),
+        "value 0 is always complete"
+    );
+}
+
+/// A buffer dropped right after commit is pending or ready, never released;
+/// after completion it is ready and a same-size malloc reuses it.
+pub fn freed_buffers_become_reusable_after_completion<B: Backend>(make: Factory<'_, B>) {
+    let alloc = allocator(make, Policy::DEFERRED);
+    let q = alloc.create_queue().unwrap();
+    let buf = alloc.malloc(1 << 20, &q).unwrap();
+    let id = buf.block_id();
+    let mut cb = q.command_buffer().unwrap();
+    cb.fill(&buf, 1).unwrap();
+    let t = cb.commit().unwrap();
+    drop(buf);
+    let s = alloc.stats();
+    assert_eq!(s.device_releases, 0, "released in flight");
+    assert_eq!(s.ready_count + s.pending_count, 1);
+    assert!(s.balanced(), "{s:?}");
+    assert!(t.wait(WAIT).unwrap());
+    let s = alloc.stats();
+    assert_eq!(
+        (s.ready_count, s.pending_count),
+        (1, 0),
+        "completed block not promoted: {s:?}"
+    );
+    let again = alloc.malloc(1 << 20, &q).unwrap();
+    assert_eq!(
+        again.block_id(),
+        id,
+        "a ready block of the same size was not reused"
+    );
+    assert_eq!(alloc.stats().cache_hits, 1);
+}
+
+/// A block freed while queue A still writes it, reused on queue B: B's
+/// results are B's alone (I2).
+pub fn reuse_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
+    let alloc = allocator(make, Policy::DEFERRED);
+    let qa = alloc.create_queue().unwrap();
+    let qb = alloc.create_queue().unwrap();
+    let len = 256 * 1024;
+    for round in 0..16u32 {
+        let x = alloc.malloc(len, &qa).unwrap();
+        let mut cb = qa.command_buffer().unwrap();
+        for i in 0..8 {
+            cb.fill(&x, round * 100 + i).unwrap();
+        }
+        let _ta = cb.commit().unwrap();
+        drop(x);
+        let y = alloc.malloc(len, &qb).unwrap();
+        let mut cb = qb.command_buffer().unwrap();
+        cb.fill(&y, 0xB0B0_0000 + round).unwrap();
+        let slot = cb.checksum(&y).unwrap();
+        let tb = cb.commit().unwrap();
+        assert!(tb.wait(WAIT).unwrap());
+        assert_eq!(
+            tb.checksum(slot).unwrap(),
+            checksum_uniform(0xB0B0_0000 + round, len / 4),
+            "round {round}: queue A's writes reached queue B's reuse"
+        );
+    }
+    assert!(qa.wait_idle(WAIT).unwrap());
+    assert!(alloc.stats().balanced());
+}
+
+/// A buffer allocated for queue A and used on queue B is stamped for B.
+pub fn cross_queue_use_is_stamped<B: Backend>(make: Factory<'_, B>) {
+    let alloc = allocator(make, Policy::DEFERRED);
+    let qa = alloc.create_queue().unwrap();
+    let qb = alloc.create_queue().unwrap();
+    let buf = alloc.malloc(4096, &qa).unwrap();
+    let mut cb = qb.command_buffer().unwrap();
+    cb.fill(&buf, 3).unwrap();
+    let t = cb.commit().unwrap();
+    let stamps: Vec<_> = buf.inner.stamps.lock().iter().copied().collect();
+    assert_eq!(stamps.len(), 1);
+    assert_eq!((stamps[0].queue, stamps[0].value), (qb.id(), t.value()));
+    drop(buf);
+    assert!(t.wait(WAIT).unwrap());
+    assert_eq!(alloc.stats().ready_count, 1);
+}
+
+/// After the device drains, clearing the cache releases everything (I3).
+pub fn clear_cache_releases_everything<B: Backend>(make: Factory<'_, B>) {
+    let alloc = allocator(make, Policy::DEFERRED);
+    let q = alloc.create_queue().unwrap();
+    let mut last = None;
+    for i in 0..32u64 {
+        let buf = alloc.malloc(4096 * (1 + i % 5), &q).unwrap();
+        let mut cb = q.command_buffer().unwrap();
+        cb.fill(&buf, i as u32).unwrap();
+        last = Some(cb.commit().unwrap());
+    }
+    let pending_clear = alloc.clear_cache();
+    assert!(last.unwrap().wait(WAIT).unwrap());
+    let s = alloc.stats();
+    assert_eq!(
+        s.reserved_bytes, 0,
+        "after clear_cache ({pending_clear} B at once) and drain: {s:?}"
+    );
+    assert_eq!(s.device_allocations, s.device_releases);
+    assert!(s.balanced());
+}
+
+/// Under `Retained` a dropped buffer stays active until its submission
+/// completes, then becomes ready.
+pub fn retained_policy_keeps_bindings_alive<B: Backend>(make: Factory<'_, B>) {
+    let alloc = allocator(make, Policy::RETAINED);
+    let q = alloc.create_queue().unwrap();
+    let buf = alloc.malloc(1 << 16, &q).unwrap();
+    let mut cb = q.command_buffer().unwrap();
+    cb.fill(&buf, 9).unwrap();
+    let t = cb.commit().unwrap();
+    drop(buf);
+    let s = alloc.stats();
+    assert_eq!(s.active_count + s.ready_count, 1, "{s:?}");
+    assert_eq!(s.pending_count, 0, "retained never files pending blocks");
+    assert!(t.wait(WAIT).unwrap());
+    let s = alloc.stats();
+    assert_eq!((s.active_count, s.ready_count), (0, 1), "{s:?}");
+}
+
+/// Bad input gets a clear error, never a panic.
+pub fn bad_input_is_refused<B: Backend>(make: Factory<'_, B>) {
+    let alloc = allocator(make, Policy::DEFERRED);
+    let q = alloc.create_queue().unwrap();
+    assert!(matches!(alloc.malloc(0, &q), Err(Error::ZeroSize)));
+    let max = alloc.device_info().max_buffer_size;
+    assert!(matches!(
+        alloc.malloc(max + 1, &q),
+        Err(Error::TooLarge { .. })
+    ));
+    assert!(matches!(
+        alloc.malloc(u64::MAX, &q),
+        Err(Error::TooLarge { .. })
+    ));
+    let buf = alloc.malloc(100, &q).unwrap();
+    let mut cb = q.command_buffer().unwrap();
+    for span in [
+        Span { offset: 2, len: 4 },
+        Span { offset: 0, len: 0 },
+        Span {
+            offset: 0,
+            len: 104,
+        },
+        Span {
+            offset: u64::MAX - 3,
+            len: 8,
+        },
+    ] {
+        assert!(
+            matches!(cb.fill_span(&buf, span, 0), Err(Error::InvalidSpan { .. })),
+            "{span}"
+        );
+    }
+    let other = allocator(make, Policy::DEFERRED);
+    let oq = other.create_queue().unwrap();
+    assert!(matches!(other.malloc(64, &q), Err(Error::ForeignQueue)));
+    let foreign = other.malloc(64, &oq).unwrap();
+    assert!(matches!(
+        cb.fill(&foreign, 1),
+        Err(Error::ForeignBuffer { .. })
+    ));
+    let t = cb.commit().unwrap();
+    assert!(t.wait(WAIT).unwrap());
+    assert!(matches!(t.checksum(0), Err(Error::NoSuchSlot { .. })));
+    let l = alloc.limits();
+    assert!(alloc.set_limits(Limits { memory: 0, ..l }).is_err());
+    assert!(alloc.set_cache_limit(l.memory + 1).is_err());
+    assert!(alloc.set_gc_limit(l.memory + 1).is_err());
+    assert_eq!(alloc.limits(), l, "a refused setter changed the limits");
+}
+
+/// Past the memory limit with nothing to trim or wait for: out of memory,
+/// with statistics; the allocator stays usable.
+pub fn memory_limit_gives_out_of_memory<B: Backend>(make: Factory<'_, B>) {
+    let mut config = Config::default();
+    config.memory_limit = Some(1 << 20);
+    config.pressure_timeout = Duration::from_millis(100);
+    let alloc = Allocator::new(make(), config).unwrap();
+    let q = alloc.create_queue().unwrap();
+    let a = alloc.malloc(768 * 1024, &q).unwrap();
+    match alloc.malloc(512 * 1024, &q) {
+        Err(Error::OutOfMemory {
+            requested, stats, ..
+        }) => {
+            assert_eq!(requested, 512 * 1024);
+            assert_eq!(stats.active_bytes, 768 * 1024);
+            assert_eq!(stats.oom_errors, 1);
+        }
+        other => panic!("expected out of memory, got {other:?}"),
+    }
+    drop(a);
+    // The freed block is ready; the next request trims it and fits.
+    let b = alloc.malloc(512 * 1024, &q).unwrap();
+    assert_eq!(b.len(), 512 * 1024);
+    assert!(alloc.stats().balanced());
+}
