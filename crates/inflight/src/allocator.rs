@@ -71,6 +71,9 @@ pub(crate) struct Shared<B: Backend> {
     pub(crate) backend: B,
 }
 
+/// The state lock, held.
+type StateGuard<'a, B> = MutexGuard<'a, State<<B as Backend>::Buffer>>;
+
 /// The allocator's mutable state, behind `Shared::state`.
 struct State<R> {
     ready: ReadyList<R>,
@@ -522,11 +525,11 @@ impl<B: Backend> Shared<B> {
     /// the device needs the room at once).
     fn allocate_device<'a>(
         &'a self,
-        mut st: MutexGuard<'a, State<B::Buffer>>,
+        mut st: StateGuard<'a, B>,
         requested: u64,
         size: u64,
         release: &mut Vec<Block<B::Buffer>>,
-    ) -> Result<(MutexGuard<'a, State<B::Buffer>>, Block<B::Buffer>)> {
+    ) -> Result<(StateGuard<'a, B>, Block<B::Buffer>)> {
         let deadline = Instant::now() + self.config.pressure_timeout;
         let mut device_refused = false;
         loop {

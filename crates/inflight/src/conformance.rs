@@ -304,9 +304,11 @@ pub fn bad_input_is_refused<B: Backend>(make: Factory<'_, B>) {
 /// Past the memory limit with nothing to trim or wait for: out of memory,
 /// with statistics; the allocator stays usable.
 pub fn memory_limit_gives_out_of_memory<B: Backend>(make: Factory<'_, B>) {
-    let mut config = Config::default();
-    config.memory_limit = Some(1 << 20);
-    config.pressure_timeout = Duration::from_millis(100);
+    let config = Config {
+        memory_limit: Some(1 << 20),
+        pressure_timeout: Duration::from_millis(100),
+        ..Config::default()
+    };
     let alloc = Allocator::new(make(), config).unwrap();
     let q = alloc.create_queue().unwrap();
     let a = alloc.malloc(768 * 1024, &q).unwrap();
