@@ -223,6 +223,10 @@ pub(crate) struct BufferInner<B: Backend> {
     pub(crate) id: u64,
     pub(crate) queue: QueueId,
     pub(crate) stamps: Mutex<Stamps>,
+    /// Set when the block was reused before its previous owner's work on
+    /// `queue` completed (the in-order reuse rule): that work's value. Work
+    /// on any other queue must wait for it first (I2).
+    pub(crate) reuse_fence: AtomicU64,
 }
 
 impl<B: Backend> BufferInner<B> {
@@ -480,10 +484,12 @@ impl<B: Backend> Shared<B> {
         let mut release = self.promote(&mut st);
         let bound = fit_bound(rounded, &self.config);
         let mut hit = st.ready.take_best_fit(rounded, bound);
+        let mut fence = 0;
         if hit.is_none() && policy == PolicyKind::Deferred && queue.orders_memory {
             hit = st.pending.take_in_order(queue.id, rounded, bound);
-            if hit.is_some() {
+            if let Some(b) = &hit {
                 st.stats.in_order_hits += 1;
+                fence = b.stamps.single().map_or(0, |s| s.value);
             }
         }
         let block = match hit {
@@ -516,6 +522,7 @@ impl<B: Backend> Shared<B> {
                 id: block.id,
                 queue: queue.id,
                 stamps: Mutex::new(block.stamps),
+                reuse_fence: AtomicU64::new(fence),
             }),
         })
     }
@@ -616,6 +623,31 @@ impl<B: Backend> Shared<B> {
                 }
             }
         }
+    }
+
+    /// Before `buf` is bound to work on queue `on`: if it was reused ahead of
+    /// its previous owner's work on another queue, waits on the host until
+    /// that work completes. Work on the same queue is ordered behind it
+    /// already (the in-order reuse rule), so nothing is needed there.
+    pub(crate) fn order_reuse(&self, buf: &BufferInner<B>, on: QueueId) -> Result<()> {
+        let value = buf.reuse_fence.load(Ordering::Acquire);
+        if value == 0 || on == buf.queue {
+            return Ok(());
+        }
+        let q = self.queues.get(buf.queue);
+        if q.watermark.get() < value && self.refresh(q) < value {
+            let done = self
+                .backend
+                .wait(&q.raw, value, self.config.pressure_timeout)?;
+            if !done && self.refresh(q) < value {
+                return Err(Error::ReuseWaitTimedOut {
+                    queue: buf.queue,
+                    value,
+                });
+            }
+        }
+        buf.reuse_fence.store(0, Ordering::Release);
+        Ok(())
     }
 
     /// The oldest submission still holding references under `Retained`.

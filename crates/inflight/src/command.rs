@@ -191,6 +191,7 @@ impl<B: Backend> CommandBuffer<B> {
                 why,
             });
         }
+        self.shared.order_reuse(inner, self.queue.id)?;
         if !self.bound.last().is_some_and(|b| Arc::ptr_eq(b, inner)) {
             self.bound.push(inner.clone());
         }

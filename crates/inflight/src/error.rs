@@ -95,6 +95,17 @@ pub enum Error {
     /// More queues than one allocator supports.
     #[error("too many queues: an allocator supports at most {0}")]
     TooManyQueues(usize),
+    /// A block reused ahead of its previous owner's work on one queue was
+    /// bound on another, and that work did not complete in time.
+    #[error(
+        "waited too long for submission {value} on queue {queue}, which still uses a reused buffer bound on another queue"
+    )]
+    ReuseWaitTimedOut {
+        /// The previous owner's queue.
+        queue: u32,
+        /// Its submission's value.
+        value: u64,
+    },
     /// Any other error the backend reported.
     #[error(transparent)]
     Device(DeviceError),

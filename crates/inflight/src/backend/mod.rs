@@ -221,7 +221,13 @@ pub const fn index_mix(i: u64) -> u32 {
 /// The checksum of `words` words that all hold `value`, computed without
 /// materialising them (for the harness's CPU model).
 pub fn checksum_uniform(value: u32, words: u64) -> u64 {
-    (0..words).fold(0u64, |acc, i| {
+    checksum_uniform_from(value, 0, words)
+}
+
+/// The checksum terms of `words` words that all hold `value`, for indices
+/// `first..first + words` (a piece of a longer span).
+pub fn checksum_uniform_from(value: u32, first: u64, words: u64) -> u64 {
+    (first..first + words).fold(0u64, |acc, i| {
         acc.wrapping_add(u64::from(value ^ index_mix(i)))
     })
 }

@@ -17,7 +17,7 @@ use parking_lot::Mutex;
 
 use super::validation::ViolationKind;
 use super::{Memory, SimConfig, SimGpu};
-use crate::backend::{checksum_words, DeviceError, Span};
+use crate::backend::{DeviceError, Span};
 
 /// One recorded operation.
 pub(crate) enum Op {
@@ -250,19 +250,23 @@ fn run_op(gpu: &SimGpu, queue: u32, value: u64, op: &Op, sums: &mut Vec<(usize, 
         }
         return;
     }
-    let words = |s: Span| (s.offset / 4) as usize..(s.end() / 4) as usize;
+    let at = |s: Span| ((s.offset / 4) as usize, s.words() as usize);
     // Reads a span into a scratch vector (None if released meanwhile), so
     // that no two buffer locks are ever held at once.
-    let read = |m: &Arc<Memory>, s: Span| m.data.lock().as_ref().map(|d| d[words(s)].to_vec());
+    let read = |m: &Arc<Memory>, s: Span| {
+        let (start, len) = at(s);
+        m.data.lock().as_ref().map(|d| d.read(start, len))
+    };
     let write = |m: &Arc<Memory>, s: Span, src: &[u32]| {
         if let Some(d) = m.data.lock().as_mut() {
-            d[words(s)].copy_from_slice(src);
+            d.write(at(s).0, src);
         }
     };
     match op {
         Op::Fill { dst, span, pattern } => {
             if let Some(d) = dst.data.lock().as_mut() {
-                d[words(*span)].fill(*pattern);
+                let (start, len) = at(*span);
+                d.fill(start, len, *pattern);
             }
         }
         Op::Copy { src, dst, span } => {
@@ -279,11 +283,12 @@ fn run_op(gpu: &SimGpu, queue: u32, value: u64, op: &Op, sums: &mut Vec<(usize, 
             }
         }
         Op::Checksum { src, span, slot } => {
+            let (start, len) = at(*span);
             let sum = src
                 .data
                 .lock()
                 .as_ref()
-                .map_or(0, |d| checksum_words(&d[words(*span)]));
+                .map_or(0, |d| d.checksum(start, len));
             sums.push((*slot, sum));
         }
     }

@@ -1,8 +1,9 @@
 //! The simulated GPU: the default backend, in plain Rust, needing nothing
 //! installed.
 //!
-//! - **Buffers** are real host memory (zeroed on allocation, lazily backed by
-//!   the OS), or, in [`Backing::Accounting`], no memory at all: sizes are
+//! - **Buffers** are real host memory, zeroed, backed lazily in 64 KiB chunks
+//!   as the OS backs a fresh mapping (a 16 MiB buffer whose kernels touch
+//!   4 KiB costs 64 KiB of host memory), or, in [`Backing::Accounting`], no memory at all: sizes are
 //!   accounted and operations validated but not performed (for replaying
 //!   traces that peak at many GiB).
 //! - **Queues** each have an executor thread that runs submissions in order.
@@ -18,6 +19,7 @@
 //! untracked hazards, where reuse must wait for completion.
 
 mod executor;
+mod pages;
 pub mod validation;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,6 +29,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use self::executor::{Executor, Job, Op};
+use self::pages::Pages;
 use self::validation::{Validation, ValidationMode, Violation, ViolationKind};
 use crate::backend::{Backend, DeviceError, DeviceInfo, Span};
 
@@ -112,7 +115,7 @@ pub struct SimBuffer {
 pub(crate) struct Memory {
     pub(crate) generation: u64,
     pub(crate) size: u64,
-    pub(crate) data: Mutex<Option<Box<[u32]>>>,
+    pub(crate) data: Mutex<Option<Pages>>,
     pub(crate) released: AtomicBool,
     pub(crate) released_at_ns: AtomicU64,
     /// Submitted, incomplete submissions that recorded a use.
@@ -218,7 +221,7 @@ impl Backend for SimGpu {
             return Err(DeviceError::OutOfMemory);
         }
         let data = match c.backing {
-            Backing::Host => Some(vec![0u32; (bytes / 4) as usize].into_boxed_slice()),
+            Backing::Host => Some(Pages::new((bytes / 4) as usize)),
             Backing::Accounting => None,
         };
         Ok(SimBuffer {

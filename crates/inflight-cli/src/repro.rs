@@ -1,0 +1,373 @@
+//! `inflight repro`: the reference incident as a reproducible harness.
+//!
+//! The workload that crashed MLX's Metal allocator: several request threads,
+//! each looping: allocate a mix of buffers (log-uniform sizes, with a share of
+//! large "KV snapshot" buffers), encode fills, adds, copies and checksums into
+//! one command buffer, commit without waiting (the async-eval pattern), and
+//! drop the handles at once. A small cache limit makes trimming fire
+//! constantly. Every submission's checksums are checked against a CPU model
+//! of the same arithmetic once it completes (at most `max_in_flight`
+//! submissions per thread stay unchecked), so both hazards show: a release in
+//! flight as a validation violation, a reuse in flight as a corrupted checksum.
+//!
+//! The harness is generic over the backend; [`crate::backends`] builds one.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use inflight::backend::{checksum_uniform, Backend, Span};
+use inflight::{Allocator, Buffer, Config, Policy, PolicyKind, Queue, Stats, Ticket};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+/// What one run does.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    /// Request threads.
+    pub threads: usize,
+    /// Queues (streams); thread `t` submits to queue `t % queues`, and every
+    /// few rounds also to the next queue, with buffers allocated for its own.
+    pub queues: usize,
+    /// Stop after this many buffer allocations in all (if no duration).
+    pub allocations: u64,
+    /// Stop after this long instead, if set.
+    pub duration: Option<Duration>,
+    /// Buffers allocated per round (rounded down to a multiple of 4).
+    pub buffers_per_round: usize,
+    /// Smallest buffer, bytes.
+    pub min_size: u64,
+    /// Largest buffer and KV-snapshot size, bytes.
+    pub max_size: u64,
+    /// Share of buffers that are KV snapshots (`max_size`).
+    pub kv_share: f64,
+    /// Bytes of each buffer the kernels touch (from its start).
+    pub window: u64,
+    /// Unchecked submissions a thread may have in flight.
+    pub max_in_flight: usize,
+    /// Cache limit, bytes.
+    pub cache_limit: u64,
+    /// Memory limit, bytes.
+    pub memory_limit: u64,
+    /// Seed of every random choice.
+    pub seed: u64,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            threads: 4,
+            queues: 2,
+            allocations: 1_000_000,
+            duration: None,
+            buffers_per_round: 24,
+            min_size: 4 << 10,
+            max_size: 16 << 20,
+            kv_share: 0.125,
+            window: 16 << 10,
+            max_in_flight: 8,
+            cache_limit: 256 << 20,
+            memory_limit: 4 << 30,
+            seed: 1,
+        }
+    }
+}
+
+/// The outcome of one policy's run.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub policy: PolicyKind,
+    pub backend: String,
+    pub device: String,
+    pub threads: usize,
+    pub queues: usize,
+    pub rounds: u64,
+    pub submissions: u64,
+    pub allocations: u64,
+    pub violations: u64,
+    pub corruptions: u64,
+    pub checked: u64,
+    pub seconds: f64,
+    pub first_violation_seconds: Option<f64>,
+    pub first_corruption_seconds: Option<f64>,
+    pub allocations_per_second: f64,
+    pub rounds_per_second: f64,
+    pub peak_active_bytes: u64,
+    pub peak_reserved_bytes: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub hit_rate: f64,
+    pub device_allocations: u64,
+    pub device_releases: u64,
+    pub deferred_frees: u64,
+    pub waits: u64,
+    pub trims: u64,
+    pub errors: Vec<String>,
+    pub stats_balanced: bool,
+    pub stats: Stats,
+    pub violation_messages: Vec<String>,
+}
+
+/// Live counters, shared with the progress display.
+#[derive(Default)]
+pub struct Live {
+    pub rounds: AtomicU64,
+    pub allocations: AtomicU64,
+    pub submissions: AtomicU64,
+    pub corruptions: AtomicU64,
+    pub checked: AtomicU64,
+    pub stop: AtomicBool,
+}
+
+/// A backend's validation layer, as the harness sees it.
+pub trait Validator: Send + Sync {
+    /// Violations (validation messages) so far.
+    fn violations(&self) -> u64;
+    /// The first messages, in full.
+    fn messages(&self) -> Vec<String>;
+    /// When the layer saw its first violation, since the backend was made,
+    /// if it keeps time; the harness's own 100 ms watcher is the fallback.
+    fn first_seen(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// One expected checksum of a submission.
+struct Expect {
+    slot: usize,
+    value: u64,
+}
+
+struct InFlight<B: Backend> {
+    ticket: Ticket<B>,
+    expect: Vec<Expect>,
+}
+
+/// Runs the workload once under `policy` and reports.
+pub fn run<B: Backend>(
+    backend: B,
+    validator: &dyn Validator,
+    policy: Policy,
+    w: &Workload,
+    live: &Arc<Live>,
+    on_tick: &mut dyn FnMut(&Live, &Allocator<B>, u64),
+) -> anyhow::Result<Report> {
+    let config = Config {
+        policy,
+        memory_limit: Some(w.memory_limit),
+        cache_limit: Some(w.cache_limit.min(w.memory_limit)),
+        gc_limit: Some(w.memory_limit / 20 * 19),
+        ..Config::default()
+    };
+    let alloc = Allocator::new(backend, config)?;
+    let queues: Vec<Queue<B>> = (0..w.queues.max(1))
+        .map(|_| alloc.create_queue())
+        .collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let first_violation: AtomicU64 = AtomicU64::new(u64::MAX);
+    let first_corruption = AtomicU64::new(u64::MAX);
+    let errors = parking_lot::Mutex::new(Vec::<String>::new());
+
+    std::thread::scope(|s| {
+        for t in 0..w.threads.max(1) {
+            let (alloc, queues, live) = (&alloc, &queues, live.clone());
+            let (first_corruption, errors) = (&first_corruption, &errors);
+            s.spawn(move || {
+                let mut rng =
+                    StdRng::seed_from_u64(w.seed.wrapping_mul(0x9E37_79B9).wrapping_add(t as u64));
+                if let Err(e) = request_loop(
+                    alloc,
+                    queues,
+                    t,
+                    w,
+                    &mut rng,
+                    &live,
+                    start,
+                    first_corruption,
+                ) {
+                    errors.lock().push(format!("thread {t}: {e}"));
+                    live.stop.store(true, Ordering::Release);
+                }
+            });
+        }
+        // The watcher: progress, stop conditions, first violation time.
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let elapsed = start.elapsed();
+            if validator.violations() > 0 && first_violation.load(Ordering::Relaxed) == u64::MAX {
+                first_violation.store(elapsed.as_nanos() as u64, Ordering::Relaxed);
+            }
+            let allocs = live.allocations.load(Ordering::Relaxed);
+            on_tick(live, &alloc, validator.violations());
+            let done = match w.duration {
+                Some(d) => elapsed >= d,
+                None => allocs >= w.allocations,
+            };
+            if done {
+                live.stop.store(true, Ordering::Release);
+            }
+            if live.stop.load(Ordering::Acquire) {
+                break;
+            }
+        }
+    });
+    for q in &queues {
+        q.wait_idle(Duration::from_secs(60))?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let violations = validator.violations();
+    if violations > 0 && first_violation.load(Ordering::Relaxed) == u64::MAX {
+        first_violation.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    let stats = alloc.stats();
+    if let Some(at) = validator.first_seen() {
+        first_violation.store(at.as_nanos() as u64, Ordering::Relaxed);
+    }
+    let secs = |ns: u64| (ns != u64::MAX).then(|| ns as f64 / 1e9);
+    let allocations = live.allocations.load(Ordering::Relaxed);
+    let rounds = live.rounds.load(Ordering::Relaxed);
+    let info = alloc.device_info().clone();
+    Ok(Report {
+        policy: policy.kind(),
+        backend: info.backend.to_string(),
+        device: info.name,
+        threads: w.threads,
+        queues: w.queues,
+        rounds,
+        submissions: live.submissions.load(Ordering::Relaxed),
+        allocations,
+        violations,
+        corruptions: live.corruptions.load(Ordering::Relaxed),
+        checked: live.checked.load(Ordering::Relaxed),
+        seconds,
+        first_violation_seconds: secs(first_violation.load(Ordering::Relaxed)),
+        first_corruption_seconds: secs(first_corruption.load(Ordering::Relaxed)),
+        allocations_per_second: allocations as f64 / seconds,
+        rounds_per_second: rounds as f64 / seconds,
+        peak_active_bytes: stats.peak_active_bytes,
+        peak_reserved_bytes: stats.peak_reserved_bytes,
+        cache_hits: stats.cache_hits,
+        cache_misses: stats.cache_misses,
+        hit_rate: stats.hit_rate(),
+        device_allocations: stats.device_allocations,
+        device_releases: stats.device_releases,
+        deferred_frees: stats.deferred_frees,
+        waits: stats.waits,
+        trims: stats.trims,
+        errors: errors.into_inner(),
+        stats_balanced: stats.balanced(),
+        stats,
+        violation_messages: validator.messages().into_iter().take(5).collect(),
+    })
+}
+
+/// Draws a buffer size: a KV snapshot, or log-uniform in [min, max].
+fn draw_size(rng: &mut StdRng, w: &Workload) -> u64 {
+    if rng.random_bool(w.kv_share.clamp(0.0, 1.0)) {
+        return w.max_size;
+    }
+    let (lo, hi) = (
+        (w.min_size.max(4)) as f64,
+        (w.max_size.max(w.min_size.max(4))) as f64,
+    );
+    let x = (lo.ln() + rng.random::<f64>() * (hi.ln() - lo.ln())).exp();
+    (x as u64).clamp(w.min_size.max(4), w.max_size.max(4))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn request_loop<B: Backend>(
+    alloc: &Allocator<B>,
+    queues: &[Queue<B>],
+    t: usize,
+    w: &Workload,
+    rng: &mut StdRng,
+    live: &Live,
+    start: Instant,
+    first_corruption: &AtomicU64,
+) -> anyhow::Result<()> {
+    let home = &queues[t % queues.len()];
+    let other = &queues[(t + 1) % queues.len()];
+    let groups = (w.buffers_per_round / 4).max(1);
+    let mut in_flight: VecDeque<InFlight<B>> = VecDeque::new();
+    let mut round = 0u64;
+    while !live.stop.load(Ordering::Acquire) {
+        // Every fourth round, the work goes to the next queue with buffers
+        // allocated for this thread's own: a cross-queue use.
+        let q = if round % 4 == 3 { other } else { home };
+        let mut bufs: Vec<Buffer<B>> = Vec::with_capacity(groups * 4);
+        for _ in 0..groups * 4 {
+            bufs.push(alloc.malloc(draw_size(rng, w), home)?);
+        }
+        live.allocations
+            .fetch_add(bufs.len() as u64, Ordering::Relaxed);
+        let mut cb = q.command_buffer()?;
+        let mut expect = Vec::with_capacity(groups);
+        for g in bufs.chunks_exact(4) {
+            let [a, b, c, d] = g else { unreachable!() };
+            let len = [a, b, c, d]
+                .iter()
+                .map(|x| x.len())
+                .min()
+                .unwrap_or(4)
+                .min(w.window)
+                & !3;
+            let span = Span::prefix(len.max(4));
+            let (p, r) = (rng.random::<u32>(), rng.random::<u32>());
+            cb.fill_span(a, span, p)?;
+            cb.fill_span(b, span, r)?;
+            cb.add_span(a, b, c, span)?;
+            cb.copy_span(c, d, span)?;
+            let slot = cb.checksum_span(d, span)?;
+            expect.push(Expect {
+                slot,
+                value: checksum_uniform(p.wrapping_add(r), span.words()),
+            });
+        }
+        let ticket = cb.commit()?;
+        live.submissions.fetch_add(1, Ordering::Relaxed);
+        drop(bufs); // the async-eval pattern: handles go while the GPU works
+        in_flight.push_back(InFlight { ticket, expect });
+        while in_flight.len() > w.max_in_flight {
+            check(
+                in_flight.pop_front().expect("non-empty"),
+                live,
+                start,
+                first_corruption,
+            )?;
+        }
+        round += 1;
+        live.rounds.fetch_add(1, Ordering::Relaxed);
+    }
+    while let Some(f) = in_flight.pop_front() {
+        check(f, live, start, first_corruption)?;
+    }
+    Ok(())
+}
+
+/// Waits for a submission and compares its checksums with the model.
+fn check<B: Backend>(
+    f: InFlight<B>,
+    live: &Live,
+    start: Instant,
+    first: &AtomicU64,
+) -> anyhow::Result<()> {
+    if !f.ticket.wait(Duration::from_secs(60))? {
+        anyhow::bail!("submission {} did not complete in 60 s", f.ticket.value());
+    }
+    let sums = f.ticket.checksums()?;
+    for e in &f.expect {
+        live.checked.fetch_add(1, Ordering::Relaxed);
+        if sums.get(e.slot) != Some(&e.value) {
+            live.corruptions.fetch_add(1, Ordering::Relaxed);
+            let _ = first.compare_exchange(
+                u64::MAX,
+                start.elapsed().as_nanos() as u64,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+    Ok(())
+}
