@@ -664,8 +664,9 @@ impl<B: Backend> Shared<B> {
             .min_by_key(|s| s.value)
     }
 
-    /// Moves pending blocks whose stamps have all passed to the ready list;
-    /// returns those marked for release instead.
+    /// Moves pending blocks whose stamps have all passed to the ready list,
+    /// then trims ready bytes to the cache limit; returns the blocks to
+    /// release (trimmed, or marked for release by `clear_cache`).
     #[must_use]
     fn promote(&self, st: &mut State<B::Buffer>) -> Vec<Block<B::Buffer>> {
         let mut release = Vec::new();
@@ -676,10 +677,7 @@ impl<B: Backend> Shared<B> {
         for qid in queues {
             let completed = self.refresh(self.queues.get(qid));
             for mut block in st.pending.take_due(qid, completed) {
-                match block
-                    .stamps
-                    .first_incomplete(|q| self.queues.get(q).watermark.get())
-                {
+                match self.first_incomplete(&block.stamps) {
                     Some(next) => st.pending.insert(block, next),
                     None if block.release_when_idle => {
                         st.account_release(&block);
@@ -692,7 +690,17 @@ impl<B: Backend> Shared<B> {
                 }
             }
         }
+        // Promoted blocks count against the cache limit like freed ones (I4).
+        let cache_limit = st.limits.cache;
+        st.trim_ready_to(cache_limit, &mut release);
         release
+    }
+
+    /// The first stamp not yet completed: cached watermarks first, then the
+    /// backend asked again only if one seems behind.
+    fn first_incomplete(&self, stamps: &Stamps) -> Option<Stamp> {
+        stamps.first_incomplete(|q| self.queues.get(q).watermark.get())?;
+        stamps.first_incomplete(|q| self.refresh(self.queues.get(q)))
     }
 
     /// The free path (see the module documentation).
@@ -700,14 +708,7 @@ impl<B: Backend> Shared<B> {
         let due = match self.config.policy.kind() {
             // The defect: in-flight uses are ignored.
             PolicyKind::Immediate => None,
-            _ => block
-                .stamps
-                .first_incomplete(|q| self.queues.get(q).watermark.get())
-                .and_then(|_| {
-                    block
-                        .stamps
-                        .first_incomplete(|q| self.refresh(self.queues.get(q)))
-                }),
+            _ => self.first_incomplete(&block.stamps),
         };
         let mut st = self.state.lock();
         st.stats.frees += 1;
