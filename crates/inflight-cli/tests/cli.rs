@@ -4,7 +4,10 @@
 use std::process::Command;
 
 fn inflight(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_inflight")).args(args).output().expect("the binary runs")
+    Command::new(env!("CARGO_BIN_EXE_inflight"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
 }
 
 fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
@@ -16,10 +19,27 @@ fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
 
 #[test]
 fn repro_all_policies_reports_each_with_the_documented_fields() {
-    let out = inflight(&["repro", "--policy", "all", "--allocations", "20000", "--json", "--seed", "3"]);
-    assert_eq!(out.status.code(), Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let out = inflight(&[
+        "repro",
+        "--policy",
+        "all",
+        "--allocations",
+        "20000",
+        "--json",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let reports = json_lines(&out);
-    let names: Vec<&str> = reports.iter().map(|r| r["policy"].as_str().unwrap()).collect();
+    let names: Vec<&str> = reports
+        .iter()
+        .map(|r| r["policy"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["deferred", "retained", "immediate"]);
     for r in &reports {
         for field in [
@@ -46,18 +66,31 @@ fn repro_all_policies_reports_each_with_the_documented_fields() {
         assert_eq!(safe["corruptions"], 0, "{safe}");
     }
     let immediate = &reports[2];
-    assert!(immediate["violations"].as_u64().unwrap() > 0, "the defect did not show: {immediate}");
+    assert!(
+        immediate["violations"].as_u64().unwrap() > 0,
+        "the defect did not show: {immediate}"
+    );
 }
 
 #[test]
 fn repro_table_prints_the_policies_side_by_side() {
-    let out = inflight(&["repro", "--policy", "all", "--allocations", "5000", "--quiet"]);
+    let out = inflight(&[
+        "repro",
+        "--policy",
+        "all",
+        "--allocations",
+        "5000",
+        "--quiet",
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     let header = text.lines().nth(1).unwrap_or_default();
     for p in ["deferred", "retained", "immediate"] {
         assert!(header.contains(p), "{text}");
     }
-    assert!(text.contains("violations") && text.contains("corrupted checksums"), "{text}");
+    assert!(
+        text.contains("violations") && text.contains("corrupted checksums"),
+        "{text}"
+    );
 }
 
 #[test]
