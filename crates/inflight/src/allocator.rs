@@ -24,14 +24,14 @@
 //! after those locks are released.
 
 use std::collections::VecDeque;
-use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
 use crate::backend::{Backend, DeviceError, DeviceInfo};
+use crate::buffer::{BufferInner, Shell};
 use crate::cache::{Block, ReadyList};
 use crate::config::{fit_bound, round_size, validate_sizing, Config, Limits};
 use crate::error::{Error, Result};
@@ -65,26 +65,31 @@ pub(crate) struct Shared<B: Backend> {
     pub(crate) id: u64,
     pub(crate) config: Config,
     pub(crate) info: DeviceInfo,
-    state: Mutex<State<B::Buffer>>,
+    state: Mutex<State<B>>,
     pub(crate) queues: QueueRegistry<B>,
     // Declared last: dropped after the queues and blocks that need it.
     pub(crate) backend: B,
 }
 
 /// The state lock, held.
-type StateGuard<'a, B> = MutexGuard<'a, State<<B as Backend>::Buffer>>;
+type StateGuard<'a, B> = MutexGuard<'a, State<B>>;
 
 /// The allocator's mutable state, behind `Shared::state`.
-struct State<R> {
-    ready: ReadyList<R>,
-    pending: PendingList<R>,
+struct State<B: Backend> {
+    ready: ReadyList<B::Buffer>,
+    pending: PendingList<B::Buffer>,
     limits: Limits,
     /// Counters; the ready and pending figures are filled in at snapshot.
     stats: Stats,
     next_block_id: u64,
+    /// Empty buffer shells, recycled so that a cache hit allocates nothing.
+    spares: Vec<Shell<B>>,
 }
 
-impl<R> State<R> {
+/// Spare shells kept; more are freed.
+const MAX_SPARES: usize = 4096;
+
+impl<B: Backend> State<B> {
     /// Bytes the allocator holds or has handed out.
     fn reserved(&self) -> u64 {
         self.stats.reserved_bytes
@@ -101,7 +106,7 @@ impl<R> State<R> {
 
     /// Takes blocks off the ready list, oldest first, until ready bytes are
     /// at most `target`, and accounts them as released.
-    fn trim_ready_to(&mut self, target: u64, out: &mut Vec<Block<R>>) {
+    fn trim_ready_to(&mut self, target: u64, out: &mut Vec<Block<B::Buffer>>) {
         while self.ready.bytes() > target {
             let Some(b) = self.ready.pop_oldest() else {
                 break;
@@ -111,7 +116,7 @@ impl<R> State<R> {
         }
     }
 
-    fn account_release(&mut self, b: &Block<R>) {
+    fn account_release(&mut self, b: &Block<B::Buffer>) {
         self.stats.reserved_bytes -= b.size;
         self.stats.device_releases += 1;
         self.stats.trims += 1;
@@ -138,6 +143,8 @@ pub(crate) struct QueueShared<B: Backend> {
     pub(crate) retained_len: AtomicUsize,
     /// An error from the completion path, reported at the next call.
     fault: Mutex<Option<Error>>,
+    /// Whether `fault` may hold an error: lets the fast path skip the lock.
+    faulted: AtomicBool,
 }
 
 /// A queue's submission bookkeeping, behind `QueueShared::submit`.
@@ -145,13 +152,14 @@ pub(crate) struct SubmitState<B: Backend> {
     /// The value the next commit gets.
     pub(crate) next: u64,
     /// Under `Retained`: (value, buffers it bound), oldest first.
-    pub(crate) retained: VecDeque<(u64, Vec<Arc<BufferInner<B>>>)>,
+    pub(crate) retained: VecDeque<(u64, Vec<Buffer<B>>)>,
 }
 
 impl<B: Backend> QueueShared<B> {
     /// Stores an error raised where it cannot be returned.
     fn record_fault(&self, e: DeviceError) {
         let mut f = self.fault.lock();
+        self.faulted.store(true, Ordering::Release);
         if !matches!(*f, Some(Error::DeviceLost(_))) {
             *f = Some(match e {
                 DeviceError::SubmissionFailed { value, reason } => Error::SubmissionFailed {
@@ -165,17 +173,27 @@ impl<B: Backend> QueueShared<B> {
     }
 
     /// Reports a stored error once (a lost device: every time).
+    #[inline]
     pub(crate) fn check_fault(&self) -> Result<()> {
+        if !self.faulted.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut f = self.fault.lock();
         match f.as_ref() {
             None => Ok(()),
             Some(Error::DeviceLost(why)) => Err(Error::DeviceLost(why.clone())),
-            Some(_) => Err(f.take().expect("checked above")),
+            Some(_) => {
+                self.faulted.store(false, Ordering::Release);
+                Err(f.take().expect("checked above"))
+            }
         }
     }
 
     /// The stored error if it concerns submission `value` or the whole device.
     pub(crate) fn fault_for(&self, value: u64) -> Option<Error> {
+        if !self.faulted.load(Ordering::Acquire) {
+            return None;
+        }
         match self.fault.lock().as_ref() {
             Some(e @ Error::DeviceLost(_)) => Some(e.clone()),
             Some(e @ Error::SubmissionFailed { value: v, .. }) if *v == value => Some(e.clone()),
@@ -214,44 +232,6 @@ impl<B: Backend> QueueRegistry<B> {
     }
 }
 
-/// A buffer's shared state: dropping the last reference frees the block.
-pub(crate) struct BufferInner<B: Backend> {
-    pub(crate) shared: Arc<Shared<B>>,
-    raw: ManuallyDrop<B::Buffer>,
-    pub(crate) len: u64,
-    pub(crate) size: u64,
-    pub(crate) id: u64,
-    pub(crate) queue: QueueId,
-    pub(crate) stamps: Mutex<Stamps>,
-    /// Set when the block was reused before its previous owner's work on
-    /// `queue` completed (the in-order reuse rule): that work's value. Work
-    /// on any other queue must wait for it first (I2).
-    pub(crate) reuse_fence: AtomicU64,
-}
-
-impl<B: Backend> BufferInner<B> {
-    #[inline]
-    pub(crate) fn raw(&self) -> &B::Buffer {
-        &self.raw
-    }
-}
-
-impl<B: Backend> Drop for BufferInner<B> {
-    fn drop(&mut self) {
-        // SAFETY: `raw` is initialised from construction to here, and `drop`
-        // runs once; nothing reads `self.raw` after this line.
-        let raw = unsafe { ManuallyDrop::take(&mut self.raw) };
-        let block = Block {
-            raw,
-            size: self.size,
-            id: self.id,
-            stamps: std::mem::take(self.stamps.get_mut()),
-            release_when_idle: false,
-        };
-        self.shared.free(block);
-    }
-}
-
 impl<B: Backend> Allocator<B> {
     /// Creates an allocator over `backend`. Limits left `None` in `config`
     /// take their defaults from the device's capacity (see [`Config`]).
@@ -276,6 +256,7 @@ impl<B: Backend> Allocator<B> {
                     limits,
                     stats: Stats::default(),
                     next_block_id: 1,
+                    spares: Vec::new(),
                 }),
                 queues: QueueRegistry::new(),
                 backend,
@@ -303,6 +284,7 @@ impl<B: Backend> Allocator<B> {
             }),
             retained_len: AtomicUsize::new(0),
             fault: Mutex::new(None),
+            faulted: AtomicBool::new(false),
         });
         s.queues.slots[id]
             .set(q.clone())
@@ -478,10 +460,16 @@ impl<B: Backend> Shared<B> {
                 max,
             })?;
         let policy = self.config.policy.kind();
-        self.drain_retained();
+        if policy == PolicyKind::Retained {
+            self.drain_retained();
+        }
 
         let mut st = self.state.lock();
-        let mut release = self.promote(&mut st);
+        let mut release = if st.pending.is_empty() {
+            Vec::new()
+        } else {
+            self.promote(&mut st)
+        };
         let bound = fit_bound(rounded, &self.config);
         let mut hit = st.ready.take_best_fit(rounded, bound);
         let mut fence = 0;
@@ -508,23 +496,24 @@ impl<B: Backend> Shared<B> {
         st.stats.active_bytes += block.size;
         st.stats.active_count += 1;
         st.stats.peak_active_bytes = st.stats.peak_active_bytes.max(st.stats.active_bytes);
-        let cache_limit = st.limits.cache;
-        st.trim_ready_to(cache_limit, &mut release);
+        if st.ready.bytes() > st.limits.cache {
+            let cache_limit = st.limits.cache;
+            st.trim_ready_to(cache_limit, &mut release);
+        }
+        let shell = st.spares.pop();
         drop(st);
-        self.release_blocks(release);
-
-        Ok(Buffer {
-            inner: Arc::new(BufferInner {
-                shared: self.clone(),
-                raw: ManuallyDrop::new(block.raw),
-                len: size,
-                size: block.size,
-                id: block.id,
-                queue: queue.id,
-                stamps: Mutex::new(block.stamps),
-                reuse_fence: AtomicU64::new(fence),
-            }),
-        })
+        if !release.is_empty() {
+            self.release_blocks(release);
+        }
+        let shell = shell.unwrap_or_else(BufferInner::shell);
+        Ok(Buffer::adopt(
+            shell,
+            self.clone(),
+            block,
+            size,
+            queue.id,
+            fence,
+        ))
     }
 
     /// The miss path: makes room under the limits, then asks the device.
@@ -629,24 +618,22 @@ impl<B: Backend> Shared<B> {
     /// its previous owner's work on another queue, waits on the host until
     /// that work completes. Work on the same queue is ordered behind it
     /// already (the in-order reuse rule), so nothing is needed there.
-    pub(crate) fn order_reuse(&self, buf: &BufferInner<B>, on: QueueId) -> Result<()> {
-        let value = buf.reuse_fence.load(Ordering::Acquire);
-        if value == 0 || on == buf.queue {
+    pub(crate) fn order_reuse(&self, buf: &Buffer<B>, on: QueueId) -> Result<()> {
+        let value = buf.inner.reuse_fence.load(Ordering::Acquire);
+        let home = buf.queue_id();
+        if value == 0 || on == home {
             return Ok(());
         }
-        let q = self.queues.get(buf.queue);
+        let q = self.queues.get(home);
         if q.watermark.get() < value && self.refresh(q) < value {
             let done = self
                 .backend
                 .wait(&q.raw, value, self.config.pressure_timeout)?;
             if !done && self.refresh(q) < value {
-                return Err(Error::ReuseWaitTimedOut {
-                    queue: buf.queue,
-                    value,
-                });
+                return Err(Error::ReuseWaitTimedOut { queue: home, value });
             }
         }
-        buf.reuse_fence.store(0, Ordering::Release);
+        buf.inner.reuse_fence.store(0, Ordering::Release);
         Ok(())
     }
 
@@ -668,7 +655,7 @@ impl<B: Backend> Shared<B> {
     /// then trims ready bytes to the cache limit; returns the blocks to
     /// release (trimmed, or marked for release by `clear_cache`).
     #[must_use]
-    fn promote(&self, st: &mut State<B::Buffer>) -> Vec<Block<B::Buffer>> {
+    fn promote(&self, st: &mut State<B>) -> Vec<Block<B::Buffer>> {
         let mut release = Vec::new();
         if st.pending.is_empty() {
             return release;
@@ -698,19 +685,30 @@ impl<B: Backend> Shared<B> {
 
     /// The first stamp not yet completed: cached watermarks first, then the
     /// backend asked again only if one seems behind.
+    #[inline]
     fn first_incomplete(&self, stamps: &Stamps) -> Option<Stamp> {
+        if stamps.is_empty() {
+            return None;
+        }
         stamps.first_incomplete(|q| self.queues.get(q).watermark.get())?;
         stamps.first_incomplete(|q| self.refresh(self.queues.get(q)))
     }
 
-    /// The free path (see the module documentation).
-    fn free(&self, mut block: Block<B::Buffer>) {
+    /// The free path (see the module documentation). `shell` is the emptied
+    /// handle, kept for the next allocation.
+    pub(crate) fn free(&self, mut block: Block<B::Buffer>, shell: Shell<B>) {
         let due = match self.config.policy.kind() {
             // The defect: in-flight uses are ignored.
             PolicyKind::Immediate => None,
             _ => self.first_incomplete(&block.stamps),
         };
         let mut st = self.state.lock();
+        let spare = if st.spares.len() < MAX_SPARES {
+            st.spares.push(shell);
+            None
+        } else {
+            Some(shell) // dropped after the lock
+        };
         st.stats.frees += 1;
         st.stats.active_bytes -= block.size;
         st.stats.active_count -= 1;
@@ -724,15 +722,22 @@ impl<B: Backend> Shared<B> {
                 st.ready.insert(block);
             }
         }
-        let mut release = Vec::new();
-        let cache_limit = st.limits.cache;
-        st.trim_ready_to(cache_limit, &mut release);
-        drop(st);
-        self.release_blocks(release);
+        if st.ready.bytes() > st.limits.cache {
+            let mut release = Vec::new();
+            let cache_limit = st.limits.cache;
+            st.trim_ready_to(cache_limit, &mut release);
+            drop(st);
+            self.release_blocks(release);
+        }
+        drop(spare);
     }
 
     /// Gives blocks back to the device; returns the bytes released.
+    #[inline]
     fn release_blocks(&self, blocks: Vec<Block<B::Buffer>>) -> u64 {
+        if blocks.is_empty() {
+            return 0;
+        }
         let mut bytes = 0;
         for b in blocks {
             bytes += b.size;

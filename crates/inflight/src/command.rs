@@ -15,74 +15,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::allocator::{BufferInner, QueueShared, Shared};
+use crate::allocator::{QueueShared, Shared};
 use crate::backend::{Backend, Span};
+use crate::buffer::Buffer;
 use crate::error::{Error, Result};
 use crate::policy::PolicyKind;
 use crate::timeline::QueueId;
-
-/// A device buffer from the cache. Clones share it; dropping the last clone
-/// frees it into the cache (pending if submitted work still uses it).
-pub struct Buffer<B: Backend> {
-    pub(crate) inner: Arc<BufferInner<B>>,
-}
-
-impl<B: Backend> Clone for Buffer<B> {
-    fn clone(&self) -> Self {
-        Buffer {
-            inner: self.inner.clone(),
-        }
-    }
-}
-
-impl<B: Backend> Buffer<B> {
-    /// Bytes requested.
-    pub fn len(&self) -> u64 {
-        self.inner.len
-    }
-
-    /// Always false: zero-sized buffers are refused at allocation.
-    pub fn is_empty(&self) -> bool {
-        self.inner.len == 0
-    }
-
-    /// Bytes of the underlying block (the rounded request, or a larger cached
-    /// block chosen by best fit).
-    pub fn capacity(&self) -> u64 {
-        self.inner.size
-    }
-
-    /// The id of the device allocation behind it (stable across reuse).
-    pub fn block_id(&self) -> u64 {
-        self.inner.id
-    }
-
-    /// The queue it was allocated for.
-    pub fn queue_id(&self) -> QueueId {
-        self.inner.queue
-    }
-
-    /// The raw backend buffer.
-    pub fn raw(&self) -> &B::Buffer {
-        self.inner.raw()
-    }
-
-    /// The whole buffer as a span, rounded down to whole words.
-    pub fn span(&self) -> Span {
-        Span::prefix(self.inner.len & !3)
-    }
-}
-
-impl<B: Backend> std::fmt::Debug for Buffer<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Buffer")
-            .field("block", &self.inner.id)
-            .field("len", &self.inner.len)
-            .field("capacity", &self.inner.size)
-            .field("queue", &self.inner.queue)
-            .finish()
-    }
-}
 
 /// An in-order stream of submissions with its own timeline. Clones share it.
 pub struct Queue<B: Backend> {
@@ -156,7 +94,7 @@ pub struct CommandBuffer<B: Backend> {
     cmds: Option<B::Commands>,
     /// Strong references to every bound buffer, until commit (or completion,
     /// under `Retained`).
-    bound: Vec<Arc<BufferInner<B>>>,
+    bound: Vec<Buffer<B>>,
     checksums: usize,
 }
 
@@ -164,10 +102,11 @@ impl<B: Backend> CommandBuffer<B> {
     /// Checks that `buf` belongs to this allocator and `span` fits it, and
     /// records the binding.
     fn bind(&mut self, buf: &Buffer<B>, span: Span) -> Result<()> {
-        let inner = &buf.inner;
-        if !Arc::ptr_eq(&inner.shared, &self.shared) {
-            return Err(Error::ForeignBuffer { buffer: inner.id });
+        let id = buf.block_id();
+        if !Arc::ptr_eq(buf.shared(), &self.shared) {
+            return Err(Error::ForeignBuffer { buffer: id });
         }
+        let len = buf.len();
         let why = if span.offset % 4 != 0 || span.len % 4 != 0 {
             Some("offset and length must be multiples of 4")
         } else if span.len == 0 {
@@ -175,7 +114,7 @@ impl<B: Backend> CommandBuffer<B> {
         } else if span
             .offset
             .checked_add(span.len)
-            .is_none_or(|end| end > inner.len)
+            .is_none_or(|end| end > len)
         {
             Some("the span ends past the buffer")
         } else if span.len > self.shared.info.max_op_span {
@@ -185,15 +124,15 @@ impl<B: Backend> CommandBuffer<B> {
         };
         if let Some(why) = why {
             return Err(Error::InvalidSpan {
-                buffer: inner.id,
-                len: inner.len,
+                buffer: id,
+                len,
                 span,
                 why,
             });
         }
-        self.shared.order_reuse(inner, self.queue.id)?;
-        if !self.bound.last().is_some_and(|b| Arc::ptr_eq(b, inner)) {
-            self.bound.push(inner.clone());
+        self.shared.order_reuse(buf, self.queue.id)?;
+        if !self.bound.last().is_some_and(|b| b.same(buf)) {
+            self.bound.push(buf.clone());
         }
         Ok(())
     }
@@ -304,11 +243,11 @@ impl<B: Backend> CommandBuffer<B> {
             };
             sub.next += 1;
             for b in &bound {
-                b.stamps.lock().record(q.id, value);
+                b.inner.stamps.lock().record(q.id, value);
             }
             if retained {
-                bound.sort_unstable_by_key(|b| Arc::as_ptr(b) as usize);
-                bound.dedup_by(|a, b| Arc::ptr_eq(a, b));
+                bound.sort_unstable_by_key(|b| Arc::as_ptr(&b.inner) as usize);
+                bound.dedup_by(|a, b| a.same(b));
                 sub.retained.push_back((value, std::mem::take(&mut bound)));
                 q.retained_len.store(sub.retained.len(), Ordering::Release);
             }

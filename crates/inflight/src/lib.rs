@@ -71,6 +71,7 @@
 
 mod allocator;
 pub mod backend;
+mod buffer;
 pub mod cache;
 mod command;
 mod config;
@@ -83,7 +84,8 @@ pub mod timeline;
 
 pub use allocator::{Allocator, MAX_QUEUES};
 pub use backend::{Backend, DeviceError, DeviceInfo, Span};
-pub use command::{Buffer, CommandBuffer, Queue, Ticket};
+pub use buffer::Buffer;
+pub use command::{CommandBuffer, Queue, Ticket};
 pub use config::{
     Config, Limits, DEFAULT_PAGE_SIZE, DEFAULT_PRESSURE_TIMEOUT, DEFAULT_SMALL_ALIGN,
 };

@@ -62,6 +62,7 @@ impl Stamps {
     }
 
     /// Whether no use was ever recorded.
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.first.is_none()
     }

@@ -1,0 +1,234 @@
+//! The buffer handle: a reference-counted view of one live block, whose heap
+//! shell is recycled so that a cache hit allocates nothing on the host.
+//!
+//! A [`Buffer`] is an `Arc<BufferInner>` plus one count in `handles`.
+//! Cloning adds a handle; dropping the last handle frees the block into the
+//! cache and parks the empty shell in the allocator's spare pool, from which
+//! the next allocation takes it.
+//!
+//! # Ownership rule (S1)
+//!
+//! The fields in `BufferInner::live` are written only by the shell's sole
+//! owner: the allocator while `handles == 0` (filling a shell at malloc,
+//! emptying it at the last drop). They are read only through a live handle
+//! (`handles > 0`). An `Arc` clone left over from a handle that has already
+//! decremented `handles` may still exist for a moment, but it never reads
+//! those fields: it only gives its strong count back.
+
+use std::cell::UnsafeCell;
+use std::mem::ManuallyDrop;
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::allocator::Shared;
+use crate::backend::{Backend, Span};
+use crate::cache::Block;
+use crate::timeline::{QueueId, Stamps};
+
+/// A device buffer from the cache. Clones share it; dropping the last clone
+/// frees it into the cache (pending if submitted work still uses it).
+pub struct Buffer<B: Backend> {
+    // Taken (not dropped) by the last handle's `drop`, to recycle the shell.
+    pub(crate) inner: ManuallyDrop<Arc<BufferInner<B>>>,
+}
+
+/// The shared part of a buffer; an empty one is a *shell* (see the module doc).
+pub(crate) struct BufferInner<B: Backend> {
+    /// Live handles; 0 for a shell.
+    handles: AtomicUsize,
+    /// Written only by the sole owner (S1).
+    live: UnsafeCell<Live<B>>,
+    /// The last recorded use on each queue; written at commit.
+    pub(crate) stamps: Mutex<Stamps>,
+    /// Set when the block was reused before its previous owner's work on
+    /// `queue` completed (the in-order reuse rule): that work's value. Work
+    /// on any other queue must wait for it first (I2).
+    pub(crate) reuse_fence: AtomicU64,
+}
+
+/// What a live buffer is; `None`s in a shell.
+pub(crate) struct Live<B: Backend> {
+    pub(crate) shared: Option<Arc<Shared<B>>>,
+    pub(crate) raw: Option<B::Buffer>,
+    pub(crate) len: u64,
+    pub(crate) size: u64,
+    pub(crate) id: u64,
+    pub(crate) queue: QueueId,
+}
+
+/// An empty `BufferInner`, owned by the allocator (S1).
+pub(crate) type Shell<B> = Arc<BufferInner<B>>;
+
+// SAFETY: `live` is an `UnsafeCell` accessed under rule S1: written only by
+// the one owner while no handle exists, read only while handles exist, with
+// the `handles` counter (Release decrement, Acquire fence) and the state
+// lock ordering those accesses across threads. Everything else in it is
+// `Sync` (atomics, a mutex). The raw buffer and the `Shared` inside are
+// `Send + Sync` by the `Backend` trait's bounds.
+unsafe impl<B: Backend> Sync for BufferInner<B> {}
+// SAFETY: as above; moving the shell between threads moves `Send` fields.
+unsafe impl<B: Backend> Send for BufferInner<B> {}
+
+impl<B: Backend> BufferInner<B> {
+    /// A new empty shell.
+    pub(crate) fn shell() -> Shell<B> {
+        Arc::new(BufferInner {
+            handles: AtomicUsize::new(0),
+            live: UnsafeCell::new(Live {
+                shared: None,
+                raw: None,
+                len: 0,
+                size: 0,
+                id: 0,
+                queue: 0,
+            }),
+            stamps: Mutex::new(Stamps::default()),
+            reuse_fence: AtomicU64::new(0),
+        })
+    }
+}
+
+impl<B: Backend> Buffer<B> {
+    /// Fills `shell` with `block` and makes it a live buffer of one handle.
+    pub(crate) fn adopt(
+        shell: Shell<B>,
+        shared: Arc<Shared<B>>,
+        block: Block<B::Buffer>,
+        len: u64,
+        queue: QueueId,
+        fence_value: u64,
+    ) -> Self {
+        debug_assert_eq!(
+            shell.handles.load(Ordering::Relaxed),
+            0,
+            "adopting a live shell"
+        );
+        // SAFETY: S1: `shell` came from the spare pool or was just created,
+        // so `handles == 0` and the caller is its only owner; no handle can
+        // read `live` or `stamps` until we publish one below.
+        unsafe {
+            *shell.live.get() = Live {
+                shared: Some(shared),
+                raw: Some(block.raw),
+                len,
+                size: block.size,
+                id: block.id,
+                queue,
+            };
+            *shell.stamps.data_ptr() = block.stamps;
+        }
+        shell.reuse_fence.store(fence_value, Ordering::Relaxed);
+        shell.handles.store(1, Ordering::Release);
+        Buffer {
+            inner: ManuallyDrop::new(shell),
+        }
+    }
+
+    #[inline]
+    pub(crate) fn live(&self) -> &Live<B> {
+        // SAFETY: S1: this handle keeps `handles > 0`, so nobody writes `live`.
+        unsafe { &*self.inner.live.get() }
+    }
+
+    /// The allocator this buffer belongs to.
+    #[inline]
+    pub(crate) fn shared(&self) -> &Arc<Shared<B>> {
+        self.live()
+            .shared
+            .as_ref()
+            .expect("a live buffer has its allocator")
+    }
+
+    /// Bytes requested.
+    pub fn len(&self) -> u64 {
+        self.live().len
+    }
+
+    /// Always false: zero-sized buffers are refused at allocation.
+    pub fn is_empty(&self) -> bool {
+        self.live().len == 0
+    }
+
+    /// Bytes of the underlying block (the rounded request, or a larger cached
+    /// block chosen by best fit).
+    pub fn capacity(&self) -> u64 {
+        self.live().size
+    }
+
+    /// The id of the device allocation behind it (stable across reuse).
+    pub fn block_id(&self) -> u64 {
+        self.live().id
+    }
+
+    /// The queue it was allocated for.
+    pub fn queue_id(&self) -> QueueId {
+        self.live().queue
+    }
+
+    /// The raw backend buffer.
+    pub fn raw(&self) -> &B::Buffer {
+        self.live()
+            .raw
+            .as_ref()
+            .expect("a live buffer has its raw buffer")
+    }
+
+    /// The whole buffer as a span, rounded down to whole words.
+    pub fn span(&self) -> Span {
+        Span::prefix(self.live().len & !3)
+    }
+
+    /// Whether two handles are the same buffer.
+    pub fn same(&self, other: &Buffer<B>) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl<B: Backend> Clone for Buffer<B> {
+    fn clone(&self) -> Self {
+        // Relaxed, as `Arc::clone`: the new handle is made from a live one.
+        self.inner.handles.fetch_add(1, Ordering::Relaxed);
+        Buffer {
+            inner: ManuallyDrop::new(Arc::clone(&self.inner)),
+        }
+    }
+}
+
+impl<B: Backend> Drop for Buffer<B> {
+    fn drop(&mut self) {
+        if self.inner.handles.fetch_sub(1, Ordering::Release) != 1 {
+            // SAFETY: `inner` is not used again; this handle's Arc goes.
+            unsafe { ManuallyDrop::drop(&mut self.inner) };
+            return;
+        }
+        // The last handle: see every other handle's last access first.
+        fence(Ordering::Acquire);
+        // SAFETY: `inner` is not used again after this take.
+        let shell = unsafe { ManuallyDrop::take(&mut self.inner) };
+        // SAFETY: S1: `handles` reached 0, so we are the sole owner.
+        let (live, stamps) = unsafe { (&mut *shell.live.get(), &mut *shell.stamps.data_ptr()) };
+        let shared = live.shared.take().expect("a live buffer has its allocator");
+        let block = Block {
+            raw: live.raw.take().expect("a live buffer has its raw buffer"),
+            size: live.size,
+            id: live.id,
+            stamps: std::mem::take(stamps),
+            release_when_idle: false,
+        };
+        shared.free(block, shell);
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for Buffer<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let l = self.live();
+        f.debug_struct("Buffer")
+            .field("block", &l.id)
+            .field("len", &l.len)
+            .field("capacity", &l.size)
+            .field("queue", &l.queue)
+            .finish()
+    }
+}
