@@ -7,6 +7,7 @@
 //! violation or a corrupted checksum; 2 bad arguments or a failed run.
 
 mod backends;
+mod model;
 mod progress;
 mod repro;
 mod units;
