@@ -13,6 +13,27 @@ use crate::repro::Validator;
 pub enum BackendName {
     /// The simulated GPU with its validation layer (needs nothing installed).
     Sim,
+    /// An NVIDIA GPU through the CUDA driver (device 0); no validation layer,
+    /// so hazards show as corrupted checksums.
+    #[cfg(feature = "cuda")]
+    Cuda,
+}
+
+/// CUDA has no validation layer the harness can read: a reuse in flight shows
+/// as a corrupted checksum, a release in flight as one too (the memory pool
+/// keeps freed memory mapped) or as a device fault, reported as an error.
+#[cfg(feature = "cuda")]
+struct NoValidation;
+
+#[cfg(feature = "cuda")]
+impl Validator for NoValidation {
+    fn violations(&self) -> u64 {
+        0
+    }
+
+    fn messages(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Backend options the commands share.
@@ -67,6 +88,12 @@ pub fn with_backend<J: BackendJob>(
                 ..SimConfig::default()
             });
             job.run(gpu.clone(), &gpu)
+        }
+        #[cfg(feature = "cuda")]
+        BackendName::Cuda => {
+            use inflight::backend::cuda::{CudaConfig, CudaGpu};
+            let gpu = CudaGpu::new(CudaConfig::default())?;
+            job.run(gpu, &NoValidation)
         }
     }
 }

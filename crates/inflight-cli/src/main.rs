@@ -7,6 +7,7 @@
 //! violation or a corrupted checksum; 2 bad arguments or a failed run.
 
 mod backends;
+mod model;
 mod progress;
 mod repro;
 mod units;
@@ -70,7 +71,7 @@ struct ReproArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     threads: u16,
     /// Queues (streams) the threads submit to.
-    #[arg(long, alias = "streams", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
+    #[arg(long, visible_alias = "streams", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=32))]
     queues: u16,
     /// Buffers allocated per round (a multiple of 4).
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u16).range(4..=4096))]

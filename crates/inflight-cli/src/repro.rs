@@ -17,11 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use inflight::backend::{checksum_uniform, Backend, Span};
+use inflight::backend::{Backend, Span};
 use inflight::{Allocator, Buffer, Config, Policy, PolicyKind, Queue, Stats, Ticket};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+
+use crate::model::UniformChecksums;
 
 /// What one run does.
 #[derive(Clone, Debug)]
@@ -291,6 +293,7 @@ fn request_loop<B: Backend>(
     let other = &queues[(t + 1) % queues.len()];
     let groups = (w.buffers_per_round / 4).max(1);
     let mut in_flight: VecDeque<InFlight<B>> = VecDeque::new();
+    let mut model = UniformChecksums::default();
     let mut round = 0u64;
     while !live.stop.load(Ordering::Acquire) {
         // Every fourth round, the work goes to the next queue with buffers
@@ -322,7 +325,7 @@ fn request_loop<B: Backend>(
             let slot = cb.checksum_span(d, span)?;
             expect.push(Expect {
                 slot,
-                value: checksum_uniform(p.wrapping_add(r), span.words()),
+                value: model.get(p.wrapping_add(r), span.words()),
             });
         }
         let ticket = cb.commit()?;

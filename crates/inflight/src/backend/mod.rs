@@ -24,6 +24,8 @@
 //! Metal with untracked hazards: no). Only where it says yes may the allocator
 //! hand a block still in use by that queue to new work on the same queue.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod manual;
 #[cfg(feature = "sim")]
 pub mod sim;

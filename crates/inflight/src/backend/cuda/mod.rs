@@ -1,0 +1,604 @@
+//! The CUDA backend: NVIDIA GPUs through the driver API (cudarc, with
+//! `libcuda` opened at run time, so the crate builds without CUDA installed).
+//!
+//! - **Buffers** are raw device memory, by default from a memory pool of the
+//!   backend's own with `cuMemAllocFromPoolAsync`/`cuMemFreeAsync` on a
+//!   private stream ([`RawAlloc::Pool`]); [`RawAlloc::Sync`] uses
+//!   `cuMemAlloc`/`cuMemFree` instead. docs/CUDA.md has the measured figures
+//!   behind the default.
+//! - **Queues** are non-blocking CUDA streams. A submission is the work that
+//!   [`Backend::submit`] enqueues at commit; its completion is an event
+//!   recorded after it (events are pooled). Each queue keeps a deque of
+//!   `(value, event)` in submission order; [`Backend::completed`] pops the
+//!   front while its event has completed (a non-blocking `cuEventQuery`), so
+//!   the watermark is the highest value whose event, and every earlier one,
+//!   completed. [`Backend::wait`] polls the same way with short sleeps until
+//!   its timeout: it never blocks without a bound.
+//! - **Ordering**: a stream runs its work in order, so later work sees
+//!   earlier work's memory effects: [`Backend::orders_memory`] is true, and
+//!   the allocator may hand a block still in use on a stream to new work on
+//!   that same stream.
+//! - **Operations** are NVRTC-compiled kernels ([`kernels`]). Checksums add
+//!   into a small device results slab per submission (zeroed first), which is
+//!   copied into pinned host memory at the end of the submission, before its
+//!   event; once the event completes the host copy is final.
+//!
+//! # Release
+//!
+//! [`Backend::release`] frees at once (`cuMemFreeAsync` on the private
+//! stream, or `cuMemFree`). It adds no synchronisation of its own: that the
+//! memory is no longer in use is the allocator's invariant I1, and a hidden
+//! sync here would mask a bug in it. Note that `cuMemFree` itself
+//! synchronises the device, which is one reason [`RawAlloc::Pool`] is the
+//! default.
+
+mod driver;
+mod kernels;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::result as cu;
+use cudarc::driver::result::DriverError;
+use parking_lot::Mutex;
+
+use self::driver::{map_err, Context, DevicePtr, Event, EventState, HostPtr, MemPool, Stream};
+pub use self::driver::{probe_driver, probe_nvrtc};
+use self::kernels::{Kernels, Op};
+use crate::backend::{Backend, DeviceError, DeviceInfo, Span};
+
+/// Where raw buffers come from.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum RawAlloc {
+    /// `cuMemAllocFromPoolAsync`/`cuMemFreeAsync` on a pool and a stream of
+    /// the backend's own; the allocating stream is synchronised once per
+    /// allocation so the memory may be used on any stream.
+    #[default]
+    Pool,
+    /// `cuMemAlloc`/`cuMemFree` (the free synchronises the whole device).
+    Sync,
+}
+
+/// Settings of the CUDA backend.
+#[derive(Clone, Debug, Default)]
+pub struct CudaConfig {
+    /// The device's ordinal.
+    pub ordinal: i32,
+    /// Where raw buffers come from.
+    pub raw_alloc: RawAlloc,
+}
+
+/// A CUDA device. Clones share it.
+#[derive(Clone)]
+pub struct CudaGpu {
+    dev: Arc<Device>,
+}
+
+struct Device {
+    ctx: Arc<Context>,
+    kernels: Arc<Kernels>,
+    name: String,
+    total_mem: u64,
+    raw_alloc: RawAlloc,
+    /// The pool and its stream, under [`RawAlloc::Pool`].
+    pool: Option<(MemPool, Stream)>,
+    /// Completed events, ready to record again.
+    events: Mutex<Vec<Event>>,
+    /// Result slabs not in use by any submission.
+    slabs: Mutex<Vec<Slab>>,
+}
+
+/// Device slots for a submission's checksums and their pinned host copy.
+struct Slab {
+    dev: DevicePtr,
+    host: HostPtr,
+    /// Slots (u64) in each.
+    cap: usize,
+}
+
+/// A raw CUDA buffer.
+#[derive(Debug)]
+pub struct CudaBuffer {
+    ptr: DevicePtr,
+    size: u64,
+}
+
+/// A CUDA stream with its timeline.
+pub struct CudaQueue {
+    dev: Arc<Device>,
+    stream: Stream,
+    state: Arc<QueueState>,
+}
+
+struct QueueState {
+    /// The watermark: written under `inflight`'s lock, read without it.
+    completed: AtomicU64,
+    /// Submitted, not yet seen complete, oldest first.
+    inflight: Mutex<VecDeque<InFlight>>,
+}
+
+struct InFlight {
+    value: u64,
+    event: Event,
+    slab: Option<Slab>,
+    results: Arc<OnceLock<Vec<u64>>>,
+    slots: usize,
+}
+
+/// Work being recorded for one CUDA submission.
+pub struct CudaCommands {
+    ops: Vec<Op>,
+    checksums: usize,
+}
+
+/// A submitted CUDA submission.
+pub struct CudaSubmission {
+    results: Arc<OnceLock<Vec<u64>>>,
+    state: Arc<QueueState>,
+    dev: Arc<Device>,
+}
+
+impl CudaGpu {
+    /// Opens device `config.ordinal`: probes for the driver and NVRTC, then
+    /// retains the device's primary context and compiles the kernels (both
+    /// once per process). Without a driver this is a clear
+    /// [`DeviceError::Unsupported`], not a panic.
+    pub fn new(config: CudaConfig) -> Result<Self, DeviceError> {
+        driver::probe_driver()?;
+        driver::probe_nvrtc()?;
+        let ctx = driver::context(config.ordinal)?;
+        ctx.make_current()?;
+        let kernels = kernels::kernels(&ctx)?;
+        let name = cu::device::get_name(ctx.device).map_err(|e| map_err("cuDeviceGetName", e))?;
+        // SAFETY: `ctx.device` is a valid device handle.
+        let total_mem = unsafe { cu::device::total_mem(ctx.device) }
+            .map_err(|e| map_err("cuDeviceTotalMem", e))? as u64;
+        let pool = match config.raw_alloc {
+            RawAlloc::Pool => Some((MemPool::new(&ctx)?, Stream::new(&ctx)?)),
+            RawAlloc::Sync => None,
+        };
+        Ok(CudaGpu {
+            dev: Arc::new(Device {
+                ctx,
+                kernels,
+                name,
+                total_mem,
+                raw_alloc: config.raw_alloc,
+                pool,
+                events: Mutex::new(Vec::new()),
+                slabs: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Device 0 with default settings.
+    pub fn default_device() -> Result<Self, DeviceError> {
+        Self::new(CudaConfig::default())
+    }
+
+    /// Where raw buffers come from.
+    pub fn raw_alloc(&self) -> RawAlloc {
+        self.dev.raw_alloc
+    }
+
+    /// Makes the device's context current on the calling thread (for code
+    /// that calls the driver directly beside this backend, such as the
+    /// measurement examples).
+    pub fn make_current(&self) -> Result<(), DeviceError> {
+        self.dev.ctx.make_current()
+    }
+}
+
+impl Device {
+    fn take_event(&self) -> Result<Event, DeviceError> {
+        if let Some(e) = self.events.lock().pop() {
+            return Ok(e);
+        }
+        Event::new(&self.ctx)
+    }
+
+    fn take_slab(&self, slots: usize) -> Result<Slab, DeviceError> {
+        {
+            let mut slabs = self.slabs.lock();
+            let best = slabs
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.cap >= slots)
+                .min_by_key(|(_, s)| s.cap)
+                .map(|(i, _)| i);
+            if let Some(i) = best {
+                return Ok(slabs.swap_remove(i));
+            }
+        }
+        let cap = slots.next_power_of_two().max(16);
+        // SAFETY: a plain device allocation, owned by the slab until the
+        // device is dropped; the context is current (made so by the caller).
+        let dev = unsafe { cu::malloc_sync(cap * 8) }.map_err(|e| map_err("cuMemAlloc", e))?;
+        let host = match driver::host_alloc(&self.ctx, cap) {
+            Ok(h) => h,
+            Err(e) => {
+                // SAFETY: `dev` was just allocated and never used.
+                let _ = unsafe { cu::free_sync(dev) };
+                return Err(e);
+            }
+        };
+        Ok(Slab { dev, host, cap })
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // Every queue is gone (each holds an `Arc<Device>`), and each
+        // synchronised its stream on drop: nothing in flight uses the slabs.
+        if self.ctx.make_current().is_err() {
+            return;
+        }
+        for e in self.events.get_mut().drain(..) {
+            // SAFETY: pooled events are complete and no longer referenced.
+            let _ = unsafe { cu::event::destroy(e.0) };
+        }
+        for s in self.slabs.get_mut().drain(..) {
+            // SAFETY: pooled slabs belong to no submission; their memory came
+            // from cuMemAlloc and cuMemHostAlloc.
+            unsafe {
+                let _ = cu::free_sync(s.dev);
+                let _ = cu::free_host(s.host.0.cast());
+            }
+        }
+        if let Some((pool, stream)) = self.pool.take() {
+            let _ = stream.synchronize();
+            // SAFETY: the stream and the pool are not used after this; the
+            // driver defers the pool's destruction while allocations remain.
+            unsafe {
+                stream.destroy();
+                let _ = cu::mem_pool::destroy(pool.0);
+            }
+        }
+    }
+}
+
+impl QueueState {
+    /// Pops every leading submission whose event completed, moving its
+    /// checksums into its result cell and its event and slab back to the
+    /// pools; returns the watermark.
+    fn harvest(&self, dev: &Device) -> Result<u64, DeviceError> {
+        let mut inflight = self.inflight.lock();
+        while let Some(front) = inflight.front() {
+            match front.event.query() {
+                Ok(EventState::Pending) => break,
+                Ok(EventState::Done) => {
+                    let f = inflight.pop_front().expect("front exists");
+                    if let Some(slab) = f.slab {
+                        // SAFETY: the event completed, so the copy into the
+                        // pinned host slab that preceded it on the stream has
+                        // finished; the slab holds `cap >= slots` u64.
+                        let got = unsafe { std::slice::from_raw_parts(slab.host.0, f.slots) };
+                        let _ = f.results.set(got.to_vec());
+                        dev.slabs.lock().push(slab);
+                    }
+                    dev.events.lock().push(f.event);
+                    self.completed.store(f.value, Ordering::Release);
+                }
+                Err(e) => return Err(fault(front.value, e)),
+            }
+        }
+        Ok(self.completed.load(Ordering::Acquire))
+    }
+}
+
+/// A failure seen through submission `value`'s event.
+fn fault(value: u64, e: DriverError) -> DeviceError {
+    match map_err("cuEventQuery", e) {
+        lost @ DeviceError::Lost(_) => lost,
+        other => DeviceError::SubmissionFailed {
+            value,
+            reason: other.to_string(),
+        },
+    }
+}
+
+impl Drop for CudaQueue {
+    fn drop(&mut self) {
+        if self.dev.ctx.make_current().is_err() {
+            return;
+        }
+        // Teardown: the allocator has already waited (boundedly) for its
+        // queues; this makes sure the slabs in flight are done with.
+        let _ = self.stream.synchronize();
+        let _ = self.state.harvest(&self.dev);
+        // Whatever is left failed; its slabs and events are leaked rather
+        // than reused while the device may still touch them.
+        // SAFETY: the stream is not used after this.
+        unsafe { self.stream.destroy() };
+    }
+}
+
+fn check_span(buf: &CudaBuffer, span: Span) -> Result<(), DeviceError> {
+    if span.offset % 4 != 0
+        || span.len % 4 != 0
+        || span
+            .offset
+            .checked_add(span.len)
+            .is_none_or(|e| e > buf.size)
+    {
+        return Err(DeviceError::Unsupported(format!(
+            "span {span} does not fit a buffer of {} bytes",
+            buf.size
+        )));
+    }
+    Ok(())
+}
+
+impl Backend for CudaGpu {
+    type Buffer = CudaBuffer;
+    type Queue = CudaQueue;
+    type Commands = CudaCommands;
+    type Submission = CudaSubmission;
+
+    fn info(&self) -> DeviceInfo {
+        let max = self.dev.total_mem & !3;
+        DeviceInfo {
+            backend: "cuda",
+            name: self.dev.name.clone(),
+            memory_capacity: self.dev.total_mem,
+            max_buffer_size: max,
+            max_op_span: max,
+        }
+    }
+
+    fn allocate(&self, bytes: u64) -> Result<CudaBuffer, DeviceError> {
+        if bytes == 0 || bytes % 4 != 0 || bytes > self.dev.total_mem {
+            return Err(DeviceError::Unsupported(format!(
+                "cannot create a buffer of {bytes} bytes"
+            )));
+        }
+        let d = &self.dev;
+        d.ctx.make_current()?;
+        let ptr = match &d.pool {
+            None => {
+                // SAFETY: a plain device allocation; the context is current.
+                unsafe { cu::malloc_sync(bytes as usize) }.map_err(|e| map_err("cuMemAlloc", e))?
+            }
+            Some((pool, stream)) => {
+                // SAFETY: pool and stream are valid; the context is current.
+                let mut r = unsafe { cu::mem_pool::alloc_async(pool.0, bytes as usize, stream.0) };
+                if matches!(r, Err(DriverError(c)) if c == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)
+                {
+                    // The pool keeps freed memory (release threshold: max);
+                    // give it back and try once more.
+                    pool.trim()?;
+                    // SAFETY: as above.
+                    r = unsafe { cu::mem_pool::alloc_async(pool.0, bytes as usize, stream.0) };
+                }
+                let ptr = r.map_err(|e| map_err("cuMemAllocFromPoolAsync", e))?;
+                // The allocation is ordered on the private stream; finish it
+                // so that any queue may use the memory at once.
+                stream.synchronize()?;
+                ptr
+            }
+        };
+        Ok(CudaBuffer { ptr, size: bytes })
+    }
+
+    unsafe fn release(&self, buffer: CudaBuffer) {
+        let d = &self.dev;
+        if d.ctx.make_current().is_err() {
+            return;
+        }
+        match &d.pool {
+            // SAFETY: the buffer came from cuMemAlloc (promise 1) and no
+            // submitted work uses it any more (promise 2, the allocator's I1).
+            None => drop(unsafe { cu::free_sync(buffer.ptr) }),
+            // SAFETY: the buffer came from this pool (promise 1); promise 2
+            // means no queue's work still uses it, so a stream-ordered free
+            // on the private stream is safe.
+            Some((_, stream)) => drop(unsafe { cu::free_async(buffer.ptr, stream.0) }),
+        }
+    }
+
+    fn create_queue(&self) -> Result<CudaQueue, DeviceError> {
+        Ok(CudaQueue {
+            dev: self.dev.clone(),
+            stream: Stream::new(&self.dev.ctx)?,
+            state: Arc::new(QueueState {
+                completed: AtomicU64::new(0),
+                inflight: Mutex::new(VecDeque::new()),
+            }),
+        })
+    }
+
+    fn orders_memory(&self, _queue: &CudaQueue) -> bool {
+        true
+    }
+
+    fn begin(&self, _queue: &CudaQueue) -> Result<CudaCommands, DeviceError> {
+        Ok(CudaCommands {
+            ops: Vec::new(),
+            checksums: 0,
+        })
+    }
+
+    fn fill(
+        &self,
+        cmds: &mut CudaCommands,
+        dst: &CudaBuffer,
+        span: Span,
+        pattern: u32,
+    ) -> Result<(), DeviceError> {
+        check_span(dst, span)?;
+        cmds.ops.push(Op::Fill {
+            dst: dst.ptr + span.offset,
+            words: span.words(),
+            pattern,
+        });
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        cmds: &mut CudaCommands,
+        src: &CudaBuffer,
+        dst: &CudaBuffer,
+        span: Span,
+    ) -> Result<(), DeviceError> {
+        check_span(src, span)?;
+        check_span(dst, span)?;
+        cmds.ops.push(Op::Copy {
+            src: src.ptr + span.offset,
+            dst: dst.ptr + span.offset,
+            words: span.words(),
+        });
+        Ok(())
+    }
+
+    fn add(
+        &self,
+        cmds: &mut CudaCommands,
+        a: &CudaBuffer,
+        b: &CudaBuffer,
+        out: &CudaBuffer,
+        span: Span,
+    ) -> Result<(), DeviceError> {
+        for buf in [a, b, out] {
+            check_span(buf, span)?;
+        }
+        cmds.ops.push(Op::Add {
+            a: a.ptr + span.offset,
+            b: b.ptr + span.offset,
+            out: out.ptr + span.offset,
+            words: span.words(),
+        });
+        Ok(())
+    }
+
+    fn checksum(
+        &self,
+        cmds: &mut CudaCommands,
+        src: &CudaBuffer,
+        span: Span,
+    ) -> Result<usize, DeviceError> {
+        check_span(src, span)?;
+        let slot = cmds.checksums;
+        cmds.checksums += 1;
+        cmds.ops.push(Op::Checksum {
+            src: src.ptr + span.offset,
+            words: span.words(),
+            slot,
+        });
+        Ok(slot)
+    }
+
+    fn submit(
+        &self,
+        queue: &CudaQueue,
+        cmds: CudaCommands,
+        value: u64,
+    ) -> Result<CudaSubmission, DeviceError> {
+        let d = &self.dev;
+        d.ctx.make_current()?;
+        let slots = cmds.checksums;
+        let slab = if slots > 0 {
+            Some(d.take_slab(slots)?)
+        } else {
+            None
+        };
+        let s = &queue.stream;
+        let results_dev = slab.as_ref().map_or(0, |s| s.dev);
+        let enqueue = || -> Result<Event, DeviceError> {
+            if let Some(slab) = &slab {
+                // SAFETY: the slab's device memory holds `cap >= slots` u64
+                // and stays allocated (owned by this submission, then pooled).
+                unsafe { cu::memset_d8_async(slab.dev, 0, slots * 8, s.0) }
+                    .map_err(|e| map_err("cuMemsetD8Async", e))?;
+            }
+            for &op in &cmds.ops {
+                // SAFETY: every address in `op` was checked against its
+                // buffer's size when recorded, and the allocator keeps those
+                // buffers allocated until this submission completes (I1);
+                // the results slab is zeroed above on the same stream; the
+                // context is current.
+                unsafe { d.kernels.launch(s, op, results_dev) }?;
+            }
+            if let Some(slab) = &slab {
+                // SAFETY: pinned host memory of `cap >= slots` u64, read only
+                // after the event below completes.
+                unsafe {
+                    cudarc::driver::sys::cuMemcpyDtoHAsync_v2(
+                        slab.host.0.cast(),
+                        slab.dev,
+                        slots * 8,
+                        s.0,
+                    )
+                }
+                .result()
+                .map_err(|e| map_err("cuMemcpyDtoHAsync", e))?;
+            }
+            let event = d.take_event()?;
+            event.record(s)?;
+            Ok(event)
+        };
+        // On an error part of the work may be enqueued: the slab is then
+        // leaked (dropped without being pooled) rather than reused.
+        let event = enqueue()?;
+        let results = Arc::new(OnceLock::new());
+        if slab.is_none() {
+            let _ = results.set(Vec::new());
+        }
+        // The core submits to a queue one call at a time, so entries are
+        // pushed in value order.
+        queue.state.inflight.lock().push_back(InFlight {
+            value,
+            event,
+            slab,
+            results: results.clone(),
+            slots,
+        });
+        Ok(CudaSubmission {
+            results,
+            state: queue.state.clone(),
+            dev: self.dev.clone(),
+        })
+    }
+
+    fn completed(&self, queue: &CudaQueue) -> Result<u64, DeviceError> {
+        self.dev.ctx.make_current()?;
+        queue.state.harvest(&self.dev)
+    }
+
+    fn wait(&self, queue: &CudaQueue, value: u64, timeout: Duration) -> Result<bool, DeviceError> {
+        if value == 0 {
+            return Ok(true);
+        }
+        let start = Instant::now();
+        let mut nap = Duration::from_micros(5);
+        loop {
+            if self.completed(queue)? >= value {
+                return Ok(true);
+            }
+            let elapsed = start.elapsed();
+            if elapsed >= timeout {
+                return Ok(false);
+            }
+            // Spin briefly (most submissions take microseconds), then sleep
+            // in growing naps, never past the deadline.
+            if elapsed < Duration::from_micros(50) {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(nap.min(timeout - elapsed));
+                nap = (nap * 2).min(Duration::from_micros(500));
+            }
+        }
+    }
+
+    fn results(&self, submission: &CudaSubmission) -> Result<Vec<u64>, DeviceError> {
+        if submission.results.get().is_none() {
+            submission.dev.ctx.make_current()?;
+            submission.state.harvest(&submission.dev)?;
+        }
+        submission.results.get().cloned().ok_or_else(|| {
+            DeviceError::Other("results asked for before the submission completed".into())
+        })
+    }
+}
