@@ -27,6 +27,8 @@
 pub mod manual;
 #[cfg(feature = "sim")]
 pub mod sim;
+#[cfg(feature = "vulkan")]
+pub mod vulkan;
 
 use std::fmt;
 use std::time::Duration;
