@@ -183,10 +183,17 @@ impl DeviceShared {
         // the chained messenger's user data (`log`) outlives the instance
         // (it is kept in `DeviceShared`, dropped after the instance).
         let instance = unsafe { entry.create_instance(&info, None) }.map_err(|code| {
-            unavailable(VkError {
+            let e = VkError {
                 call: "vkCreateInstance",
                 code,
-            })
+            };
+            if code == vk::Result::ERROR_INCOMPATIBLE_DRIVER {
+                unavailable(format!(
+                    "no Vulkan driver found ({e}); check VK_DRIVER_FILES"
+                ))
+            } else {
+                unavailable(e)
+            }
         })?;
         let mut guard = InstanceGuard {
             instance: Some(instance),
