@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 ROOT=$(pwd)
 PREFIX=$(mktemp -d /tmp/vkroot.XXXXXX)
 S="$OUT/summary.txt"
-say() { echo "== $*" | tee -a "$S"; }
+say() { echo "== $*" >> "$S"; }
 
 { uname -a; ldd --version 2>&1 | head -1; nvidia-smi -L 2>&1; ls -l /usr/local/nvidia/share/vulkan/icd.d/ 2>&1; } > "$OUT/machine.txt"
 
@@ -74,6 +74,6 @@ if [ "${IMMEDIATE:-0}" = 1 ]; then
   step repro-immediate 60 .vkbin/inflight repro --backend vulkan --policy immediate \
     --allocations 20000 -q
 fi
-grep -h -E "^vulkan:|^(submissions|buffers allocated|violations|corrupted|seconds|allocations/s) |test result" \
-  "$OUT"/*.log >> "$S" 2>/dev/null
+(cd "$OUT" && grep -H -E "^vulkan:|^(submissions|buffers allocated|violations|corrupted|seconds|allocations/s) |test result|panicked" \
+  ./*.log) >> "$S" 2>/dev/null
 cat "$S"
