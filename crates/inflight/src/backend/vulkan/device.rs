@@ -57,8 +57,8 @@ pub(crate) struct DeviceShared {
     _entry: ash::Entry,
     instance: ash::Instance,
     messenger: Option<(ash::ext::debug_utils::Instance, vk::DebugUtilsMessengerEXT)>,
-    /// The layer's score; boxed so its address (the callback's user data)
-    /// never moves.
+    /// The layer's score; behind an `Arc` so its address (the callback's
+    /// user data) never moves while the messenger and instance live.
     pub log: Arc<ValidationLog>,
     pub validation: bool,
     pub device: ash::Device,

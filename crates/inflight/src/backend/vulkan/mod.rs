@@ -412,10 +412,11 @@ impl VulkanBuffer {
 
 impl Drop for VulkanBuffer {
     fn drop(&mut self) {
-        // SAFETY: a raw buffer is dropped only through `Backend::release`,
-        // whose caller guarantees no pending submission uses it (the
-        // `Immediate` policy breaks that on purpose: see its docs), or when
-        // its creation's owner is torn down unused.
+        // SAFETY: the allocator drops a raw buffer only through
+        // `Backend::release`, whose caller guarantees no pending submission
+        // uses it (the `Immediate` policy breaks that on purpose: see its
+        // docs); buffers it cannot prove idle at teardown are leaked with
+        // `mem::forget`, so this never runs for them.
         unsafe { raw::destroy_buffer(&self.dev.device, self.buffer, self.memory) };
         self.dev.live_allocations.fetch_sub(1, Ordering::AcqRel);
         self.dev.live_bytes.fetch_sub(self.size, Ordering::AcqRel);

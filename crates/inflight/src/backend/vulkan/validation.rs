@@ -137,13 +137,13 @@ unsafe extern "system" fn on_message(
         let log = unsafe { &*(user_data as *const ValidationLog) };
         // SAFETY: by (2), `data` is valid for the duration of the call.
         let data = unsafe { &*data };
-        // SAFETY: by (2), each non-null string is NUL-terminated.
         let text = |p: *const std::ffi::c_char| {
             if p.is_null() {
-                String::new()
-            } else {
-                unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+                return String::new();
             }
+            // SAFETY: by (2), a non-null string is NUL-terminated and lives
+            // for the duration of the call.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
         };
         let sev = if severity.contains(vk::DebugUtilsMessageSeverityFlagsEXT::ERROR) {
             "ERROR"
