@@ -17,6 +17,11 @@ pub enum BackendName {
     /// so hazards show as corrupted checksums.
     #[cfg(feature = "cuda")]
     Cuda,
+    /// Vulkan (lavapipe without a GPU): the Khronos validation layer when
+    /// installed (`INFLIGHT_VULKAN_VALIDATION=0` turns it off, `=1` requires
+    /// it); `INFLIGHT_VULKAN_DEVICE` chooses the device.
+    #[cfg(feature = "vulkan")]
+    Vulkan,
 }
 
 /// CUDA has no validation layer the harness can read: a reuse in flight shows
@@ -70,6 +75,21 @@ impl Validator for SimGpu {
     }
 }
 
+#[cfg(feature = "vulkan")]
+impl Validator for inflight::backend::vulkan::VulkanGpu {
+    /// Every error and warning the Khronos layer sent our messenger.
+    fn violations(&self) -> u64 {
+        inflight::backend::vulkan::VulkanGpu::violations(self) + self.warnings()
+    }
+
+    fn messages(&self) -> Vec<String> {
+        self.violation_log()
+            .into_iter()
+            .map(|m| format!("{}: {}", m.severity, m.text))
+            .collect()
+    }
+}
+
 /// Builds the named backend and runs `job` on it.
 pub fn with_backend<J: BackendJob>(
     name: BackendName,
@@ -94,6 +114,30 @@ pub fn with_backend<J: BackendJob>(
             use inflight::backend::cuda::{CudaConfig, CudaGpu};
             let gpu = CudaGpu::new(CudaConfig::default())?;
             job.run(gpu, &NoValidation)
+        }
+        #[cfg(feature = "vulkan")]
+        BackendName::Vulkan => {
+            use inflight::backend::vulkan::{ValidationRequest, VulkanConfig, VulkanGpu};
+            let explicit = std::env::var_os(inflight::backend::vulkan::VALIDATION_ENV).is_some();
+            let gpu = VulkanGpu::new(VulkanConfig {
+                // The environment variable decides when set; else the layer
+                // is used when installed.
+                validation: (!explicit).then_some(ValidationRequest::IfAvailable),
+                // Each error goes to stderr at once: lavapipe may crash right
+                // after a release in flight, before the report is printed.
+                echo_errors: true,
+                ..VulkanConfig::default()
+            })?;
+            eprintln!(
+                "vulkan: {}, validation layer {}",
+                inflight::Backend::info(&gpu).name,
+                if gpu.validation_enabled() {
+                    "on"
+                } else {
+                    "OFF"
+                }
+            );
+            job.run(gpu.clone(), &gpu)
         }
     }
 }

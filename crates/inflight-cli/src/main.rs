@@ -79,9 +79,10 @@ struct ReproArgs {
     /// Cache limit: small, so trimming fires constantly.
     #[arg(long, value_parser = parse_bytes, default_value = "256MiB")]
     cache_limit: u64,
-    /// Memory limit.
-    #[arg(long, value_parser = parse_bytes, default_value = "4GiB")]
-    memory_limit: u64,
+    /// Memory limit [default: 4 GiB, capped at 3/4 of the device's memory
+    /// (lavapipe has a 2 GiB heap)].
+    #[arg(long, value_parser = parse_bytes)]
+    memory_limit: Option<u64>,
     /// Smallest buffer.
     #[arg(long, value_parser = parse_bytes, default_value = "4KiB")]
     min_size: u64,
@@ -169,7 +170,8 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
         max_size: a.max_size,
         window: a.window,
         cache_limit: a.cache_limit,
-        memory_limit: a.memory_limit,
+        memory_limit: a.memory_limit.unwrap_or(Workload::default().memory_limit),
+        cap_memory_to_device: a.memory_limit.is_none(),
         seed: a.seed,
         ..Workload::default()
     };
@@ -232,7 +234,7 @@ fn print_table(reports: &[Report], w: &Workload) {
         fmt_bytes(w.min_size),
         fmt_bytes(w.max_size),
         fmt_bytes(w.cache_limit),
-        fmt_bytes(w.memory_limit),
+        fmt_bytes(first.memory_limit),
         w.seed
     );
     let secs = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.2} s"));

@@ -53,6 +53,9 @@ pub struct Workload {
     pub cache_limit: u64,
     /// Memory limit, bytes.
     pub memory_limit: u64,
+    /// Lower `memory_limit` to 3/4 of the device's memory when above it
+    /// (set when the limit was not given explicitly).
+    pub cap_memory_to_device: bool,
     /// Seed of every random choice.
     pub seed: u64,
 }
@@ -72,6 +75,7 @@ impl Default for Workload {
             max_in_flight: 8,
             cache_limit: 256 << 20,
             memory_limit: 4 << 30,
+            cap_memory_to_device: true,
             seed: 1,
         }
     }
@@ -83,6 +87,7 @@ pub struct Report {
     pub policy: PolicyKind,
     pub backend: String,
     pub device: String,
+    pub memory_limit: u64,
     pub threads: usize,
     pub queues: usize,
     pub rounds: u64,
@@ -156,11 +161,17 @@ pub fn run<B: Backend>(
     live: &Arc<Live>,
     on_tick: &mut dyn FnMut(&Live, &Allocator<B>, u64),
 ) -> anyhow::Result<Report> {
+    let capacity = backend.info().memory_capacity;
+    let memory_limit = if w.cap_memory_to_device {
+        w.memory_limit.min(capacity / 4 * 3)
+    } else {
+        w.memory_limit
+    };
     let config = Config {
         policy,
-        memory_limit: Some(w.memory_limit),
-        cache_limit: Some(w.cache_limit.min(w.memory_limit)),
-        gc_limit: Some(w.memory_limit / 20 * 19),
+        memory_limit: Some(memory_limit),
+        cache_limit: Some(w.cache_limit.min(memory_limit)),
+        gc_limit: Some(memory_limit / 20 * 19),
         ..Config::default()
     };
     let alloc = Allocator::new(backend, config)?;
@@ -235,6 +246,7 @@ pub fn run<B: Backend>(
         policy: policy.kind(),
         backend: info.backend.to_string(),
         device: info.name,
+        memory_limit,
         threads: w.threads,
         queues: w.queues,
         rounds,

@@ -29,6 +29,8 @@ pub mod cuda;
 pub mod manual;
 #[cfg(feature = "sim")]
 pub mod sim;
+#[cfg(feature = "vulkan")]
+pub mod vulkan;
 
 use std::fmt;
 use std::time::Duration;

@@ -1,0 +1,13 @@
+// add: out[i] = a[i] + b[i] (wrapping) for every word of the chunk.
+@group(0) @binding(0) var<storage, read> a: array<u32>;
+@group(0) @binding(1) var<storage, read> b: array<u32>;
+@group(0) @binding(2) var<storage, read_write> out: array<u32>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>,
+        @builtin(num_workgroups) groups: vec3<u32>) {
+    let stride = groups.x * WORKGROUP;
+    for (var i = gid.x; i < p.count; i += stride) {
+        out[p.off2 + i] = a[p.off0 + i] + b[p.off1 + i];
+    }
+}
