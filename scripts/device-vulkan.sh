@@ -10,7 +10,12 @@
 #   cp "$(ls -t target/release/deps/vulkan_conformance-* | grep -v '\.d$' | head -1)" .vkbin/vulkan_conformance
 #   strip .vkbin/*
 #   mkdir -p .vkdebs && (cd .vkdebs && apt-get download libvulkan1:amd64 \
-#     vulkan-validationlayers:amd64 libstdc++6:amd64 libgcc-s1:amd64)
+#     vulkan-validationlayers:amd64 libstdc++6:amd64 libgcc-s1:amd64 \
+#     libglvnd0:amd64 libglx0:amd64 libegl1:amd64 libgl1:amd64 libopengl0:amd64)
+# The glvnd packages matter: NVIDIA's ICD is libGLX_nvidia.so.0, which needs
+# libGLdispatch; without it the loader says "Could not get 'vkCreateInstance'
+# via 'vk_icdGetInstanceProcAddr' for ICD libGLX_nvidia.so.0" (seen on the
+# H100 machine, 2026-11-26).
 # Device call: run(command="bash scripts/device-vulkan.sh", carry=[".vkbin", ".vkdebs"])
 #
 # The .debs are unpacked with `dpkg -x` (else `ar` + tar) into a prefix under
@@ -45,6 +50,7 @@ LIB=$PREFIX/usr/lib/x86_64-linux-gnu
 export LD_LIBRARY_PATH="$LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export VK_DRIVER_FILES=${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json}
 export VK_ICD_FILENAMES=$VK_DRIVER_FILES
+export __EGL_VENDOR_LIBRARY_FILENAMES=${__EGL_VENDOR_LIBRARY_FILENAMES:-/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json}
 export VK_ADD_LAYER_PATH=$PREFIX/usr/share/vulkan/explicit_layer.d
 LAYER=$LIB/libVkLayer_khronos_validation.so
 ldd "$LAYER" > "$OUT/layer-ldd.txt" 2>&1
