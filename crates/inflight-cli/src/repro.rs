@@ -24,6 +24,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::model::UniformChecksums;
+use crate::trace::Recorder;
 
 /// What one run does.
 #[derive(Clone, Debug)]
@@ -154,6 +155,7 @@ pub fn run<B: Backend>(
     policy: Policy,
     w: &Workload,
     live: &Arc<Live>,
+    recorder: Option<&Recorder>,
     on_tick: &mut dyn FnMut(&Live, &Allocator<B>, u64),
 ) -> anyhow::Result<Report> {
     let config = Config {
@@ -188,6 +190,7 @@ pub fn run<B: Backend>(
                     &live,
                     start,
                     first_corruption,
+                    recorder,
                 ) {
                     errors.lock().push(format!("thread {t}: {e}"));
                     live.stop.store(true, Ordering::Release);
@@ -288,9 +291,11 @@ fn request_loop<B: Backend>(
     live: &Live,
     start: Instant,
     first_corruption: &AtomicU64,
+    recorder: Option<&Recorder>,
 ) -> anyhow::Result<()> {
-    let home = &queues[t % queues.len()];
-    let other = &queues[(t + 1) % queues.len()];
+    let (home_idx, other_idx) = (t % queues.len(), (t + 1) % queues.len());
+    let (home, other) = (&queues[home_idx], &queues[other_idx]);
+    let mut ids: Vec<u64> = Vec::new();
     let groups = (w.buffers_per_round / 4).max(1);
     let mut in_flight: VecDeque<InFlight<B>> = VecDeque::new();
     let mut model = UniformChecksums::default();
@@ -298,10 +303,21 @@ fn request_loop<B: Backend>(
     while !live.stop.load(Ordering::Acquire) {
         // Every fourth round, the work goes to the next queue with buffers
         // allocated for this thread's own: a cross-queue use.
-        let q = if round % 4 == 3 { other } else { home };
+        let (q, q_idx) = if round % 4 == 3 {
+            (other, other_idx)
+        } else {
+            (home, home_idx)
+        };
         let mut bufs: Vec<Buffer<B>> = Vec::with_capacity(groups * 4);
+        ids.clear();
         for _ in 0..groups * 4 {
-            bufs.push(alloc.malloc(draw_size(rng, w), home)?);
+            let size = draw_size(rng, w);
+            bufs.push(alloc.malloc(size, home)?);
+            if let Some(rec) = recorder {
+                let id = rec.next_id();
+                rec.alloc(id, size, home_idx);
+                ids.push(id);
+            }
         }
         live.allocations
             .fetch_add(bufs.len() as u64, Ordering::Relaxed);
@@ -330,6 +346,12 @@ fn request_loop<B: Backend>(
         }
         let ticket = cb.commit()?;
         live.submissions.fetch_add(1, Ordering::Relaxed);
+        if let Some(rec) = recorder {
+            // Each buffer is bound once; uses and commit go in under one
+            // lock, so the trace's submission is this one.
+            rec.use_all_and_commit(&ids, q_idx);
+            rec.free_all(&ids);
+        }
         drop(bufs); // the async-eval pattern: handles go while the GPU works
         in_flight.push_back(InFlight { ticket, expect });
         while in_flight.len() > w.max_in_flight {
