@@ -142,6 +142,11 @@ struct ReplayArgs {
     /// Cache limit (default: the memory limit).
     #[arg(long, value_parser = parse_bytes)]
     cache_limit: Option<u64>,
+    /// Submissions a stream may have in flight before replay waits for its
+    /// oldest, as a runtime that reads results does; 0 for no limit (the
+    /// host then runs as far ahead of the GPU as memory allows).
+    #[arg(long, default_value_t = 16)]
+    max_in_flight: usize,
     /// Simulated GPU only: back buffers with host memory and perform every
     /// operation, instead of accounting sizes only.
     #[arg(long)]
@@ -355,6 +360,7 @@ fn replay_command(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         memory_limit: a.memory_limit,
         cache_limit: a.cache_limit,
         sim_cost,
+        max_in_flight: a.max_in_flight,
         drain_timeout: Duration::from_secs(600),
     };
     let mut reports = Vec::new();
@@ -389,7 +395,7 @@ type ReplayCell = Box<dyn Fn(&ReplayReport) -> String>;
 fn print_replay_table(reports: &[ReplayReport], a: &ReplayArgs, trace: &Trace) {
     let Some(first) = reports.first() else { return };
     println!(
-        "inflight replay of {} on {} ({}): {} events, {} streams, {}; memory limit {}, cache limit {}",
+        "inflight replay of {} on {} ({}): {} events, {} streams, {}; memory limit {}, cache limit {}, max in flight {}",
         a.file.display(),
         first.backend,
         first.device,
@@ -402,6 +408,11 @@ fn print_replay_table(reports: &[ReplayReport], a: &ReplayArgs, trace: &Trace) {
         },
         fmt_bytes(a.memory_limit),
         a.cache_limit.map_or("= memory limit".to_string(), fmt_bytes),
+        if a.max_in_flight == 0 {
+            "unlimited".to_string()
+        } else {
+            format!("{} per stream", a.max_in_flight)
+        },
     );
     let rows: Vec<(&str, ReplayCell)> = vec![
         ("events", Box::new(|r| r.events.to_string())),
@@ -432,6 +443,10 @@ fn print_replay_table(reports: &[ReplayReport], a: &ReplayArgs, trace: &Trace) {
         ),
         ("deferred frees", Box::new(|r| r.deferred_frees.to_string())),
         ("pressure waits", Box::new(|r| r.waits.to_string())),
+        (
+            "in-flight waits",
+            Box::new(|r| r.in_flight_waits.to_string()),
+        ),
         ("violations", Box::new(|r| r.violations.to_string())),
         (
             "statistics balance",

@@ -10,10 +10,11 @@
 //! submission with fills over its largest bound buffer until its simulated
 //! cost reaches that time.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use inflight::backend::{Backend, Span};
-use inflight::{Allocator, Buffer, CommandBuffer, Config, Policy, PolicyKind, Queue};
+use inflight::{Allocator, Buffer, CommandBuffer, Config, Policy, PolicyKind, Queue, Ticket};
 use serde::Serialize;
 
 use crate::repro::Validator;
@@ -42,7 +43,10 @@ pub struct ReplaySettings {
     pub cache_limit: Option<u64>,
     /// The simulated GPU's costs, where the backend is the simulated GPU.
     pub sim_cost: Option<SimCost>,
-    /// How long to wait for the queues to drain at the end.
+    /// Submissions a stream may have in flight before replay waits for
+    /// its oldest (as a runtime waits for results); 0: no limit.
+    pub max_in_flight: usize,
+    /// How long to wait for a submission, or the queues at the end.
     pub drain_timeout: Duration,
 }
 
@@ -64,6 +68,9 @@ pub struct ReplayReport {
     pub implicit_submissions: bool,
     /// Padding fills added to honour `gpu_us`.
     pub padding_ops: u64,
+    /// Times replay waited for a stream's oldest submission
+    /// (`--max-in-flight`).
+    pub in_flight_waits: u64,
     /// Wall time from the first event until every queue was idle.
     pub seconds: f64,
     pub events_per_second: f64,
@@ -106,6 +113,8 @@ struct Replayer<'a, B: Backend> {
     max_op_span: u64,
     submissions: u64,
     padding_ops: u64,
+    in_flight: Vec<VecDeque<Ticket<B>>>,
+    in_flight_waits: u64,
 }
 
 impl<B: Backend> Replayer<'_, B> {
@@ -159,8 +168,26 @@ impl<B: Backend> Replayer<'_, B> {
             self.padding_ops += u64::from(n);
         }
         drop(open.largest);
-        open.cb.commit()?;
+        let ticket = open.cb.commit()?;
         self.submissions += 1;
+        let max = self.settings.max_in_flight;
+        if max > 0 {
+            let q = &mut self.in_flight[stream];
+            q.push_back(ticket);
+            while q.len() > max {
+                let oldest = q.pop_front().expect("non-empty");
+                if !oldest.is_complete()? {
+                    self.in_flight_waits += 1;
+                    if !oldest.wait(self.settings.drain_timeout)? {
+                        anyhow::bail!(
+                            "submission {} did not complete within {:?}",
+                            oldest.value(),
+                            self.settings.drain_timeout
+                        );
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -201,6 +228,8 @@ pub fn run<B: Backend>(
         max_op_span: info.max_op_span,
         submissions: 0,
         padding_ops: 0,
+        in_flight: (0..queues.len()).map(|_| VecDeque::new()).collect(),
+        in_flight_waits: 0,
     };
     let mut live: Vec<Option<Buffer<B>>> = (0..trace.slots).map(|_| None).collect();
     let implicit = !trace.explicit_submissions;
@@ -238,7 +267,8 @@ pub fn run<B: Backend>(
         result.map_err(|e| e.context(format!("replaying line {line}")))?;
     }
     r.commit_all()?;
-    let (submissions, padding_ops) = (r.submissions, r.padding_ops);
+    let (submissions, padding_ops, in_flight_waits) =
+        (r.submissions, r.padding_ops, r.in_flight_waits);
     drop(r);
     drop(live);
     for (s, q) in queues.iter().enumerate() {
@@ -273,6 +303,7 @@ pub fn run<B: Backend>(
         submissions,
         implicit_submissions: implicit,
         padding_ops,
+        in_flight_waits,
         seconds,
         events_per_second: events as f64 / seconds.max(1e-9),
         peak_live_bytes: trace.peak_live_bytes,
