@@ -309,15 +309,14 @@ fn request_loop<B: Backend>(
             (home, home_idx)
         };
         let mut bufs: Vec<Buffer<B>> = Vec::with_capacity(groups * 4);
-        ids.clear();
         for _ in 0..groups * 4 {
-            let size = draw_size(rng, w);
-            bufs.push(alloc.malloc(size, home)?);
-            if let Some(rec) = recorder {
-                let id = rec.next_id();
-                rec.alloc(id, size, home_idx);
-                ids.push(id);
-            }
+            bufs.push(alloc.malloc(draw_size(rng, w), home)?);
+        }
+        if let Some(rec) = recorder {
+            // The round's allocs under one lock: fewer lock round trips.
+            ids.clear();
+            ids.extend(bufs.iter().map(|_| rec.next_id()));
+            rec.alloc_all(&ids, bufs.iter().map(|b| b.len()), home_idx);
         }
         live.allocations
             .fetch_add(bufs.len() as u64, Ordering::Relaxed);

@@ -301,60 +301,52 @@ impl Recorder {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn write(&self, f: impl FnOnce(&mut BufWriter<File>, u64) -> io::Result<()>) {
+    /// Runs `f` on the file under the lock, with `t` now; `f` returns the
+    /// events it wrote. The first write error is kept and stops recording.
+    fn batch(&self, f: impl FnOnce(&mut BufWriter<File>, u64) -> io::Result<u64>) {
         let mut s = self.out.lock();
         if s.error.is_some() {
             return;
         }
         let t = self.start.elapsed().as_micros() as u64;
         match f(&mut s.w, t) {
-            Ok(()) => s.events += 1,
+            Ok(n) => s.events += n,
             Err(e) => s.error = Some(e),
         }
     }
 
-    pub fn alloc(&self, id: u64, bytes: u64, stream: usize) {
-        self.write(|w, t| {
-            writeln!(
-                w,
-                r#"{{"ev":"alloc","id":{id},"bytes":{bytes},"stream":{stream},"t":{t}}}"#
-            )
+    /// `alloc` of each id with its size on `stream`, under one lock.
+    pub fn alloc_all(&self, ids: &[u64], sizes: impl Iterator<Item = u64>, stream: usize) {
+        self.batch(|w, t| {
+            for (id, bytes) in ids.iter().zip(sizes) {
+                writeln!(
+                    w,
+                    r#"{{"ev":"alloc","id":{id},"bytes":{bytes},"stream":{stream},"t":{t}}}"#
+                )?;
+            }
+            Ok(ids.len() as u64)
         });
     }
 
-    /// Several frees at once, under one lock.
+    /// `free` of each id, under one lock.
     pub fn free_all(&self, ids: &[u64]) {
-        let mut s = self.out.lock();
-        if s.error.is_some() {
-            return;
-        }
-        let t = self.start.elapsed().as_micros() as u64;
-        for id in ids {
-            if let Err(e) = writeln!(s.w, r#"{{"ev":"free","id":{id},"t":{t}}}"#) {
-                s.error = Some(e);
-                return;
+        self.batch(|w, t| {
+            for id in ids {
+                writeln!(w, r#"{{"ev":"free","id":{id},"t":{t}}}"#)?;
             }
-            s.events += 1;
-        }
+            Ok(ids.len() as u64)
+        });
     }
 
     /// `use` of each id on `stream`, then `commit` of `stream`, under one lock.
     pub fn use_all_and_commit(&self, ids: &[u64], stream: usize) {
-        let mut s = self.out.lock();
-        if s.error.is_some() {
-            return;
-        }
-        let t = self.start.elapsed().as_micros() as u64;
-        for id in ids {
-            if let Err(e) = writeln!(s.w, r#"{{"ev":"use","id":{id},"stream":{stream},"t":{t}}}"#) {
-                s.error = Some(e);
-                return;
+        self.batch(|w, t| {
+            for id in ids {
+                writeln!(w, r#"{{"ev":"use","id":{id},"stream":{stream},"t":{t}}}"#)?;
             }
-        }
-        match writeln!(s.w, r#"{{"ev":"commit","stream":{stream},"t":{t}}}"#) {
-            Ok(()) => s.events += ids.len() as u64 + 1,
-            Err(e) => s.error = Some(e),
-        }
+            writeln!(w, r#"{{"ev":"commit","stream":{stream},"t":{t}}}"#)?;
+            Ok(ids.len() as u64 + 1)
+        });
     }
 
     /// Flushes the file; returns the number of events written.
