@@ -4,7 +4,7 @@
 //! generic over [`inflight::Backend`].
 
 use inflight::backend::sim::validation::ValidationMode;
-use inflight::backend::sim::{SimConfig, SimGpu};
+use inflight::backend::sim::{Backing, SimConfig, SimGpu};
 
 use crate::repro::Validator;
 
@@ -42,10 +42,50 @@ impl Validator for NoValidation {
 }
 
 /// Backend options the commands share.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct BackendOptions {
     pub seed: u64,
     pub abort_on_violation: bool,
+    /// Settings only the simulated GPU reads.
+    pub sim: SimOptions,
+}
+
+/// Changes to the simulated GPU's defaults.
+#[derive(Clone, Debug, Default)]
+pub struct SimOptions {
+    /// No host memory behind buffers: sizes accounted, uses validated.
+    pub accounting: bool,
+    /// Device memory (and the largest buffer), if not the default.
+    pub memory_capacity: Option<u64>,
+    /// Jitter of simulated costs, if not the default.
+    pub jitter: Option<f64>,
+}
+
+/// The simulated GPU's settings for these options.
+pub fn sim_config(opts: &BackendOptions) -> SimConfig {
+    let d = SimConfig::default();
+    let capacity = opts.sim.memory_capacity.unwrap_or(d.memory_capacity);
+    SimConfig {
+        seed: opts.seed,
+        validation: if opts.abort_on_violation {
+            ValidationMode::Abort
+        } else {
+            ValidationMode::Record
+        },
+        backing: if opts.sim.accounting {
+            Backing::Accounting
+        } else {
+            Backing::Host
+        },
+        memory_capacity: capacity,
+        max_buffer_size: if opts.sim.memory_capacity.is_some() {
+            capacity
+        } else {
+            d.max_buffer_size
+        },
+        jitter: opts.sim.jitter.unwrap_or(d.jitter),
+        ..d
+    }
 }
 
 /// Something to do with a freshly built backend, whatever its type.
@@ -98,15 +138,7 @@ pub fn with_backend<J: BackendJob>(
 ) -> anyhow::Result<J::Output> {
     match name {
         BackendName::Sim => {
-            let gpu = SimGpu::new(SimConfig {
-                seed: opts.seed,
-                validation: if opts.abort_on_violation {
-                    ValidationMode::Abort
-                } else {
-                    ValidationMode::Record
-                },
-                ..SimConfig::default()
-            });
+            let gpu = SimGpu::new(sim_config(opts));
             job.run(gpu.clone(), &gpu)
         }
         #[cfg(feature = "cuda")]

@@ -1,7 +1,9 @@
 //! The `inflight` command-line tool.
 //!
 //! - `repro`: the MLX incident as a harness, per release policy
-//!   ([`repro`]), on any backend ([`backends`]).
+//!   ([`repro`]), on any backend ([`backends`]); `--record` writes its
+//!   allocation events as a trace ([`trace`]).
+//! - `replay`: a trace through the allocator, per policy ([`replay`]).
 //!
 //! Exit codes: 0 success; 1 a safe policy (`deferred`, `retained`) showed a
 //! violation or a corrupted checksum; 2 bad arguments or a failed run.
@@ -9,9 +11,12 @@
 mod backends;
 mod model;
 mod progress;
+mod replay;
 mod repro;
+mod trace;
 mod units;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,9 +24,13 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use inflight::{Allocator, Backend, Policy, PolicyKind};
 
-use crate::backends::{with_backend, BackendJob, BackendName, BackendOptions};
+use crate::backends::{
+    sim_config, with_backend, BackendJob, BackendName, BackendOptions, SimOptions,
+};
 use crate::progress::{Goal, Progress};
+use crate::replay::{ReplayReport, ReplaySettings, SimCost};
 use crate::repro::{Live, Report, Validator, Workload};
+use crate::trace::{Recorder, Trace};
 use crate::units::{fmt_bytes, parse_bytes, parse_duration};
 
 #[derive(Parser)]
@@ -40,6 +49,9 @@ enum Command {
     /// Reproduce the MLX incident: sustained allocation with cache trimming
     /// while command buffers are in flight, under each release policy.
     Repro(ReproArgs),
+    /// Replay an allocation trace (JSON Lines, see docs/TRACE.md) under each
+    /// release policy and report throughput, peak memory and cache behaviour.
+    Replay(ReplayArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -104,12 +116,55 @@ struct ReproArgs {
     /// No progress display.
     #[arg(long, short)]
     quiet: bool,
+    /// Write the run's allocation events (alloc, use, commit, free) to this
+    /// file as a trace (docs/TRACE.md); one policy only.
+    #[arg(long, value_name = "FILE")]
+    record: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    /// The trace: JSON Lines, one event per line (docs/TRACE.md).
+    file: PathBuf,
+    /// The GPU backend.
+    #[arg(long, value_enum, default_value_t = BackendName::Sim)]
+    backend: BackendName,
+    /// The release policy, or `all` for the three side by side.
+    #[arg(long, value_enum, default_value_t = PolicyArg::All)]
+    policy: PolicyArg,
+    /// Without use/commit events in the trace: bind each buffer to its
+    /// stream's open submission at allocation and commit every stream's
+    /// open submission after this many events.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    commit_every: u64,
+    /// Memory limit of the allocator (and, on the simulated GPU, its memory).
+    #[arg(long, value_parser = parse_bytes, default_value = "64GiB")]
+    memory_limit: u64,
+    /// Cache limit (default: the memory limit).
+    #[arg(long, value_parser = parse_bytes)]
+    cache_limit: Option<u64>,
+    /// Submissions a stream may have in flight before replay waits for its
+    /// oldest, as a runtime that reads results does; 0 for no limit (the
+    /// host then runs as far ahead of the GPU as memory allows).
+    #[arg(long, default_value_t = 16)]
+    max_in_flight: usize,
+    /// Simulated GPU only: back buffers with host memory and perform every
+    /// operation, instead of accounting sizes only.
+    #[arg(long)]
+    host_backing: bool,
+    /// Seed of the simulated GPU.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print one JSON object per policy instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Repro(args) => repro_command(args),
+        Command::Replay(args) => replay_command(args),
     };
     match result {
         Ok(code) => code,
@@ -124,6 +179,7 @@ struct ReproJob<'a> {
     policy: Policy,
     workload: &'a Workload,
     quiet: bool,
+    recorder: Option<&'a Recorder>,
 }
 
 impl BackendJob for ReproJob<'_> {
@@ -140,7 +196,15 @@ impl BackendJob for ReproJob<'_> {
         let mut tick = |live: &Live, alloc: &Allocator<B>, violations: u64| {
             progress.update(live, &alloc.stats(), violations)
         };
-        let report = repro::run(backend, validator, self.policy, w, &live, &mut tick);
+        let report = repro::run(
+            backend,
+            validator,
+            self.policy,
+            w,
+            &live,
+            self.recorder,
+            &mut tick,
+        );
         progress.finish();
         report
     }
@@ -175,22 +239,29 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
         seed: a.seed,
         ..Workload::default()
     };
-    let policies: Vec<Policy> = match a.policy {
-        PolicyArg::Deferred => vec![Policy::DEFERRED],
-        PolicyArg::Retained => vec![Policy::RETAINED],
-        // SAFETY: `Policy::immediate`'s contract (1): releasing in flight is
-        // the defect this harness exists to show; on the simulated GPU it is
-        // caught by the validation layer, and other backends run it only
-        // where their validation layer or a child process contains it.
-        PolicyArg::Immediate => vec![unsafe { Policy::immediate() }],
-        // SAFETY: as above.
-        PolicyArg::All => vec![Policy::DEFERRED, Policy::RETAINED, unsafe {
-            Policy::immediate()
-        }],
+    if a.record.is_some() && a.policy == PolicyArg::All {
+        anyhow::bail!("--record writes one run: name one --policy");
+    }
+    let policies = policies(a.policy);
+    let recorder = match &a.record {
+        Some(path) => Some(Recorder::create(
+            path,
+            &format!(
+                r#""source":"inflight repro","policy":"{}","threads":{},"queues":{},"cache_limit":{},"memory_limit":{},"seed":{}"#,
+                policies[0],
+                workload.threads,
+                workload.queues,
+                workload.cache_limit,
+                workload.memory_limit,
+                workload.seed
+            ),
+        )?),
+        None => None,
     };
     let opts = BackendOptions {
         seed: a.seed,
         abort_on_violation: a.abort_on_violation,
+        ..BackendOptions::default()
     };
     let mut reports = Vec::new();
     for policy in policies {
@@ -198,12 +269,19 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
             policy,
             workload: &workload,
             quiet: a.quiet || a.json,
+            recorder: recorder.as_ref(),
         };
         let report = with_backend(a.backend, &opts, job)?;
         if a.json {
             println!("{}", serde_json::to_string(&report)?);
         }
         reports.push(report);
+    }
+    if let (Some(rec), Some(path)) = (&recorder, &a.record) {
+        let events = rec.finish()?;
+        if !a.json {
+            eprintln!("inflight: recorded {events} events to {}", path.display());
+        }
     }
     if !a.json {
         print_table(&reports, &workload);
@@ -217,6 +295,183 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn policies(p: PolicyArg) -> Vec<Policy> {
+    match p {
+        PolicyArg::Deferred => vec![Policy::DEFERRED],
+        PolicyArg::Retained => vec![Policy::RETAINED],
+        // SAFETY: `Policy::immediate`'s contract (1): releasing in flight is
+        // the defect this harness exists to show; on the simulated GPU it is
+        // caught by the validation layer, and other backends run it only
+        // where their validation layer or a child process contains it.
+        PolicyArg::Immediate => vec![unsafe { Policy::immediate() }],
+        // SAFETY: as above.
+        PolicyArg::All => vec![Policy::DEFERRED, Policy::RETAINED, unsafe {
+            Policy::immediate()
+        }],
+    }
+}
+
+struct ReplayJob<'a> {
+    policy: Policy,
+    trace: &'a Trace,
+    settings: &'a ReplaySettings,
+}
+
+impl BackendJob for ReplayJob<'_> {
+    type Output = ReplayReport;
+
+    fn run<B: Backend>(
+        self,
+        backend: B,
+        validator: &dyn Validator,
+    ) -> anyhow::Result<ReplayReport> {
+        replay::run(backend, validator, self.policy, self.trace, self.settings)
+    }
+}
+
+fn replay_command(a: ReplayArgs) -> anyhow::Result<ExitCode> {
+    if let Some(c) = a.cache_limit {
+        if c > a.memory_limit {
+            anyhow::bail!("--cache-limit must be at most --memory-limit");
+        }
+    }
+    let trace = trace::load(&a.file)?;
+    let opts = BackendOptions {
+        seed: a.seed,
+        abort_on_violation: false,
+        sim: SimOptions {
+            accounting: !a.host_backing,
+            // Room for the limit, with a little over for rounding.
+            memory_capacity: Some(a.memory_limit.saturating_add(a.memory_limit / 16)),
+            // Deterministic pacing: a commit's gpu_us is its simulated time.
+            jitter: Some(0.0),
+        },
+    };
+    let sim_cost = (a.backend == BackendName::Sim).then(|| {
+        let c = sim_config(&opts);
+        SimCost {
+            op_ns: c.op_cost.as_nanos() as f64,
+            ns_per_kib: c.ns_per_kib,
+            submit_ns: c.submit_cost.as_nanos() as f64,
+        }
+    });
+    let settings = ReplaySettings {
+        commit_every: a.commit_every,
+        memory_limit: a.memory_limit,
+        cache_limit: a.cache_limit,
+        sim_cost,
+        max_in_flight: a.max_in_flight,
+        drain_timeout: Duration::from_secs(600),
+    };
+    let mut reports = Vec::new();
+    for policy in policies(a.policy) {
+        let job = ReplayJob {
+            policy,
+            trace: &trace,
+            settings: &settings,
+        };
+        let report = with_backend(a.backend, &opts, job)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        reports.push(report);
+    }
+    if !a.json {
+        print_replay_table(&reports, &a, &trace);
+    }
+    let unsafe_result = reports
+        .iter()
+        .any(|r| r.policy != PolicyKind::Immediate && r.violations > 0);
+    Ok(if unsafe_result {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// One cell of the replay table.
+type ReplayCell = Box<dyn Fn(&ReplayReport) -> String>;
+
+fn print_replay_table(reports: &[ReplayReport], a: &ReplayArgs, trace: &Trace) {
+    let Some(first) = reports.first() else { return };
+    println!(
+        "inflight replay of {} on {} ({}): {} events, {} streams, {}; memory limit {}, cache limit {}, max in flight {}",
+        a.file.display(),
+        first.backend,
+        first.device,
+        trace.events.len(),
+        trace.streams.len(),
+        if first.implicit_submissions {
+            format!("no use/commit events: bound at allocation, committed every {} events", a.commit_every)
+        } else {
+            "submissions as in the trace".to_string()
+        },
+        fmt_bytes(a.memory_limit),
+        a.cache_limit.map_or("= memory limit".to_string(), fmt_bytes),
+        if a.max_in_flight == 0 {
+            "unlimited".to_string()
+        } else {
+            format!("{} per stream", a.max_in_flight)
+        },
+    );
+    let rows: Vec<(&str, ReplayCell)> = vec![
+        ("events", Box::new(|r| r.events.to_string())),
+        ("submissions", Box::new(|r| r.submissions.to_string())),
+        ("seconds", Box::new(|r| format!("{:.2}", r.seconds))),
+        (
+            "events/s",
+            Box::new(|r| format!("{:.0}", r.events_per_second)),
+        ),
+        ("peak live", Box::new(|r| fmt_bytes(r.peak_live_bytes))),
+        (
+            "peak reserved",
+            Box::new(|r| fmt_bytes(r.peak_reserved_bytes)),
+        ),
+        (
+            "reserved / live",
+            Box::new(|r| format!("{:.3}", r.reserved_to_live)),
+        ),
+        (
+            "device allocations",
+            Box::new(|r| r.device_allocations.to_string()),
+        ),
+        ("cache hits", Box::new(|r| r.cache_hits.to_string())),
+        ("cache misses", Box::new(|r| r.cache_misses.to_string())),
+        (
+            "cache hit rate",
+            Box::new(|r| format!("{:.1}%", 100.0 * r.hit_rate)),
+        ),
+        ("deferred frees", Box::new(|r| r.deferred_frees.to_string())),
+        ("pressure waits", Box::new(|r| r.waits.to_string())),
+        (
+            "in-flight waits",
+            Box::new(|r| r.in_flight_waits.to_string()),
+        ),
+        ("violations", Box::new(|r| r.violations.to_string())),
+        (
+            "statistics balance",
+            Box::new(|r| if r.stats_balanced { "yes" } else { "NO" }.to_string()),
+        ),
+    ];
+    print!("{:<22}", "");
+    for r in reports {
+        print!("{:>16}", r.policy.to_string());
+    }
+    println!();
+    for (name, f) in &rows {
+        print!("{name:<22}");
+        for r in reports {
+            print!("{:>16}", f(r));
+        }
+        println!();
+    }
+    for r in reports {
+        if let Some(m) = r.violation_messages.first() {
+            println!("{}: first violation: {m}", r.policy);
+        }
+    }
 }
 
 /// One cell of the report table, computed from a policy's report.

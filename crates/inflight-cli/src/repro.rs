@@ -24,6 +24,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::model::UniformChecksums;
+use crate::trace::Recorder;
 
 /// What one run does.
 #[derive(Clone, Debug)]
@@ -159,6 +160,7 @@ pub fn run<B: Backend>(
     policy: Policy,
     w: &Workload,
     live: &Arc<Live>,
+    recorder: Option<&Recorder>,
     on_tick: &mut dyn FnMut(&Live, &Allocator<B>, u64),
 ) -> anyhow::Result<Report> {
     let capacity = backend.info().memory_capacity;
@@ -199,6 +201,7 @@ pub fn run<B: Backend>(
                     &live,
                     start,
                     first_corruption,
+                    recorder,
                 ) {
                     errors.lock().push(format!("thread {t}: {e}"));
                     live.stop.store(true, Ordering::Release);
@@ -300,9 +303,11 @@ fn request_loop<B: Backend>(
     live: &Live,
     start: Instant,
     first_corruption: &AtomicU64,
+    recorder: Option<&Recorder>,
 ) -> anyhow::Result<()> {
-    let home = &queues[t % queues.len()];
-    let other = &queues[(t + 1) % queues.len()];
+    let (home_idx, other_idx) = (t % queues.len(), (t + 1) % queues.len());
+    let (home, other) = (&queues[home_idx], &queues[other_idx]);
+    let mut ids: Vec<u64> = Vec::new();
     let groups = (w.buffers_per_round / 4).max(1);
     let mut in_flight: VecDeque<InFlight<B>> = VecDeque::new();
     let mut model = UniformChecksums::default();
@@ -310,10 +315,20 @@ fn request_loop<B: Backend>(
     while !live.stop.load(Ordering::Acquire) {
         // Every fourth round, the work goes to the next queue with buffers
         // allocated for this thread's own: a cross-queue use.
-        let q = if round % 4 == 3 { other } else { home };
+        let (q, q_idx) = if round % 4 == 3 {
+            (other, other_idx)
+        } else {
+            (home, home_idx)
+        };
         let mut bufs: Vec<Buffer<B>> = Vec::with_capacity(groups * 4);
         for _ in 0..groups * 4 {
             bufs.push(alloc.malloc(draw_size(rng, w), home)?);
+        }
+        if let Some(rec) = recorder {
+            // The round's allocs under one lock: fewer lock round trips.
+            ids.clear();
+            ids.extend(bufs.iter().map(|_| rec.next_id()));
+            rec.alloc_all(&ids, bufs.iter().map(|b| b.len()), home_idx);
         }
         live.allocations
             .fetch_add(bufs.len() as u64, Ordering::Relaxed);
@@ -342,6 +357,12 @@ fn request_loop<B: Backend>(
         }
         let ticket = cb.commit()?;
         live.submissions.fetch_add(1, Ordering::Relaxed);
+        if let Some(rec) = recorder {
+            // Each buffer is bound once; uses and commit go in under one
+            // lock, so the trace's submission is this one.
+            rec.use_all_and_commit(&ids, q_idx);
+            rec.free_all(&ids);
+        }
         drop(bufs); // the async-eval pattern: handles go while the GPU works
         in_flight.push_back(InFlight { ticket, expect });
         while in_flight.len() > w.max_in_flight {
