@@ -67,6 +67,10 @@ pub(crate) struct Shared<B: Backend> {
     pub(crate) info: DeviceInfo,
     state: Mutex<State<B>>,
     pub(crate) queues: QueueRegistry<B>,
+    /// Cross-queue binds of in-order reused blocks ordered on the device.
+    reuse_device_waits: AtomicU64,
+    /// ... and those the host had to wait for.
+    reuse_host_waits: AtomicU64,
     // Declared last: dropped after the queues and blocks that need it.
     pub(crate) backend: B,
 }
@@ -259,6 +263,8 @@ impl<B: Backend> Allocator<B> {
                     spares: Vec::new(),
                 }),
                 queues: QueueRegistry::new(),
+                reuse_device_waits: AtomicU64::new(0),
+                reuse_host_waits: AtomicU64::new(0),
                 backend,
             }),
         })
@@ -315,9 +321,11 @@ impl<B: Backend> Allocator<B> {
         s.drain_retained();
         let mut st = s.state.lock();
         let release = s.promote(&mut st);
-        let snap = st.snapshot();
+        let mut snap = st.snapshot();
         drop(st);
         s.release_blocks(release);
+        snap.reuse_device_waits = s.reuse_device_waits.load(Ordering::Relaxed);
+        snap.reuse_host_waits = s.reuse_host_waits.load(Ordering::Relaxed);
         snap
     }
 
@@ -614,24 +622,43 @@ impl<B: Backend> Shared<B> {
         }
     }
 
-    /// Before `buf` is bound to work on queue `on`: if it was reused ahead of
-    /// its previous owner's work on another queue, waits on the host until
-    /// that work completes. Work on the same queue is ordered behind it
-    /// already (the in-order reuse rule), so nothing is needed there.
-    pub(crate) fn order_reuse(&self, buf: &Buffer<B>, on: QueueId) -> Result<()> {
+    /// Before `buf` is bound to work recorded in `cmds` for queue `on`: if
+    /// the block was reused ahead of its previous owner's work on another
+    /// queue, orders the new work after that work: on the device where the
+    /// backend can ([`Backend::wait_on_device`]), else by waiting on the host
+    /// (bounded by the pressure timeout). Work on the buffer's own queue is
+    /// ordered behind it already (the in-order reuse rule).
+    pub(crate) fn order_reuse(
+        &self,
+        buf: &Buffer<B>,
+        on: QueueId,
+        cmds: &mut B::Commands,
+        waited: &mut Vec<Stamp>,
+    ) -> Result<()> {
         let value = buf.inner.reuse_fence.load(Ordering::Acquire);
         let home = buf.queue_id();
         if value == 0 || on == home {
             return Ok(());
         }
         let q = self.queues.get(home);
-        if q.watermark.get() < value && self.refresh(q) < value {
-            let done = self
-                .backend
-                .wait(&q.raw, value, self.config.pressure_timeout)?;
-            if !done && self.refresh(q) < value {
-                return Err(Error::ReuseWaitTimedOut { queue: home, value });
-            }
+        if q.watermark.get() >= value || self.refresh(q) >= value {
+            buf.inner.reuse_fence.store(0, Ordering::Release);
+            return Ok(());
+        }
+        if waited.iter().any(|s| s.queue == home && s.value >= value) {
+            return Ok(()); // this submission already waits for it
+        }
+        if self.backend.wait_on_device(cmds, &q.raw, value)? {
+            self.reuse_device_waits.fetch_add(1, Ordering::Relaxed);
+            waited.push(Stamp { queue: home, value });
+            return Ok(());
+        }
+        self.reuse_host_waits.fetch_add(1, Ordering::Relaxed);
+        let done = self
+            .backend
+            .wait(&q.raw, value, self.config.pressure_timeout)?;
+        if !done && self.refresh(q) < value {
+            return Err(Error::ReuseWaitTimedOut { queue: home, value });
         }
         buf.inner.reuse_fence.store(0, Ordering::Release);
         Ok(())

@@ -20,7 +20,7 @@ use crate::backend::{Backend, Span};
 use crate::buffer::Buffer;
 use crate::error::{Error, Result};
 use crate::policy::PolicyKind;
-use crate::timeline::QueueId;
+use crate::timeline::{QueueId, Stamp};
 
 /// An in-order stream of submissions with its own timeline. Clones share it.
 pub struct Queue<B: Backend> {
@@ -62,6 +62,7 @@ impl<B: Backend> Queue<B> {
             queue: self.q.clone(),
             cmds: Some(cmds),
             bound: Vec::new(),
+            device_waits: Vec::new(),
             checksums: 0,
         })
     }
@@ -95,6 +96,8 @@ pub struct CommandBuffer<B: Backend> {
     /// Strong references to every bound buffer, until commit (or completion,
     /// under `Retained`).
     bound: Vec<Buffer<B>>,
+    /// Device-side waits already recorded (queue, value), not to repeat.
+    device_waits: Vec<Stamp>,
     checksums: usize,
 }
 
@@ -130,7 +133,9 @@ impl<B: Backend> CommandBuffer<B> {
                 why,
             });
         }
-        self.shared.order_reuse(buf, self.queue.id)?;
+        let cmds = self.cmds.as_mut().expect("commands exist until commit");
+        self.shared
+            .order_reuse(buf, self.queue.id, cmds, &mut self.device_waits)?;
         if !self.bound.last().is_some_and(|b| b.same(buf)) {
             self.bound.push(buf.clone());
         }

@@ -53,6 +53,11 @@ pub struct Stats {
     pub trims: u64,
     /// Out-of-memory errors returned.
     pub oom_errors: u64,
+    /// Blocks reused in order on one queue and then bound on another, whose
+    /// new work the device was told to order after the previous owner's.
+    pub reuse_device_waits: u64,
+    /// Such binds for which the host had to wait instead.
+    pub reuse_host_waits: u64,
 }
 
 impl Stats {

@@ -75,3 +75,51 @@ fn untracked_hazards_mode_passes_too() {
     };
     c::run_all(&make);
 }
+
+/// A block reused in order on queue 0 and then bound on queue 1: the
+/// simulator orders queue 1's work after the previous owner's on the
+/// device (no host wait), and queue 1 sees only its own writes.
+#[test]
+fn in_order_reuse_bound_on_another_queue_waits_on_the_device() {
+    use inflight::backend::checksum_uniform;
+    use inflight::{Allocator, Config};
+    use std::time::Duration;
+    let gpu = SimGpu::new(SimConfig {
+        // Slow enough that queue 0 is still writing when queue 1 is told to go.
+        op_cost: Duration::from_micros(300),
+        ..SimConfig::default()
+    });
+    let alloc = Allocator::new(gpu.clone(), Config::default()).unwrap();
+    let (q0, q1) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
+    let len = 64 * 1024;
+    let x = alloc.malloc(len, &q0).unwrap();
+    let block = x.block_id();
+    let mut cb = q0.command_buffer().unwrap();
+    for i in 0..32 {
+        cb.fill(&x, i).unwrap();
+    }
+    let t0 = cb.commit().unwrap();
+    drop(x);
+    let y = alloc.malloc(len, &q0).unwrap();
+    assert_eq!(y.block_id(), block, "in-order reuse on queue 0");
+    let mut cb = q1.command_buffer().unwrap();
+    cb.fill(&y, 0xABCD).unwrap();
+    let slot = cb.checksum(&y).unwrap();
+    let t1 = cb.commit().unwrap();
+    assert!(
+        !t0.is_complete().unwrap(),
+        "queue 0 finished too soon to test anything"
+    );
+    assert!(t1.wait(Duration::from_secs(10)).unwrap());
+    assert!(
+        t0.is_complete().unwrap(),
+        "queue 1 finished before the previous owner"
+    );
+    assert_eq!(
+        t1.checksum(slot).unwrap(),
+        checksum_uniform(0xABCD, len / 4)
+    );
+    let s = alloc.stats();
+    assert_eq!((s.reuse_device_waits, s.reuse_host_waits), (1, 0), "{s:?}");
+    assert_eq!(gpu.violations(), 0);
+}

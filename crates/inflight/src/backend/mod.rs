@@ -186,6 +186,20 @@ pub trait Backend: Send + Sync + 'static {
         span: Span,
     ) -> Result<usize, DeviceError>;
 
+    /// Records, ahead of the work recorded next, a device-side wait until
+    /// `other`'s completed watermark reaches `value` (a GPU-side event wait,
+    /// like `cuStreamWaitEvent`). `value` was submitted already. Returns
+    /// `false` if the backend cannot; the allocator then waits on the host.
+    fn wait_on_device(
+        &self,
+        cmds: &mut Self::Commands,
+        other: &Self::Queue,
+        value: u64,
+    ) -> Result<bool, DeviceError> {
+        let _ = (cmds, other, value);
+        Ok(false)
+    }
+
     /// Submits recorded work to `queue` as timeline value `value`. Values on a
     /// queue are submitted in increasing order, one call at a time.
     fn submit(

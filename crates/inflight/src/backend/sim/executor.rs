@@ -42,17 +42,21 @@ pub(crate) enum Op {
         span: Span,
         slot: usize,
     },
+    /// Wait until another queue's timeline reaches `value` (a device-side
+    /// event wait).
+    Wait { timeline: Arc<Timeline>, value: u64 },
 }
 
 impl Op {
     pub(crate) fn buffers(&self) -> impl Iterator<Item = &Arc<Memory>> {
         let (x, y, z) = match self {
-            Op::Fill { dst, .. } => (dst, None, None),
-            Op::Copy { src, dst, .. } => (src, Some(dst), None),
-            Op::Add { a, b, out, .. } => (a, Some(b), Some(out)),
-            Op::Checksum { src, .. } => (src, None, None),
+            Op::Fill { dst, .. } => (Some(dst), None, None),
+            Op::Copy { src, dst, .. } => (Some(src), Some(dst), None),
+            Op::Add { a, b, out, .. } => (Some(a), Some(b), Some(out)),
+            Op::Checksum { src, .. } => (Some(src), None, None),
+            Op::Wait { .. } => (None, None, None),
         };
-        std::iter::once(x).chain(y).chain(z)
+        x.into_iter().chain(y).chain(z)
     }
 
     fn span(&self) -> Span {
@@ -61,6 +65,7 @@ impl Op {
             | Op::Copy { span, .. }
             | Op::Add { span, .. }
             | Op::Checksum { span, .. } => *span,
+            Op::Wait { .. } => Span::prefix(0),
         }
     }
 }
@@ -73,7 +78,8 @@ pub(crate) struct Job {
     pub(crate) results: Arc<Mutex<Vec<u64>>>,
 }
 
-struct Timeline {
+/// A queue's completed value and the condition its waiters sleep on.
+pub(crate) struct Timeline {
     completed: AtomicU64,
     lock: StdMutex<()>,
     cv: Condvar,
@@ -142,6 +148,17 @@ impl Executor {
                     busy_until += Duration::from_nanos((submit_cost * jitter.factor()) as u64);
                     let mut sums = Vec::new();
                     for op in &job.ops {
+                        if let Op::Wait { timeline, value } = op {
+                            // Idle until the other queue gets there: the
+                            // wait costs no simulated work.
+                            while !timeline.wait(*value, Duration::from_millis(10), &g) {
+                                if g.inner.lost.load(Ordering::Acquire) {
+                                    break;
+                                }
+                            }
+                            busy_until = busy_until.max(Instant::now());
+                            continue;
+                        }
                         run_op(&g, id, job.value, op, &mut sums);
                         let ns = op_cost + op.span().len as f64 / 1024.0 * ns_per_kib;
                         busy_until += Duration::from_nanos((ns * jitter.factor()) as u64);
@@ -187,20 +204,32 @@ impl Executor {
     }
 
     pub(crate) fn wait(&self, value: u64, timeout: Duration) -> bool {
+        self.timeline.wait(value, timeout, &self.gpu)
+    }
+
+    /// The queue's timeline, for other queues' device-side waits.
+    pub(crate) fn timeline(&self) -> Arc<Timeline> {
+        self.timeline.clone()
+    }
+}
+
+impl Timeline {
+    /// Blocks until the completed value reaches `value` or `timeout` passes
+    /// or the device is lost; returns whether the value was reached.
+    pub(crate) fn wait(&self, value: u64, timeout: Duration, gpu: &SimGpu) -> bool {
         let deadline = Instant::now() + timeout.min(Duration::from_secs(365 * 24 * 3600));
-        let tl = &self.timeline;
-        let mut g = tl.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if tl.completed.load(Ordering::Acquire) >= value {
+            if self.completed.load(Ordering::Acquire) >= value {
                 return true;
             }
             let now = Instant::now();
-            if now >= deadline || self.gpu.inner.lost.load(Ordering::Acquire) {
+            if now >= deadline || gpu.inner.lost.load(Ordering::Acquire) {
                 return false;
             }
             // Wake now and then to notice a lost device.
             let slice = (deadline - now).min(Duration::from_millis(10));
-            g = tl
+            g = self
                 .cv
                 .wait_timeout(g, slice)
                 .unwrap_or_else(|e| e.into_inner())
@@ -291,5 +320,6 @@ fn run_op(gpu: &SimGpu, queue: u32, value: u64, op: &Op, sums: &mut Vec<(usize, 
                 .map_or(0, |d| d.checksum(start, len));
             sums.push((*slot, sum));
         }
+        Op::Wait { .. } => unreachable!("the executor loop handles waits"),
     }
 }

@@ -348,6 +348,19 @@ impl Backend for SimGpu {
         Ok(slot)
     }
 
+    fn wait_on_device(
+        &self,
+        cmds: &mut SimCommands,
+        other: &SimQueue,
+        value: u64,
+    ) -> Result<bool, DeviceError> {
+        cmds.ops.push(Op::Wait {
+            timeline: other.exec.timeline(),
+            value,
+        });
+        Ok(true)
+    }
+
     fn submit(
         &self,
         queue: &SimQueue,
