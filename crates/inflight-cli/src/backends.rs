@@ -4,7 +4,7 @@
 //! generic over [`inflight::Backend`].
 
 use inflight::backend::sim::validation::ValidationMode;
-use inflight::backend::sim::{SimConfig, SimGpu};
+use inflight::backend::sim::{Backing, SimConfig, SimGpu};
 
 use crate::repro::Validator;
 
@@ -41,6 +41,9 @@ impl Validator for NoValidation {
 pub struct BackendOptions {
     pub seed: u64,
     pub abort_on_violation: bool,
+    /// Simulate an accounting-only GPU of an H100's 80 GiB (no host memory
+    /// behind buffers), for measuring the allocator alone.
+    pub accounting: bool,
 }
 
 /// Something to do with a freshly built backend, whatever its type.
@@ -85,7 +88,15 @@ pub fn with_backend<J: BackendJob>(
                 } else {
                     ValidationMode::Record
                 },
-                ..SimConfig::default()
+                ..if opts.accounting {
+                    SimConfig {
+                        backing: Backing::Accounting,
+                        memory_capacity: 80 << 30,
+                        ..SimConfig::default()
+                    }
+                } else {
+                    SimConfig::default()
+                }
             });
             job.run(gpu.clone(), &gpu)
         }

@@ -2,11 +2,14 @@
 //!
 //! - `repro`: the MLX incident as a harness, per release policy
 //!   ([`repro`]), on any backend ([`backends`]).
+//! - `bench`: inflight's allocation fast path beside CUDA's allocators and
+//!   PyTorch's, over the same sequences in one run ([`bench`]).
 //!
 //! Exit codes: 0 success; 1 a safe policy (`deferred`, `retained`) showed a
 //! violation or a corrupted checksum; 2 bad arguments or a failed run.
 
 mod backends;
+mod bench;
 mod model;
 mod progress;
 mod repro;
@@ -40,6 +43,10 @@ enum Command {
     /// Reproduce the MLX incident: sustained allocation with cache trimming
     /// while command buffers are in flight, under each release policy.
     Repro(ReproArgs),
+    /// ns per alloc + free pair of inflight (each policy) beside
+    /// cuMemAllocAsync, cuMemAlloc and PyTorch's caching allocator, over the
+    /// same sequences in one run.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -109,6 +116,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Repro(args) => repro_command(args),
+        Command::Bench(args) => bench::command(args),
     };
     match result {
         Ok(code) => code,
@@ -189,6 +197,7 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
     let opts = BackendOptions {
         seed: a.seed,
         abort_on_violation: a.abort_on_violation,
+        accounting: false,
     };
     let mut reports = Vec::new();
     for policy in policies {
