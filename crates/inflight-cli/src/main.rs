@@ -4,11 +4,14 @@
 //!   ([`repro`]), on any backend ([`backends`]); `--record` writes its
 //!   allocation events as a trace ([`trace`]).
 //! - `replay`: a trace through the allocator, per policy ([`replay`]).
+//! - `bench`: inflight's allocation fast path beside CUDA's allocators and
+//!   PyTorch's, over the same sequences in one run ([`bench`]).
 //!
 //! Exit codes: 0 success; 1 a safe policy (`deferred`, `retained`) showed a
 //! violation or a corrupted checksum; 2 bad arguments or a failed run.
 
 mod backends;
+mod bench;
 mod model;
 mod progress;
 mod replay;
@@ -52,6 +55,10 @@ enum Command {
     /// Replay an allocation trace (JSON Lines, see docs/TRACE.md) under each
     /// release policy and report throughput, peak memory and cache behaviour.
     Replay(ReplayArgs),
+    /// ns per alloc + free pair of inflight (each policy) beside
+    /// cuMemAllocAsync, cuMemAlloc and PyTorch's caching allocator, over the
+    /// same sequences in one run.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -165,6 +172,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Repro(args) => repro_command(args),
         Command::Replay(args) => replay_command(args),
+        Command::Bench(args) => bench::command(args),
     };
     match result {
         Ok(code) => code,

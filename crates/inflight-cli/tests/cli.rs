@@ -115,3 +115,104 @@ fn memory_limit_above_the_device_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("memory limit"), "{err}");
 }
+
+#[test]
+fn bench_on_the_simulated_gpu_reports_every_inflight_row() {
+    let out = inflight(&[
+        "bench",
+        "--backend",
+        "sim",
+        "--pairs",
+        "2000",
+        "--steps",
+        "256",
+        "--batches",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = json_lines(&out);
+    let mut seen = Vec::new();
+    for r in &rows {
+        assert_eq!(r["backend"], "sim", "{r}");
+        for field in [
+            "ns_per_pair",
+            "ns_min",
+            "ns_max",
+            "device_allocations",
+            "peak_reserved_bytes",
+            "peak_live_bytes",
+            "peak_requested_bytes",
+            "ops_per_batch",
+        ] {
+            let v = r[field]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{field} in {r}"));
+            assert!(v > 0.0, "{field} not positive in {r}");
+        }
+        assert_eq!(r["ns_batches"].as_array().unwrap().len(), 3, "{r}");
+        seen.push((
+            r["allocator"].as_str().unwrap().to_string(),
+            r["sequence"].as_str().unwrap().to_string(),
+        ));
+    }
+    for policy in ["deferred", "retained", "immediate"] {
+        for seq in ["pair-1KiB", "pair-1MiB", "pair-64MiB", "mixed"] {
+            let want = (format!("inflight/{policy}"), seq.to_string());
+            assert!(seen.contains(&want), "{want:?} missing from {seen:?}");
+        }
+    }
+    assert_eq!(rows.len(), 12);
+    // A cache-hit sequence allocates from the device once.
+    let hit = rows.iter().find(|r| r["sequence"] == "pair-1MiB").unwrap();
+    assert_eq!(hit["device_allocations"], 1, "{hit}");
+}
+
+#[test]
+fn bench_writes_json_to_a_file_and_prints_the_table() {
+    let dir = std::env::temp_dir().join(format!("inflight-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bench.json");
+    let out = inflight(&[
+        "bench",
+        "--backend",
+        "sim",
+        "--pairs",
+        "500",
+        "--steps",
+        "64",
+        "--batches",
+        "1",
+        "--sizes",
+        "4KiB",
+        "--json",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("inflight/deferred"), "{table}");
+    assert!(table.contains("ratios"), "{table}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.lines().count(), 6, "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--backend cuda` without a driver is a clear error, not a crash; with a
+/// driver this test has nothing to check (the device runs cover it).
+#[cfg(feature = "cuda")]
+#[test]
+fn bench_on_cuda_without_a_driver_fails_cleanly() {
+    if inflight::backend::cuda::probe_driver().is_ok() {
+        eprintln!("skipped: a CUDA driver is present");
+        return;
+    }
+    let out = inflight(&["bench", "--backend", "cuda", "--pairs", "10"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CUDA"), "{err}");
+}

@@ -14,7 +14,7 @@
 
 use std::time::Instant;
 
-use cudarc::driver::result as cu;
+use inflight::backend::cuda::peers::{DefaultPoolAlloc, DriverAlloc};
 use inflight::backend::cuda::{CudaConfig, CudaGpu, RawAlloc};
 use inflight::{Allocator, Backend, Config};
 
@@ -41,7 +41,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("device: {} ({} MiB)", info.name, info.memory_capacity >> 20);
     let alloc = Allocator::new(gpu.clone(), Config::default())?;
     let q = alloc.create_queue()?;
-    let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)?;
+    let driver = DriverAlloc::new(0)?;
+    let pool = DefaultPoolAlloc::new(0)?;
     println!(
         "{:<10} {:>14} {:>16} {:>18} {:>18} {:>16} {:>16}",
         "size",
@@ -74,37 +75,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "a timed malloc missed the cache"
         );
 
-        gpu.make_current()?;
         let n_sync = if size >= 64 << 20 { 50 } else { 200 };
         let sync = median_ns(n_sync, || {
-            // SAFETY: a plain allocation, freed at once, never used.
-            unsafe {
-                let p = cu::malloc_sync(size as usize).expect("cuMemAlloc");
-                cu::free_sync(p).expect("cuMemFree");
-            }
+            let p = driver.alloc(size).expect("cuMemAlloc");
+            // SAFETY: allocated just above, never used.
+            unsafe { driver.free(p).expect("cuMemFree") };
         });
 
         // The default pool's first pair at this size (cold), then warm pairs.
         let cold = {
-            // SAFETY: allocation and free on one valid stream, never used.
-            unsafe { cu::mem_pool::trim_to(default_pool(&gpu)?, 0)? };
+            pool.trim()?;
             let t = Instant::now();
-            // SAFETY: as above.
-            unsafe {
-                let p = cu::malloc_async(stream, size as usize)?;
-                cu::free_async(p, stream)?;
-            }
+            let p = pool.alloc(size)?;
+            // SAFETY: allocated just above, never used.
+            unsafe { pool.free(p)? };
             t.elapsed().as_nanos() as f64
         };
         let asyn = median_ns(10_000, || {
-            // SAFETY: allocation and free on one valid stream, never used.
-            unsafe {
-                let p = cu::malloc_async(stream, size as usize).expect("cuMemAllocAsync");
-                cu::free_async(p, stream).expect("cuMemFreeAsync");
-            }
+            let p = pool.alloc(size).expect("cuMemAllocAsync");
+            // SAFETY: allocated just above, never used.
+            unsafe { pool.free(p).expect("cuMemFreeAsync") };
         });
-        // SAFETY: the stream is valid.
-        unsafe { cu::stream::synchronize(stream)? };
+        pool.synchronize()?;
 
         let raw_pair = |g: &CudaGpu, n: u32| {
             median_ns(n, || {
@@ -113,26 +105,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 unsafe { g.release(b) };
             })
         };
-        let pool = raw_pair(&gpu, 10_000);
+        let backend_pool = raw_pair(&gpu, 10_000);
         let sync_backend = raw_pair(&sync_gpu, n_sync);
         println!(
-            "{label:<10} {hit:>11.0} ns {:>13.1} µs {asyn:>15.0} ns {:>15.1} µs {pool:>13.0} ns {:>13.1} µs",
+            "{label:<10} {hit:>11.0} ns {:>13.1} µs {asyn:>15.0} ns {:>15.1} µs {backend_pool:>13.0} ns {:>13.1} µs",
             sync / 1e3,
             cold / 1e3,
             sync_backend / 1e3
         );
     }
-    // SAFETY: the stream is idle (synchronised above) and not used again.
-    unsafe { cu::stream::destroy(stream)? };
     Ok(())
-}
-
-/// The device's default memory pool (the one `cuMemAllocAsync` uses).
-fn default_pool(
-    gpu: &CudaGpu,
-) -> Result<cudarc::driver::sys::CUmemoryPool, Box<dyn std::error::Error>> {
-    gpu.make_current()?;
-    let dev = cu::device::get(0)?;
-    // SAFETY: `dev` is a valid device handle.
-    Ok(unsafe { cu::device::get_default_mem_pool(dev)? })
 }

@@ -34,6 +34,7 @@
 
 mod driver;
 mod kernels;
+pub mod peers;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
