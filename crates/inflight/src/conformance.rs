@@ -36,6 +36,7 @@ pub fn run_all<B: Backend>(make: Factory<'_, B>) {
     wait_times_out_on_unsubmitted_value(make);
     freed_buffers_become_reusable_after_completion(make);
     reuse_on_another_queue_is_ordered(make);
+    in_order_reuse_bound_on_another_queue_is_ordered(make);
     cross_queue_use_is_stamped(make);
     clear_cache_releases_everything(make);
     retained_policy_keeps_bindings_alive(make);
@@ -191,6 +192,42 @@ pub fn reuse_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
     }
     assert!(qa.wait_idle(WAIT).unwrap());
     assert!(alloc.stats().balanced());
+}
+
+/// On a queue that orders memory, a block reused while its previous owner's
+/// work still runs there, then bound on another queue: the new queue's work
+/// is ordered after the old (on the device or by a host wait), and sees only
+/// its own writes. Nothing to check where queues do not order memory.
+pub fn in_order_reuse_bound_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
+    let alloc = allocator(make, Policy::DEFERRED);
+    let (qa, qb) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
+    if !qa.orders_memory() {
+        return;
+    }
+    let len = 4 << 20;
+    for round in 0..8u32 {
+        let x = alloc.malloc(len, &qa).unwrap();
+        let mut cb = qa.command_buffer().unwrap();
+        for i in 0..16 {
+            cb.fill(&x, round * 100 + i).unwrap();
+        }
+        let _ta = cb.commit().unwrap();
+        drop(x);
+        let y = alloc.malloc(len, &qa).unwrap(); // in order, if still pending
+        let mut cb = qb.command_buffer().unwrap();
+        cb.fill(&y, 0xC0DE_0000 + round).unwrap();
+        let slot = cb.checksum(&y).unwrap();
+        let tb = cb.commit().unwrap();
+        assert!(tb.wait(WAIT).unwrap());
+        assert_eq!(
+            tb.checksum(slot).unwrap(),
+            checksum_uniform(0xC0DE_0000 + round, len / 4),
+            "round {round}: the previous owner's writes on queue A reached queue B"
+        );
+    }
+    assert!(qa.wait_idle(WAIT).unwrap());
+    let s = alloc.stats();
+    assert!(s.balanced(), "{s:?}");
 }
 
 /// A buffer allocated for queue A and used on queue B is stamped for B.

@@ -50,6 +50,10 @@ fn reuse_on_another_queue_is_ordered() {
     run(c::reuse_on_another_queue_is_ordered);
 }
 #[test]
+fn in_order_reuse_bound_on_another_queue_is_ordered() {
+    run(c::in_order_reuse_bound_on_another_queue_is_ordered);
+}
+#[test]
 fn cross_queue_use_is_stamped() {
     run(c::cross_queue_use_is_stamped);
 }

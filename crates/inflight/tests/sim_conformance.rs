@@ -46,6 +46,10 @@ fn reuse_on_another_queue_is_ordered() {
     clean(c::reuse_on_another_queue_is_ordered);
 }
 #[test]
+fn in_order_reuse_bound_on_another_queue_is_ordered() {
+    clean(c::in_order_reuse_bound_on_another_queue_is_ordered);
+}
+#[test]
 fn cross_queue_use_is_stamped() {
     clean(c::cross_queue_use_is_stamped);
 }

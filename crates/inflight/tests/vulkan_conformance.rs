@@ -111,6 +111,13 @@ fn reuse_on_another_queue_is_ordered() {
     );
 }
 #[test]
+fn in_order_reuse_bound_on_another_queue_is_ordered() {
+    clean(
+        "in_order_reuse_bound_on_another_queue_is_ordered",
+        c::in_order_reuse_bound_on_another_queue_is_ordered,
+    );
+}
+#[test]
 fn cross_queue_use_is_stamped() {
     clean("cross_queue_use_is_stamped", c::cross_queue_use_is_stamped);
 }

@@ -223,6 +223,23 @@ impl Event {
         unsafe { cu::event::record(self.0, stream.0) }.map_err(|e| map_err("cuEventRecord", e))
     }
 
+    /// Makes later work on `stream` wait, on the device, for the work this
+    /// event was last recorded after (`cuStreamWaitEvent`). The wait binds to
+    /// that recording at the time of this call, so re-recording the event
+    /// later does not affect it.
+    pub(crate) fn wait_on(&self, stream: &Stream) -> Result<(), DeviceError> {
+        // SAFETY: both handles are valid (owned by live backend objects), and
+        // the event was recorded (it sits in a queue's in-flight deque).
+        unsafe {
+            cu::stream::wait_event(
+                stream.0,
+                self.0,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(|e| map_err("cuStreamWaitEvent", e))
+    }
+
     /// Queries without blocking. A fault of the work before it is an error.
     pub(crate) fn query(&self) -> Result<EventState, DriverError> {
         // SAFETY: the event is valid and was recorded.

@@ -132,6 +132,8 @@ struct InFlight {
 pub struct CudaCommands {
     ops: Vec<Op>,
     checksums: usize,
+    /// Other queues' values this submission must wait for on the device.
+    waits: Vec<(Arc<QueueState>, u64)>,
 }
 
 /// A submitted CUDA submission.
@@ -418,6 +420,7 @@ impl Backend for CudaGpu {
         Ok(CudaCommands {
             ops: Vec::new(),
             checksums: 0,
+            waits: Vec::new(),
         })
     }
 
@@ -491,6 +494,16 @@ impl Backend for CudaGpu {
         Ok(slot)
     }
 
+    fn wait_on_device(
+        &self,
+        cmds: &mut CudaCommands,
+        other: &CudaQueue,
+        value: u64,
+    ) -> Result<bool, DeviceError> {
+        cmds.waits.push((other.state.clone(), value));
+        Ok(true)
+    }
+
     fn submit(
         &self,
         queue: &CudaQueue,
@@ -499,6 +512,16 @@ impl Backend for CudaGpu {
     ) -> Result<CudaSubmission, DeviceError> {
         let d = &self.dev;
         d.ctx.make_current()?;
+        // Device-side waits first, for the whole submission. The other
+        // queue's deque lock is held across cuStreamWaitEvent so that its
+        // event cannot be harvested and re-recorded in between; an entry
+        // already harvested has completed and needs no wait.
+        for (other, wait_for) in &cmds.waits {
+            let inflight = other.inflight.lock();
+            if let Some(f) = inflight.iter().find(|f| f.value == *wait_for) {
+                f.event.wait_on(&queue.stream)?;
+            }
+        }
         let slots = cmds.checksums;
         let slab = if slots > 0 {
             Some(d.take_slab(slots)?)
