@@ -400,7 +400,7 @@ fn replay_command(a: ReplayArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// One cell of the replay table.
-type ReplayCell = Box<dyn Fn(&ReplayReport) -> String>;
+type ReplayCell = Cell<ReplayReport>;
 
 fn print_replay_table(reports: &[ReplayReport], a: &ReplayArgs, trace: &Trace) {
     let Some(first) = reports.first() else { return };
@@ -463,18 +463,7 @@ fn print_replay_table(reports: &[ReplayReport], a: &ReplayArgs, trace: &Trace) {
             Box::new(|r| if r.stats_balanced { "yes" } else { "NO" }.to_string()),
         ),
     ];
-    print!("{:<22}", "");
-    for r in reports {
-        print!("{:>16}", r.policy.to_string());
-    }
-    println!();
-    for (name, f) in &rows {
-        print!("{name:<22}");
-        for r in reports {
-            print!("{:>16}", f(r));
-        }
-        println!();
-    }
+    print_columns(reports.iter().map(|r| r.policy.to_string()), reports, &rows);
     for r in reports {
         if let Some(m) = r.violation_messages.first() {
             println!("{}: first violation: {m}", r.policy);
@@ -483,7 +472,28 @@ fn print_replay_table(reports: &[ReplayReport], a: &ReplayArgs, trace: &Trace) {
 }
 
 /// One cell of the report table, computed from a policy's report.
-type Cell = Box<dyn Fn(&Report) -> String>;
+type Cell<R = Report> = Box<dyn Fn(&R) -> String>;
+
+/// Prints one column per policy: a header of policy names, then each row's
+/// label and its cell for every report.
+fn print_columns<R>(
+    policies: impl Iterator<Item = String>,
+    reports: &[R],
+    rows: &[(&str, Cell<R>)],
+) {
+    print!("{:<22}", "");
+    for p in policies {
+        print!("{p:>16}");
+    }
+    println!();
+    for (name, f) in rows {
+        print!("{name:<22}");
+        for r in reports {
+            print!("{:>16}", f(r));
+        }
+        println!();
+    }
+}
 
 fn print_table(reports: &[Report], w: &Workload) {
     let Some(first) = reports.first() else { return };
@@ -551,18 +561,7 @@ fn print_table(reports: &[Report], w: &Workload) {
             Box::new(|r| if r.stats_balanced { "yes" } else { "NO" }.to_string()),
         ),
     ];
-    print!("{:<22}", "");
-    for r in reports {
-        print!("{:>16}", r.policy.to_string());
-    }
-    println!();
-    for (name, f) in &rows {
-        print!("{name:<22}");
-        for r in reports {
-            print!("{:>16}", f(r));
-        }
-        println!();
-    }
+    print_columns(reports.iter().map(|r| r.policy.to_string()), reports, &rows);
     for r in reports {
         for e in &r.errors {
             println!("{}: error: {e}", r.policy);
