@@ -218,8 +218,24 @@ pub trait Backend: Send + Sync + 'static {
     fn wait(&self, queue: &Self::Queue, value: u64, timeout: Duration)
         -> Result<bool, DeviceError>;
 
-    /// The checksums a completed submission computed, in slot order.
+    /// The checksums a completed submission computed, in slot order; for a
+    /// submission that completed with an error, that error
+    /// ([`DeviceError::SubmissionFailed`]): its results are undefined.
     fn results(&self, submission: &Self::Submission) -> Result<Vec<u64>, DeviceError>;
+
+    /// Takes the oldest not yet taken failure of a submission on `queue`: one
+    /// that completed *with an error* (a Metal command buffer whose status is
+    /// `error`, a faulting kernel). A failed submission still counts as
+    /// completed for [`Backend::completed`]: its work is over, so its buffers
+    /// may be released and reused. The allocator drains this after every
+    /// [`Backend::completed`] and reports the error at the next call on that
+    /// queue; the submission's own ticket learns it from
+    /// [`Backend::results`]. Backends that cannot tell one submission's
+    /// failure apart (they lose the device instead) keep the default, `None`.
+    fn take_failure(&self, queue: &Self::Queue) -> Option<DeviceError> {
+        let _ = queue;
+        None
+    }
 }
 
 /// The checksum every backend computes: the wrapping sum over the words `w[i]`

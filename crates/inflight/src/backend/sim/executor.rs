@@ -6,7 +6,13 @@
 //! the deadline. Completion stores the submission's checksums, drops its
 //! in-flight marks, then advances the watermark and wakes waiters, in that
 //! order, so that a waiter that sees the value also sees the results.
+//!
+//! A submission the fault injector fails runs a prefix of its operations,
+//! then completes the same way with its failure stored on its outcome and on
+//! the queue's failure list, both before the watermark advances: whoever sees
+//! the value also sees the failure.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex as StdMutex};
@@ -15,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use super::faults::Injector;
 use super::validation::ViolationKind;
 use super::{Memory, SimConfig, SimGpu};
 use crate::backend::{DeviceError, Span};
@@ -75,12 +82,24 @@ pub(crate) struct Job {
     pub(crate) value: u64,
     pub(crate) ops: Vec<Op>,
     pub(crate) touched: Vec<Arc<Memory>>,
-    pub(crate) results: Arc<Mutex<Vec<u64>>>,
+    pub(crate) outcome: Arc<Mutex<Outcome>>,
 }
+
+/// What a submission left: its checksums, or the error it completed with.
+pub(crate) struct Outcome {
+    pub(crate) sums: Vec<u64>,
+    pub(crate) failure: Option<DeviceError>,
+}
+
+/// Failures kept for `take_failure`; older ones are dropped past this (each
+/// submission's own outcome still reports it).
+const KEPT_FAILURES: usize = 1024;
 
 /// A queue's completed value and the condition its waiters sleep on.
 pub(crate) struct Timeline {
     completed: AtomicU64,
+    /// Failed submissions not yet taken, oldest first.
+    failures: Mutex<VecDeque<DeviceError>>,
     lock: StdMutex<()>,
     cv: Condvar,
 }
@@ -122,6 +141,7 @@ impl Executor {
     pub(crate) fn start(id: u32, config: &SimConfig, gpu: SimGpu) -> Result<Executor, DeviceError> {
         let timeline = Arc::new(Timeline {
             completed: AtomicU64::new(0),
+            failures: Mutex::new(VecDeque::new()),
             lock: StdMutex::new(()),
             cv: Condvar::new(),
         });
@@ -140,19 +160,20 @@ impl Executor {
             .spawn(move || {
                 let mut busy_until = Instant::now();
                 for job in rx {
-                    let lost = g.inner.lost.load(Ordering::Acquire);
-                    if lost {
+                    if g.is_lost() {
                         continue; // a lost device completes nothing
                     }
+                    let n_ops = job.ops.len();
+                    let fault = g.inner.injector.submission_fault(id, job.value, n_ops);
                     busy_until = busy_until.max(Instant::now());
                     busy_until += Duration::from_nanos((submit_cost * jitter.factor()) as u64);
                     let mut sums = Vec::new();
-                    for op in &job.ops {
+                    for op in job.ops.iter().take(fault.unwrap_or(n_ops)) {
                         if let Op::Wait { timeline, value } = op {
                             // Idle until the other queue gets there: the
                             // wait costs no simulated work.
                             while !timeline.wait(*value, Duration::from_millis(10), &g) {
-                                if g.inner.lost.load(Ordering::Acquire) {
+                                if g.is_lost() {
                                     break;
                                 }
                             }
@@ -165,10 +186,22 @@ impl Executor {
                         pace(busy_until, MIN_SLEEP * 4);
                     }
                     pace(busy_until, Duration::ZERO);
-                    {
-                        let mut r = job.results.lock();
+                    if let Some(ran) = fault {
+                        let e = Injector::submission_error(id, job.value, ran, n_ops);
+                        job.outcome.lock().failure = Some(e.clone());
+                        g.inner
+                            .injector
+                            .submission_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        let mut f = tl.failures.lock();
+                        if f.len() == KEPT_FAILURES {
+                            f.pop_front();
+                        }
+                        f.push_back(e);
+                    } else {
+                        let mut r = job.outcome.lock();
                         for (slot, sum) in sums {
-                            r[slot] = sum;
+                            r.sums[slot] = sum;
                         }
                     }
                     for m in &job.touched {
@@ -203,6 +236,10 @@ impl Executor {
         self.timeline.completed.load(Ordering::Acquire)
     }
 
+    pub(crate) fn take_failure(&self) -> Option<DeviceError> {
+        self.timeline.failures.lock().pop_front()
+    }
+
     pub(crate) fn wait(&self, value: u64, timeout: Duration) -> bool {
         self.timeline.wait(value, timeout, &self.gpu)
     }
@@ -224,7 +261,7 @@ impl Timeline {
                 return true;
             }
             let now = Instant::now();
-            if now >= deadline || gpu.inner.lost.load(Ordering::Acquire) {
+            if now >= deadline || gpu.is_lost() {
                 return false;
             }
             // Wake now and then to notice a lost device.

@@ -14,11 +14,16 @@
 //! - **Validation** ([`validation`]): every raw buffer has a generation; a
 //!   release while in use, and a use after release, are violations.
 //!
+//! - **Faults** ([`faults`]): refused allocations, submissions that complete
+//!   with an error, and a lost device, injected at configured rates from a
+//!   seed; off by default.
+//!
 //! Queues order memory by default (one executor runs a queue's work in
 //! order); [`SimConfig::in_order_memory`] turns that off to model Metal's
 //! untracked hazards, where reuse must wait for completion.
 
 mod executor;
+pub mod faults;
 mod pages;
 pub mod validation;
 
@@ -28,7 +33,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use self::executor::{Executor, Job, Op};
+use self::executor::{Executor, Job, Op, Outcome};
+use self::faults::{Faults, Injected, Injector};
 use self::pages::Pages;
 use self::validation::{Validation, ValidationMode, Violation, ViolationKind};
 use crate::backend::{Backend, DeviceError, DeviceInfo, Span};
@@ -69,6 +75,8 @@ pub struct SimConfig {
     pub validation: ValidationMode,
     /// How buffers are backed.
     pub backing: Backing,
+    /// Faults to inject (none by default).
+    pub faults: Faults,
 }
 
 impl Default for SimConfig {
@@ -85,6 +93,7 @@ impl Default for SimConfig {
             in_order_memory: true,
             validation: ValidationMode::Record,
             backing: Backing::Host,
+            faults: Faults::default(),
         }
     }
 }
@@ -102,6 +111,7 @@ struct SimShared {
     next_buffer: AtomicU64,
     next_queue: AtomicU64,
     lost: AtomicBool,
+    injector: Injector,
 }
 
 /// A raw simulated buffer: one generation of device memory.
@@ -138,7 +148,7 @@ pub struct SimCommands {
 
 /// A submitted simulated submission.
 pub struct SimSubmission {
-    results: Arc<Mutex<Vec<u64>>>,
+    outcome: Arc<Mutex<Outcome>>,
 }
 
 impl SimGpu {
@@ -147,6 +157,7 @@ impl SimGpu {
         SimGpu {
             inner: Arc::new(SimShared {
                 validation: Validation::new(config.validation),
+                injector: Injector::new(config.faults.clone()),
                 config,
                 allocated: AtomicU64::new(0),
                 next_buffer: AtomicU64::new(1),
@@ -181,8 +192,32 @@ impl SimGpu {
         self.inner.lost.store(true, Ordering::Release);
     }
 
-    fn check_lost(&self) -> Result<(), DeviceError> {
+    /// What has been injected so far (see [`faults`]).
+    pub fn injected(&self) -> Injected {
+        let i = &self.inner.injector;
+        Injected {
+            alloc_failures: i.alloc_failures.load(Ordering::Relaxed),
+            submission_failures: i.submission_failures.load(Ordering::Relaxed),
+            device_lost: self.is_lost(),
+        }
+    }
+
+    /// Whether the device is lost, losing it first if its configured time
+    /// has come.
+    pub(crate) fn is_lost(&self) -> bool {
         if self.inner.lost.load(Ordering::Acquire) {
+            return true;
+        }
+        let due = self.inner.config.faults.lose_after;
+        if due.is_some_and(|at| self.inner.validation.now() >= at) {
+            self.lose_device();
+            return true;
+        }
+        false
+    }
+
+    fn check_lost(&self) -> Result<(), DeviceError> {
+        if self.is_lost() {
             Err(DeviceError::Lost("the simulated device was lost".into()))
         } else {
             Ok(())
@@ -214,6 +249,9 @@ impl Backend for SimGpu {
             return Err(DeviceError::Unsupported(format!(
                 "cannot create a buffer of {bytes} bytes"
             )));
+        }
+        if self.inner.injector.refuse_allocation() {
+            return Err(DeviceError::OutOfMemory);
         }
         let before = self.inner.allocated.fetch_add(bytes, Ordering::AcqRel);
         if before + bytes > c.memory_capacity {
@@ -368,7 +406,10 @@ impl Backend for SimGpu {
         value: u64,
     ) -> Result<SimSubmission, DeviceError> {
         self.check_lost()?;
-        let results = Arc::new(Mutex::new(vec![0u64; cmds.checksums]));
+        let outcome = Arc::new(Mutex::new(Outcome {
+            sums: vec![0u64; cmds.checksums],
+            failure: None,
+        }));
         // Record the uses now: from here until completion, releasing any of
         // these buffers is a release in flight.
         let tag = (u64::from(queue.id) << 48) | value;
@@ -380,13 +421,17 @@ impl Backend for SimGpu {
             m.in_flight.fetch_add(1, Ordering::AcqRel);
             m.last_use.store(tag, Ordering::Release);
         }
-        queue.exec.send(Job {
+        let sent = queue.exec.send(Job {
             value,
             ops: cmds.ops,
             touched,
-            results: results.clone(),
-        })?;
-        Ok(SimSubmission { results })
+            outcome: outcome.clone(),
+        });
+        if sent.is_ok() && self.inner.injector.count_submission() {
+            self.lose_device();
+        }
+        sent?;
+        Ok(SimSubmission { outcome })
     }
 
     fn completed(&self, queue: &SimQueue) -> Result<u64, DeviceError> {
@@ -402,7 +447,15 @@ impl Backend for SimGpu {
     }
 
     fn results(&self, submission: &SimSubmission) -> Result<Vec<u64>, DeviceError> {
-        Ok(submission.results.lock().clone())
+        let o = submission.outcome.lock();
+        match &o.failure {
+            Some(e) => Err(e.clone()),
+            None => Ok(o.sums.clone()),
+        }
+    }
+
+    fn take_failure(&self, queue: &SimQueue) -> Option<DeviceError> {
+        queue.exec.take_failure()
     }
 }
 
