@@ -436,16 +436,23 @@ impl<B: Backend> Allocator<B> {
 }
 
 impl<B: Backend> Shared<B> {
-    /// Refreshes a queue's watermark from the backend. A backend error is
-    /// stored on the queue and reported at its next call.
+    /// Refreshes a queue's watermark from the backend. A backend error, and
+    /// any submission that completed with an error
+    /// ([`Backend::take_failure`]), is stored on the queue and reported at
+    /// its next call; a failed submission still advances the watermark (its
+    /// work is over).
     pub(crate) fn refresh(&self, q: &QueueShared<B>) -> u64 {
-        match self.backend.completed(&q.raw) {
+        let completed = match self.backend.completed(&q.raw) {
             Ok(v) => q.watermark.advance(v),
             Err(e) => {
                 q.record_fault(e);
                 q.watermark.get()
             }
+        };
+        while let Some(e) = self.backend.take_failure(&q.raw) {
+            q.record_fault(e);
         }
+        completed
     }
 
     fn malloc(self: &Arc<Self>, size: u64, queue: &Arc<QueueShared<B>>) -> Result<Buffer<B>> {
@@ -493,12 +500,19 @@ impl<B: Backend> Shared<B> {
                 st.stats.cache_hits += 1;
                 b
             }
-            None => {
-                let (guard, block) = self.allocate_device(st, size, rounded, &mut release)?;
-                st = guard;
-                st.stats.cache_misses += 1;
-                block
-            }
+            None => match self.allocate_device(st, size, rounded, &mut release) {
+                Ok((guard, block)) => {
+                    st = guard;
+                    st.stats.cache_misses += 1;
+                    block
+                }
+                Err(e) => {
+                    // Blocks trimmed on the way are accounted as released:
+                    // release them, or they are lost (I3).
+                    self.release_blocks(release);
+                    return Err(e);
+                }
+            },
         };
         st.stats.allocations += 1;
         st.stats.active_bytes += block.size;
@@ -574,8 +588,14 @@ impl<B: Backend> Shared<B> {
                         };
                         return Ok((st, block));
                     }
-                    Err(DeviceError::OutOfMemory) => device_refused = true,
-                    Err(e) => return Err(e.into()),
+                    Err(DeviceError::OutOfMemory) => {
+                        st.stats.device_alloc_failures += 1;
+                        device_refused = true;
+                    }
+                    Err(e) => {
+                        st.stats.device_alloc_failures += 1;
+                        return Err(e.into());
+                    }
                 }
                 if !st.ready.is_empty() {
                     continue;

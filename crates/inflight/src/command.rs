@@ -290,17 +290,43 @@ impl<B: Backend> Ticket<B> {
         self.queue.id
     }
 
-    /// Whether it has completed. An error if it (or the device) failed.
+    /// Whether it has completed. An error if it (or the device) failed:
+    /// [`Error::SubmissionFailed`] once a submission that completed with an
+    /// error is done (every time it is asked, whoever else was told at the
+    /// queue's next call), [`Error::DeviceLost`] once the device is lost.
     pub fn is_complete(&self) -> Result<bool> {
         let done = self.shared.refresh(&self.queue) >= self.value;
-        match self.queue.fault_for(self.value) {
-            Some(e) => Err(e),
-            None => Ok(done),
+        if let Some(e) = self.queue.fault_for(self.value) {
+            return Err(e);
+        }
+        if done {
+            // The submission's own status: the queue's stored fault may
+            // already have been reported to (and cleared by) another call.
+            if let Err(e) = self.shared.backend.results(&self.submission) {
+                return Err(self.submission_error(e));
+            }
+        }
+        Ok(done)
+    }
+
+    fn submission_error(&self, e: crate::backend::DeviceError) -> Error {
+        match e {
+            crate::backend::DeviceError::SubmissionFailed { value, reason } => {
+                Error::SubmissionFailed {
+                    queue: self.queue.id,
+                    value,
+                    reason,
+                }
+            }
+            other => other.into(),
         }
     }
 
     /// Blocks until it completes or `timeout` passes; returns whether it
-    /// completed. The status is checked again after waking.
+    /// completed. The status is checked again after waking (see
+    /// [`Ticket::is_complete`]), so a submission that completed with an error
+    /// returns that error, not `Ok(true)`. It may be waited on any number of
+    /// times; `timeout` may be zero (a poll) or [`Duration::MAX`].
     pub fn wait(&self, timeout: Duration) -> Result<bool> {
         let waited = self
             .shared
@@ -321,7 +347,10 @@ impl<B: Backend> Ticket<B> {
                 value: self.value,
             });
         }
-        Ok(self.shared.backend.results(&self.submission)?)
+        self.shared
+            .backend
+            .results(&self.submission)
+            .map_err(|e| self.submission_error(e))
     }
 
     /// The checksum in `slot`. An error if it has not completed.

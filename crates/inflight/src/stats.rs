@@ -45,6 +45,9 @@ pub struct Stats {
     pub device_allocations: u64,
     /// Raw buffers given back to the device.
     pub device_releases: u64,
+    /// Raw allocations the device refused (each is retried after trimming
+    /// and waiting, or ends in an error).
+    pub device_alloc_failures: u64,
     /// Frees that went to the pending list because work was still in flight.
     pub deferred_frees: u64,
     /// Times an allocation waited for in-flight work under memory pressure.
