@@ -3,10 +3,11 @@
 //! Each backend is one arm of [`with_backend`]; everything else in the CLI is
 //! generic over [`inflight::Backend`].
 
+use inflight::backend::sim::faults::Faults;
 use inflight::backend::sim::validation::ValidationMode;
 use inflight::backend::sim::{Backing, SimConfig, SimGpu};
 
-use crate::repro::Validator;
+use crate::repro::{InjectedFaults, Validator};
 
 /// The backends this build knows.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -59,6 +60,10 @@ pub struct SimOptions {
     pub memory_capacity: Option<u64>,
     /// Jitter of simulated costs, if not the default.
     pub jitter: Option<f64>,
+    /// Refused allocations and failed submissions, each at this rate.
+    pub fault_rate: f64,
+    /// Lose the device after this many submissions.
+    pub lose_device_after: Option<u64>,
 }
 
 /// The simulated GPU's settings for these options.
@@ -84,6 +89,10 @@ pub fn sim_config(opts: &BackendOptions) -> SimConfig {
             d.max_buffer_size
         },
         jitter: opts.sim.jitter.unwrap_or(d.jitter),
+        faults: Faults {
+            lose_after_submissions: opts.sim.lose_device_after,
+            ..Faults::at_rate(opts.sim.fault_rate, opts.seed)
+        },
         ..d
     }
 }
@@ -112,6 +121,17 @@ impl Validator for SimGpu {
 
     fn first_seen(&self) -> Option<std::time::Duration> {
         self.violation_log().first().map(|v| v.seen_at)
+    }
+
+    fn injected(&self) -> Option<InjectedFaults> {
+        self.config().faults.any().then(|| {
+            let i = SimGpu::injected(self);
+            InjectedFaults {
+                alloc_failures: i.alloc_failures,
+                submission_failures: i.submission_failures,
+                device_lost: i.device_lost,
+            }
+        })
     }
 }
 

@@ -17,6 +17,7 @@ mod progress;
 mod replay;
 mod repro;
 mod trace;
+mod trend;
 mod units;
 
 use std::path::PathBuf;
@@ -117,6 +118,18 @@ struct ReproArgs {
     /// Abort the process on the first violation, as Metal's validation layer does.
     #[arg(long)]
     abort_on_violation: bool,
+    /// Inject faults at this rate (0 to 1): refused device allocations and
+    /// submissions that complete with an error. Errors they explain are
+    /// counted and reported, not fatal.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    faults: f64,
+    /// Lose the device after this many submissions (a fault; ends the run).
+    #[arg(long)]
+    lose_device_after: Option<u64>,
+    /// Timed runs: print each trend interval (reserved, pending, ready,
+    /// active bytes) as it closes, on stderr. The table shows them all.
+    #[arg(long)]
+    trend: bool,
     /// Print one JSON object per policy instead of the table.
     #[arg(long)]
     json: bool,
@@ -165,6 +178,13 @@ struct ReplayArgs {
     /// Print one JSON object per policy instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a rate from 0 to 1")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -225,6 +245,9 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
     if a.window < 4 {
         anyhow::bail!("--window must be at least 4 bytes");
     }
+    if (a.faults > 0.0 || a.lose_device_after.is_some()) && a.backend != BackendName::Sim {
+        anyhow::bail!("--faults and --lose-device-after inject faults into --backend sim only");
+    }
     let buffers = (a.buffers / 4 * 4) as usize;
     let allocations = match a.rounds {
         Some(r) => r
@@ -245,6 +268,8 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
         memory_limit: a.memory_limit.unwrap_or(Workload::default().memory_limit),
         cap_memory_to_device: a.memory_limit.is_none(),
         seed: a.seed,
+        faults: a.faults > 0.0 || a.lose_device_after.is_some(),
+        print_trend: a.trend,
         ..Workload::default()
     };
     if a.record.is_some() && a.policy == PolicyArg::All {
@@ -269,7 +294,11 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
     let opts = BackendOptions {
         seed: a.seed,
         abort_on_violation: a.abort_on_violation,
-        ..BackendOptions::default()
+        sim: SimOptions {
+            fault_rate: a.faults,
+            lose_device_after: a.lose_device_after,
+            ..SimOptions::default()
+        },
     };
     let mut reports = Vec::new();
     for policy in policies {
@@ -296,7 +325,11 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
     }
     let unsafe_result = reports.iter().any(|r| {
         r.policy != PolicyKind::Immediate
-            && (r.violations > 0 || r.corruptions > 0 || !r.errors.is_empty())
+            && (r.violations > 0
+                || r.corruptions > 0
+                || !r.errors.is_empty()
+                || !r.stats_balanced
+                || r.faults.as_ref().is_some_and(|f| !f.all_reported))
     });
     Ok(if unsafe_result {
         ExitCode::from(1)
@@ -355,6 +388,7 @@ fn replay_command(a: ReplayArgs) -> anyhow::Result<ExitCode> {
             memory_capacity: Some(a.memory_limit.saturating_add(a.memory_limit / 16)),
             // Deterministic pacing: a commit's gpu_us is its simulated time.
             jitter: Some(0.0),
+            ..SimOptions::default()
         },
     };
     let sim_cost = (a.backend == BackendName::Sim).then(|| {
@@ -562,6 +596,89 @@ fn print_table(reports: &[Report], w: &Workload) {
         ),
     ];
     print_columns(reports.iter().map(|r| r.policy.to_string()), reports, &rows);
+    if reports.iter().any(|r| r.faults.is_some()) {
+        println!("injected faults (injected / reported)");
+        let fault_rows: Vec<(&str, Cell<Report>)> = vec![
+            (
+                "refused allocations",
+                Box::new(|r| {
+                    r.faults.as_ref().map_or("-".into(), |f| {
+                        format!(
+                            "{} / {}",
+                            f.injected.alloc_failures, f.alloc_failures_observed
+                        )
+                    })
+                }),
+            ),
+            (
+                "  of which OOM errors",
+                Box::new(|r| {
+                    r.faults
+                        .as_ref()
+                        .map_or("-".into(), |f| f.alloc_errors_returned.to_string())
+                }),
+            ),
+            (
+                "failed submissions",
+                Box::new(|r| {
+                    r.faults.as_ref().map_or("-".into(), |f| {
+                        format!(
+                            "{} / {}",
+                            f.injected.submission_failures, f.submission_failures_observed
+                        )
+                    })
+                }),
+            ),
+            (
+                "  reported on queue",
+                Box::new(|r| {
+                    r.faults
+                        .as_ref()
+                        .map_or("-".into(), |f| f.queue_reports.to_string())
+                }),
+            ),
+            (
+                "device lost",
+                Box::new(|r| {
+                    r.faults.as_ref().map_or("-".into(), |f| {
+                        let yn = |b: bool| if b { "yes" } else { "no" };
+                        format!(
+                            "{} / {}",
+                            yn(f.injected.device_lost),
+                            yn(f.device_lost_observed)
+                        )
+                    })
+                }),
+            ),
+            (
+                "every fault reported",
+                Box::new(|r| {
+                    r.faults.as_ref().map_or("-".into(), |f| {
+                        if f.all_reported { "yes" } else { "NO" }.to_string()
+                    })
+                }),
+            ),
+        ];
+        for (name, f) in &fault_rows {
+            print!("{name:<22}");
+            for r in reports {
+                print!("{:>16}", f(r));
+            }
+            println!();
+        }
+    }
+    for r in reports {
+        if let Some(t) = &r.trend {
+            println!(
+                "{}: memory trend, {:.0} s intervals:",
+                r.policy, t.interval_seconds
+            );
+            for p in &t.points {
+                println!("  {}", trend::line(p));
+            }
+            println!("{}: {}", r.policy, trend::summary(t));
+        }
+    }
     for r in reports {
         for e in &r.errors {
             println!("{}: error: {e}", r.policy);

@@ -10,6 +10,15 @@
 //! submissions per thread stay unchecked), so both hazards show: a release in
 //! flight as a validation violation, a reuse in flight as a corrupted checksum.
 //!
+//! Under injected faults (`--faults`), errors that the faults explain are
+//! expected: a refused allocation that ends in out-of-memory, a failed
+//! submission (on its ticket, or reported at the next call on its queue), a
+//! lost device (which ends the run). They are counted, compared with what the
+//! backend injected, and the run goes on; checksums are checked only for
+//! submissions that did not fail.
+//!
+//! Timed runs record the memory trend ([`crate::trend`]).
+//!
 //! The harness is generic over the backend; [`crate::backends`] builds one.
 
 use std::collections::VecDeque;
@@ -18,13 +27,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use inflight::backend::{Backend, Span};
-use inflight::{Allocator, Buffer, Config, Policy, PolicyKind, Queue, Stats, Ticket};
+use inflight::{Allocator, Buffer, Config, Error, Policy, PolicyKind, Queue, Stats, Ticket};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::model::UniformChecksums;
 use crate::trace::Recorder;
+use crate::trend::{Trend, TrendRecorder};
 
 /// What one run does.
 #[derive(Clone, Debug)]
@@ -59,6 +69,10 @@ pub struct Workload {
     pub cap_memory_to_device: bool,
     /// Seed of every random choice.
     pub seed: u64,
+    /// The backend injects faults: errors they explain are counted, not fatal.
+    pub faults: bool,
+    /// Print each trend interval as it closes (timed runs).
+    pub print_trend: bool,
 }
 
 impl Default for Workload {
@@ -78,6 +92,8 @@ impl Default for Workload {
             memory_limit: 4 << 30,
             cap_memory_to_device: true,
             seed: 1,
+            faults: false,
+            print_trend: false,
         }
     }
 }
@@ -116,6 +132,38 @@ pub struct Report {
     pub stats_balanced: bool,
     pub stats: Stats,
     pub violation_messages: Vec<String>,
+    /// Under injected faults: injected against observed.
+    pub faults: Option<FaultReport>,
+    /// Timed runs: the memory trend.
+    pub trend: Option<Trend>,
+}
+
+/// What a backend injected (see `--faults`).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct InjectedFaults {
+    pub alloc_failures: u64,
+    pub submission_failures: u64,
+    pub device_lost: bool,
+}
+
+/// Injected faults against what the allocator reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultReport {
+    pub injected: InjectedFaults,
+    /// Refused device allocations the allocator counted
+    /// (`Stats::device_alloc_failures`); each was retried or returned.
+    pub alloc_failures_observed: u64,
+    /// Of those, calls that ended in an out-of-memory error.
+    pub alloc_errors_returned: u64,
+    /// Failed submissions whose ticket reported the failure.
+    pub submission_failures_observed: u64,
+    /// Failures reported again at the next call on their queue
+    /// (`malloc`, `command_buffer`, `commit`, `wait_idle`).
+    pub queue_reports: u64,
+    /// Whether a call reported the device lost.
+    pub device_lost_observed: bool,
+    /// Every injected fault was reported.
+    pub all_reported: bool,
 }
 
 /// Live counters, shared with the progress display.
@@ -127,6 +175,12 @@ pub struct Live {
     pub corruptions: AtomicU64,
     pub checked: AtomicU64,
     pub stop: AtomicBool,
+    /// Under faults: out-of-memory errors, failed submissions seen on their
+    /// tickets, failures reported at a queue's next call, a lost device.
+    pub alloc_errors: AtomicU64,
+    pub failed_submissions: AtomicU64,
+    pub queue_reports: AtomicU64,
+    pub device_lost: AtomicBool,
 }
 
 /// A backend's validation layer, as the harness sees it.
@@ -138,6 +192,10 @@ pub trait Validator: Send + Sync {
     /// When the layer saw its first violation, since the backend was made,
     /// if it keeps time; the harness's own 100 ms watcher is the fallback.
     fn first_seen(&self) -> Option<Duration> {
+        None
+    }
+    /// Faults the backend injected, if it injects any.
+    fn injected(&self) -> Option<InjectedFaults> {
         None
     }
 }
@@ -184,6 +242,7 @@ pub fn run<B: Backend>(
     let first_violation: AtomicU64 = AtomicU64::new(u64::MAX);
     let first_corruption = AtomicU64::new(u64::MAX);
     let errors = parking_lot::Mutex::new(Vec::<String>::new());
+    let mut trend = w.duration.map(TrendRecorder::new);
 
     std::thread::scope(|s| {
         for t in 0..w.threads.max(1) {
@@ -216,6 +275,13 @@ pub fn run<B: Backend>(
                 first_violation.store(elapsed.as_nanos() as u64, Ordering::Relaxed);
             }
             let allocs = live.allocations.load(Ordering::Relaxed);
+            if let Some(t) = trend.as_mut() {
+                if let Some(p) = t.sample(elapsed, &alloc.stats()) {
+                    if w.print_trend {
+                        eprintln!("{} trend {}", policy, crate::trend::line(&p));
+                    }
+                }
+            }
             on_tick(live, &alloc, validator.violations());
             let done = match w.duration {
                 Some(d) => elapsed >= d,
@@ -230,7 +296,19 @@ pub fn run<B: Backend>(
         }
     });
     for q in &queues {
-        q.wait_idle(Duration::from_secs(60))?;
+        // Under faults, a failure may still be waiting for its queue's next
+        // call: this one. A lost device ends the wait.
+        for _ in 0..3 {
+            match q.wait_idle(Duration::from_secs(60)) {
+                Ok(_) => break,
+                Err(e) if w.faults && expected(&e, live) => {
+                    if matches!(e, Error::DeviceLost(_)) {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
     let seconds = start.elapsed().as_secs_f64();
     let violations = validator.violations();
@@ -245,6 +323,27 @@ pub fn run<B: Backend>(
     let allocations = live.allocations.load(Ordering::Relaxed);
     let rounds = live.rounds.load(Ordering::Relaxed);
     let info = alloc.device_info().clone();
+    let faults = validator.injected().map(|injected| {
+        let observed_lost = live.device_lost.load(Ordering::Relaxed);
+        let report = FaultReport {
+            injected,
+            alloc_failures_observed: stats.device_alloc_failures,
+            alloc_errors_returned: live.alloc_errors.load(Ordering::Relaxed),
+            submission_failures_observed: live.failed_submissions.load(Ordering::Relaxed),
+            queue_reports: live.queue_reports.load(Ordering::Relaxed),
+            device_lost_observed: observed_lost,
+            all_reported: false,
+        };
+        // A lost device may leave failures unreported: the submissions
+        // that would have reported them never complete.
+        let subs_ok = report.submission_failures_observed == injected.submission_failures;
+        FaultReport {
+            all_reported: report.alloc_failures_observed == injected.alloc_failures
+                && (subs_ok || injected.device_lost)
+                && observed_lost == injected.device_lost,
+            ..report
+        }
+    });
     Ok(Report {
         policy: policy.kind(),
         backend: info.backend.to_string(),
@@ -277,6 +376,8 @@ pub fn run<B: Backend>(
         stats_balanced: stats.balanced(),
         stats,
         violation_messages: validator.messages().into_iter().take(5).collect(),
+        faults,
+        trend: trend.map(|t| t.finish(w.memory_limit)),
     })
 }
 
@@ -320,18 +421,85 @@ fn request_loop<B: Backend>(
         } else {
             (home, home_idx)
         };
-        let mut bufs: Vec<Buffer<B>> = Vec::with_capacity(groups * 4);
-        for _ in 0..groups * 4 {
-            bufs.push(alloc.malloc(draw_size(rng, w), home)?);
+        round += 1;
+        live.rounds.fetch_add(1, Ordering::Relaxed);
+        let queues = ((home, home_idx), (q, q_idx));
+        let round_result = one_round(
+            alloc, queues, groups, w, rng, live, &mut model, recorder, &mut ids,
+        );
+        let submitted = match round_result {
+            Ok(f) => f,
+            Err(e) if w.faults && expected(&e, live) => {
+                if matches!(e, Error::DeviceLost(_)) {
+                    break;
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        in_flight.push_back(submitted);
+        while in_flight.len() > w.max_in_flight {
+            let f = in_flight.pop_front().expect("non-empty");
+            if !check(f, w, live, start, first_corruption)? {
+                in_flight.clear();
+            }
         }
-        if let Some(rec) = recorder {
-            // The round's allocs under one lock: fewer lock round trips.
-            ids.clear();
-            ids.extend(bufs.iter().map(|_| rec.next_id()));
-            rec.alloc_all(&ids, bufs.iter().map(|b| b.len()), home_idx);
+    }
+    while let Some(f) = in_flight.pop_front() {
+        if !check(f, w, live, start, first_corruption)? {
+            break;
         }
-        live.allocations
-            .fetch_add(bufs.len() as u64, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Whether an error is one that injected faults explain; counts it.
+fn expected(e: &Error, live: &Live) -> bool {
+    match e {
+        Error::OutOfMemory { reason, .. } if reason.contains("refused") => {
+            live.alloc_errors.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Error::SubmissionFailed { .. } => {
+            live.queue_reports.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Error::DeviceLost(_) => {
+            // Nothing more will complete: the run is over.
+            live.device_lost.store(true, Ordering::Relaxed);
+            live.stop.store(true, Ordering::Release);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// One round: allocate on `home`, record, commit on `q`, drop the handles.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn one_round<B: Backend>(
+    alloc: &Allocator<B>,
+    ((home, home_idx), (q, q_idx)): ((&Queue<B>, usize), (&Queue<B>, usize)),
+    groups: usize,
+    w: &Workload,
+    rng: &mut StdRng,
+    live: &Live,
+    model: &mut UniformChecksums,
+    recorder: Option<&Recorder>,
+    ids: &mut Vec<u64>,
+) -> Result<InFlight<B>, Error> {
+    let mut bufs: Vec<Buffer<B>> = Vec::with_capacity(groups * 4);
+    for _ in 0..groups * 4 {
+        bufs.push(alloc.malloc(draw_size(rng, w), home)?);
+    }
+    if let Some(rec) = recorder {
+        // The round's allocs under one lock: fewer lock round trips.
+        ids.clear();
+        ids.extend(bufs.iter().map(|_| rec.next_id()));
+        rec.alloc_all(ids, bufs.iter().map(|b| b.len()), home_idx);
+    }
+    live.allocations
+        .fetch_add(bufs.len() as u64, Ordering::Relaxed);
+    let mut record_and_commit = || -> Result<InFlight<B>, Error> {
         let mut cb = q.command_buffer()?;
         let mut expect = Vec::with_capacity(groups);
         for g in bufs.chunks_exact(4) {
@@ -357,42 +525,52 @@ fn request_loop<B: Backend>(
         }
         let ticket = cb.commit()?;
         live.submissions.fetch_add(1, Ordering::Relaxed);
-        if let Some(rec) = recorder {
-            // Each buffer is bound once; uses and commit go in under one
-            // lock, so the trace's submission is this one.
-            rec.use_all_and_commit(&ids, q_idx);
-            rec.free_all(&ids);
+        Ok(InFlight { ticket, expect })
+    };
+    let result = record_and_commit();
+    if let Some(rec) = recorder {
+        // Each buffer is bound once; uses and commit go in under one
+        // lock, so the trace's submission is this one. A round that failed
+        // (under injected faults) records only its frees.
+        if result.is_ok() {
+            rec.use_all_and_commit(ids, q_idx);
         }
-        drop(bufs); // the async-eval pattern: handles go while the GPU works
-        in_flight.push_back(InFlight { ticket, expect });
-        while in_flight.len() > w.max_in_flight {
-            check(
-                in_flight.pop_front().expect("non-empty"),
-                live,
-                start,
-                first_corruption,
-            )?;
-        }
-        round += 1;
-        live.rounds.fetch_add(1, Ordering::Relaxed);
+        rec.free_all(ids);
     }
-    while let Some(f) = in_flight.pop_front() {
-        check(f, live, start, first_corruption)?;
-    }
-    Ok(())
+    drop(bufs); // the async-eval pattern: handles go while the GPU works
+    result
 }
 
 /// Waits for a submission and compares its checksums with the model.
+/// Returns false if the device is lost (nothing more will complete).
 fn check<B: Backend>(
     f: InFlight<B>,
+    w: &Workload,
     live: &Live,
     start: Instant,
     first: &AtomicU64,
-) -> anyhow::Result<()> {
-    if !f.ticket.wait(Duration::from_secs(60))? {
-        anyhow::bail!("submission {} did not complete in 60 s", f.ticket.value());
-    }
-    let sums = f.ticket.checksums()?;
+) -> anyhow::Result<bool> {
+    let status = f.ticket.wait(Duration::from_secs(60)).and_then(|done| {
+        if done {
+            f.ticket.checksums().map(Some)
+        } else {
+            Ok(None)
+        }
+    });
+    let sums = match status {
+        Ok(Some(sums)) => sums,
+        Ok(None) => anyhow::bail!("submission {} did not complete in 60 s", f.ticket.value()),
+        // Its own failure, on its ticket: its results are undefined.
+        Err(Error::SubmissionFailed { value, .. }) if w.faults && value == f.ticket.value() => {
+            live.failed_submissions.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
+        Err(e @ Error::DeviceLost(_)) if w.faults => {
+            expected(&e, live);
+            return Ok(false);
+        }
+        Err(e) => return Err(e.into()),
+    };
     for e in &f.expect {
         live.checked.fetch_add(1, Ordering::Relaxed);
         if sums.get(e.slot) != Some(&e.value) {
@@ -405,5 +583,5 @@ fn check<B: Backend>(
             );
         }
     }
-    Ok(())
+    Ok(true)
 }

@@ -216,3 +216,66 @@ fn bench_on_cuda_without_a_driver_fails_cleanly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CUDA"), "{err}");
 }
+
+#[test]
+fn repro_under_faults_reports_every_injected_fault_and_loses_nothing() {
+    let out = inflight(&[
+        "repro",
+        "--faults",
+        "0.02",
+        "--allocations",
+        "20000",
+        "--json",
+        "--seed",
+        "5",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    let r = &json_lines(&out)[0];
+    let f = &r["faults"];
+    assert!(f["injected"]["alloc_failures"].as_u64().unwrap() > 0, "{r}");
+    assert!(
+        f["injected"]["submission_failures"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+    assert_eq!(
+        f["injected"]["submission_failures"], f["submission_failures_observed"],
+        "{r}"
+    );
+    assert_eq!(
+        f["injected"]["alloc_failures"], f["alloc_failures_observed"],
+        "{r}"
+    );
+    assert_eq!(f["all_reported"], true, "{r}");
+    assert_eq!(r["violations"], 0, "{r}");
+    assert_eq!(r["corruptions"], 0, "{r}");
+    assert_eq!(r["stats_balanced"], true, "{r}");
+}
+
+#[test]
+fn repro_survives_a_lost_device_and_says_so() {
+    let out = inflight(&[
+        "repro",
+        "--lose-device-after",
+        "200",
+        "--allocations",
+        "100000",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    let r = &json_lines(&out)[0];
+    assert_eq!(r["faults"]["injected"]["device_lost"], true, "{r}");
+    assert_eq!(r["faults"]["device_lost_observed"], true, "{r}");
+    assert_eq!(r["violations"], 0, "{r}");
+    assert_eq!(r["stats_balanced"], true, "{r}");
+}
+
+#[test]
+fn timed_runs_print_the_memory_trend() {
+    let out = inflight(&["repro", "--duration", "2s", "--quiet"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("memory trend"), "{text}");
+    assert!(text.contains("first vs last interval"), "{text}");
+}
