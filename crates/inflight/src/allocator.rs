@@ -48,6 +48,17 @@ static NEXT_ALLOCATOR_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A GPU buffer caching allocator over backend `B`. Cheap to clone: clones
 /// share one cache.
+///
+/// # Drop order
+///
+/// Every handle ([`Buffer`], [`Queue`], [`crate::CommandBuffer`],
+/// [`crate::Ticket`]) keeps the allocator's shared state alive, so they may
+/// be dropped in any order, and a command buffer may still be committed
+/// after the last `Allocator` is gone. When the last handle goes, ready
+/// blocks are released and pending ones are released once their work
+/// completes, waiting up to [`Config::pressure_timeout`]; memory whose work
+/// has not completed by then (or whose device was lost) is leaked, never
+/// released in flight (I1), and a line says so on stderr.
 pub struct Allocator<B: Backend> {
     pub(crate) shared: Arc<Shared<B>>,
 }
@@ -385,6 +396,10 @@ impl<B: Backend> Allocator<B> {
     }
 
     /// Sets the memory limit (see [`Config`]); the others must still fit under it.
+    ///
+    /// Lowering it below the bytes reserved now is accepted: live and pending
+    /// blocks stay until freed and completed, and allocations trim, wait, and
+    /// fail with [`Error::OutOfMemory`] until reserved bytes fit again.
     pub fn set_memory_limit(&self, bytes: u64) -> Result<()> {
         self.set_limits(Limits {
             memory: bytes,

@@ -175,7 +175,9 @@ impl<B: Backend> Buffer<B> {
             .expect("a live buffer has its raw buffer")
     }
 
-    /// The whole buffer as a span, rounded down to whole words.
+    /// The whole buffer as a span, rounded down to whole words. Empty for a
+    /// buffer of under 4 bytes: whole-buffer operations on it return
+    /// [`crate::Error::InvalidSpan`].
     pub fn span(&self) -> Span {
         Span::prefix(self.live().len & !3)
     }

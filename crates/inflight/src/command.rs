@@ -78,6 +78,9 @@ impl<B: Backend> Queue<B> {
     }
 
     /// Waits until everything committed so far has completed, or `timeout`.
+    /// `timeout` may be zero (a poll) or [`Duration::MAX`] (no limit). A
+    /// failure stored for this queue (a failed submission, a lost device) is
+    /// returned after the wait.
     pub fn wait_idle(&self, timeout: Duration) -> Result<bool> {
         let last = self.last_submitted();
         let done = self.shared.backend.wait(&self.q.raw, last, timeout)?;
