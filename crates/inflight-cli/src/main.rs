@@ -130,6 +130,9 @@ struct ReproArgs {
     /// active bytes) as it closes, on stderr. The table shows them all.
     #[arg(long)]
     trend: bool,
+    /// Zero every recycled buffer for its new owner (multi-tenant scrubbing).
+    #[arg(long)]
+    scrub: bool,
     /// Print one JSON object per policy instead of the table.
     #[arg(long)]
     json: bool,
@@ -270,6 +273,7 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
         seed: a.seed,
         faults: a.faults > 0.0 || a.lose_device_after.is_some(),
         print_trend: a.trend,
+        scrub: a.scrub,
         ..Workload::default()
     };
     if a.record.is_some() && a.policy == PolicyArg::All {

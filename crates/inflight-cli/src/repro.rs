@@ -73,6 +73,8 @@ pub struct Workload {
     pub faults: bool,
     /// Print each trend interval as it closes (timed runs).
     pub print_trend: bool,
+    /// Zero recycled buffers for their new owner (`Config::scrub`).
+    pub scrub: bool,
 }
 
 impl Default for Workload {
@@ -94,6 +96,7 @@ impl Default for Workload {
             seed: 1,
             faults: false,
             print_trend: false,
+            scrub: false,
         }
     }
 }
@@ -232,6 +235,7 @@ pub fn run<B: Backend>(
         memory_limit: Some(memory_limit),
         cache_limit: Some(w.cache_limit.min(memory_limit)),
         gc_limit: Some(memory_limit / 20 * 19),
+        scrub: w.scrub,
         ..Config::default()
     };
     let alloc = Allocator::new(backend, config)?;

@@ -510,6 +510,7 @@ impl<B: Backend> Shared<B> {
                 fence = b.stamps.single().map_or(0, |s| s.value);
             }
         }
+        let recycled = hit.is_some();
         let block = match hit {
             Some(b) => {
                 st.stats.cache_hits += 1;
@@ -543,14 +544,12 @@ impl<B: Backend> Shared<B> {
             self.release_blocks(release);
         }
         let shell = shell.unwrap_or_else(BufferInner::shell);
-        Ok(Buffer::adopt(
-            shell,
-            self.clone(),
-            block,
-            size,
-            queue.id,
-            fence,
-        ))
+        let buf = Buffer::adopt(shell, self.clone(), block, size, queue.id, fence);
+        if recycled && self.config.scrub {
+            // Zeroed at its first binding (see `Config::scrub`).
+            buf.inner.needs_scrub.store(true, Ordering::Relaxed);
+        }
+        Ok(buf)
     }
 
     /// The miss path: makes room under the limits, then asks the device.

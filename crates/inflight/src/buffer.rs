@@ -17,7 +17,7 @@
 
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -46,6 +46,11 @@ pub(crate) struct BufferInner<B: Backend> {
     /// `queue` completed (the in-order reuse rule): that work's value. Work
     /// on any other queue must wait for it first (I2).
     pub(crate) reuse_fence: AtomicU64,
+    /// Under [`crate::Config::scrub`]: a recycled block not yet zeroed for
+    /// its new owner. Set at malloc, taken by the first binding, which
+    /// records the fill (and sets it again if that command buffer is never
+    /// submitted).
+    pub(crate) needs_scrub: AtomicBool,
 }
 
 /// What a live buffer is; `None`s in a shell.
@@ -86,6 +91,7 @@ impl<B: Backend> BufferInner<B> {
             }),
             stamps: Mutex::new(Stamps::default()),
             reuse_fence: AtomicU64::new(0),
+            needs_scrub: AtomicBool::new(false),
         })
     }
 }
@@ -120,6 +126,7 @@ impl<B: Backend> Buffer<B> {
             *shell.stamps.data_ptr() = block.stamps;
         }
         shell.reuse_fence.store(fence_value, Ordering::Relaxed);
+        shell.needs_scrub.store(false, Ordering::Relaxed);
         shell.handles.store(1, Ordering::Release);
         Buffer {
             inner: ManuallyDrop::new(shell),

@@ -64,6 +64,7 @@ impl<B: Backend> Queue<B> {
             bound: Vec::new(),
             device_waits: Vec::new(),
             checksums: 0,
+            scrubbed: Vec::new(),
         })
     }
 
@@ -102,6 +103,9 @@ pub struct CommandBuffer<B: Backend> {
     /// Device-side waits already recorded (queue, value), not to repeat.
     device_waits: Vec<Stamp>,
     checksums: usize,
+    /// Under `Config::scrub`: buffers whose zero fill this command buffer
+    /// recorded; their scrub is owed again if it is never submitted.
+    scrubbed: Vec<Buffer<B>>,
 }
 
 impl<B: Backend> CommandBuffer<B> {
@@ -139,8 +143,31 @@ impl<B: Backend> CommandBuffer<B> {
         let cmds = self.cmds.as_mut().expect("commands exist until commit");
         self.shared
             .order_reuse(buf, self.queue.id, cmds, &mut self.device_waits)?;
+        if buf.inner.needs_scrub.load(Ordering::Relaxed)
+            && buf.inner.needs_scrub.swap(false, Ordering::AcqRel)
+        {
+            self.scrub(buf)?;
+        }
         if !self.bound.last().is_some_and(|b| b.same(buf)) {
             self.bound.push(buf.clone());
+        }
+        Ok(())
+    }
+
+    /// Records a fill of zeros over the whole of a recycled buffer, before
+    /// the operation that binds it first (see `Config::scrub`), in pieces no
+    /// longer than the device's largest operation.
+    fn scrub(&mut self, buf: &Buffer<B>) -> Result<()> {
+        self.scrubbed.push(buf.clone());
+        let total = buf.len() & !3;
+        let piece = (self.shared.info.max_op_span & !3).max(4);
+        let shared = self.shared.clone();
+        let mut offset = 0;
+        while offset < total {
+            let len = piece.min(total - offset);
+            let span = Span { offset, len };
+            shared.backend.fill(self.cmds(), buf.raw(), span, 0)?;
+            offset += len;
         }
         Ok(())
     }
@@ -263,6 +290,8 @@ impl<B: Backend> CommandBuffer<B> {
         };
         // Dropped here, after the submit lock: this may free buffers.
         drop(bound);
+        // Submitted: the scrubs are on their way (see `Drop`).
+        self.scrubbed.clear();
         Ok(Ticket {
             shared: self.shared.clone(),
             queue: self.queue.clone(),
@@ -270,6 +299,16 @@ impl<B: Backend> CommandBuffer<B> {
             submission,
             checksums: self.checksums,
         })
+    }
+}
+
+impl<B: Backend> Drop for CommandBuffer<B> {
+    fn drop(&mut self) {
+        // Never submitted (dropped, or its commit failed): the zero fills it
+        // recorded never ran, so the next binding must record them again.
+        for b in self.scrubbed.drain(..) {
+            b.inner.needs_scrub.store(true, Ordering::Release);
+        }
     }
 }
 

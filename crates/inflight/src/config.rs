@@ -50,6 +50,15 @@ pub struct Config {
     pub gc_limit: Option<u64>,
     /// The longest an allocation waits for in-flight work before failing.
     pub pressure_timeout: Duration,
+    /// Scrubbing, for multi-tenant servers: a recycled buffer reads as zeros
+    /// to its new owner. The first command buffer that binds it records a
+    /// fill of zeros over the whole buffer before the operation that binds
+    /// it, so the fill is ordered on the new owner's queue before its first
+    /// use (and, like any first use, after the previous owner's work). No
+    /// extra submission, nothing on the host; a buffer never bound is never
+    /// filled. Fresh device allocations are not scrubbed: their contents are
+    /// the driver's (zeroed on the simulated GPU). Off by default.
+    pub scrub: bool,
 }
 
 impl Default for Config {
@@ -64,6 +73,7 @@ impl Default for Config {
             cache_limit: None,
             gc_limit: None,
             pressure_timeout: DEFAULT_PRESSURE_TIMEOUT,
+            scrub: false,
         }
     }
 }
