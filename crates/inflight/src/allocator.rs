@@ -24,11 +24,8 @@
 //! after those locks are released.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-
-use parking_lot::{Mutex, MutexGuard};
 
 use crate::backend::{Backend, DeviceError, DeviceInfo};
 use crate::buffer::{BufferInner, Shell};
@@ -38,13 +35,15 @@ use crate::error::{Error, Result};
 use crate::pending::PendingList;
 use crate::policy::PolicyKind;
 use crate::stats::Stats;
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
 use crate::timeline::{QueueId, Stamp, Stamps, Watermark};
 use crate::{Buffer, Queue};
 
 /// The most queues one allocator supports.
 pub const MAX_QUEUES: usize = 64;
 
-static NEXT_ALLOCATOR_ID: AtomicU64 = AtomicU64::new(1);
+// A process-wide counter: std's atomic even under loom (a `static`).
+static NEXT_ALLOCATOR_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A GPU buffer caching allocator over backend `B`. Cheap to clone: clones
 /// share one cache.

@@ -17,14 +17,12 @@
 
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-
-use parking_lot::Mutex;
 
 use crate::allocator::Shared;
 use crate::backend::{Backend, Span};
 use crate::cache::Block;
+use crate::sync::{fence, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 use crate::timeline::{QueueId, Stamps};
 
 /// A device buffer from the cache. Clones share it; dropping the last clone

@@ -11,7 +11,6 @@
 //! A buffer used on a queue other than the one it was allocated for is
 //! stamped for that queue too, automatically.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +19,7 @@ use crate::backend::{Backend, Span};
 use crate::buffer::Buffer;
 use crate::error::{Error, Result};
 use crate::policy::PolicyKind;
+use crate::sync::Ordering;
 use crate::timeline::{QueueId, Stamp};
 
 /// An in-order stream of submissions with its own timeline. Clones share it.

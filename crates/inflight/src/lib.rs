@@ -80,6 +80,7 @@ mod error;
 pub mod pending;
 mod policy;
 mod stats;
+mod sync;
 pub mod timeline;
 
 pub use allocator::{Allocator, MAX_QUEUES};

@@ -12,7 +12,7 @@
 //! while the command buffer still holds a strong reference to the buffer, so a
 //! free can never read a set of stamps that misses a submitted use.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering};
 
 /// A queue's index inside its allocator.
 pub type QueueId = u32;

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Model-checks the allocator's shared state with loom (crates/inflight/tests/loom.rs).
+# The cfg swaps the core's mutexes and atomics for loom's (src/sync.rs); a
+# separate target directory keeps that build from invalidating the normal one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export RUSTFLAGS="--cfg inflight_loom ${RUSTFLAGS:-}"
+export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/loom}"
+exec cargo test -p inflight --release --test loom "$@"
