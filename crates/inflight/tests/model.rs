@@ -22,14 +22,33 @@ const MB: u64 = 1 << 20;
 
 #[derive(Clone, Debug)]
 enum Step {
-    Alloc { size: u64, queue: usize },
-    Bind { buf: usize, queue: usize },
-    Commit { queue: usize },
-    Complete { queue: usize, upto: u64 },
-    Drop { buf: usize },
-    Trim { bytes: u64 },
+    Alloc {
+        size: u64,
+        queue: usize,
+    },
+    Bind {
+        buf: usize,
+        queue: usize,
+    },
+    Commit {
+        queue: usize,
+    },
+    Complete {
+        queue: usize,
+        upto: u64,
+    },
+    Drop {
+        buf: usize,
+    },
+    Trim {
+        bytes: u64,
+    },
     Clear,
-    CacheLimit { bytes: u64 },
+    CacheLimit {
+        bytes: u64,
+    },
+    /// The device refuses the next raw allocation (an injected fault).
+    RefuseNextAlloc,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -42,6 +61,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0u64..(8 * MB)).prop_map(|bytes| Step::Trim { bytes }),
         1 => Just(Step::Clear),
         1 => (0u64..(16 * MB)).prop_map(|bytes| Step::CacheLimit { bytes }),
+        1 => Just(Step::RefuseNextAlloc),
     ]
 }
 
@@ -165,6 +185,7 @@ impl Harness {
                 let r = self.alloc.set_limits(Limits { cache: bytes, ..l });
                 assert_eq!(r.is_ok(), bytes <= l.memory);
             }
+            Step::RefuseNextAlloc => self.gpu.fail_next_allocation(),
         }
         // Buffers dropped while an open command buffer held them become free
         // at commit: recompute liveness from the handles and open lists.
