@@ -41,6 +41,10 @@ pub struct Trend {
     pub reserved_change: f64,
     pub pending_change: f64,
     pub ready_change: f64,
+    /// The same for reserved bytes, second interval against the last: the
+    /// change once the first interval's warm-up (an empty cache filling) is
+    /// left out. Reported beside, never instead of, `reserved_change`.
+    pub reserved_change_after_warmup: f64,
     /// Reserved stayed under the memory limit and its first and last
     /// interval means are within [`FLAT_TOLERANCE`].
     pub flat: bool,
@@ -120,6 +124,13 @@ impl TrendRecorder {
                 self.points.pop();
             }
         }
+        let second = self.points.get(1).or(self.points.first());
+        let reserved_change_after_warmup = match (second, self.points.last()) {
+            (Some(a), Some(b)) if a.reserved_mean > 0 => {
+                (b.reserved_mean as f64 - a.reserved_mean as f64) / a.reserved_mean as f64
+            }
+            _ => 0.0,
+        };
         let change = |f: fn(&TrendPoint) -> u64| match (self.points.first(), self.points.last()) {
             (Some(a), Some(b)) if f(a) > 0 => (f(b) as f64 - f(a) as f64) / f(a) as f64,
             (Some(a), Some(b)) if f(a) == f(b) => 0.0,
@@ -140,6 +151,7 @@ impl TrendRecorder {
             reserved_change,
             pending_change: change(|p| p.pending_mean),
             ready_change: change(|p| p.ready_mean),
+            reserved_change_after_warmup,
             flat: reserved_max <= memory_limit && reserved_change.abs() <= FLAT_TOLERANCE,
             points: self.points,
         }
@@ -165,10 +177,11 @@ pub fn line(p: &TrendPoint) -> String {
 pub fn summary(t: &Trend) -> String {
     let pct = |x: f64| format!("{:+.1}%", 100.0 * x);
     format!(
-        "trend: first vs last interval: reserved {}, pending {}, ready {}; max reserved {} of limit {}; {}",
+        "trend: first vs last interval: reserved {}, pending {}, ready {} (second vs last: reserved {}); max reserved {} of limit {}; {}",
         pct(t.reserved_change),
         pct(t.pending_change),
         pct(t.ready_change),
+        pct(t.reserved_change_after_warmup),
         fmt_bytes(t.reserved_max),
         fmt_bytes(t.memory_limit),
         if t.flat {
