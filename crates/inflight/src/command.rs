@@ -344,7 +344,7 @@ impl<B: Backend> Ticket<B> {
         if done {
             // The submission's own status: the queue's stored fault may
             // already have been reported to (and cleared by) another call.
-            if let Err(e) = self.shared.backend.results(&self.submission) {
+            if let Some(e) = self.shared.backend.submission_failure(&self.submission) {
                 return Err(self.submission_error(e));
             }
         }

@@ -230,10 +230,20 @@ pub trait Backend: Send + Sync + 'static {
     /// may be released and reused. The allocator drains this after every
     /// [`Backend::completed`] and reports the error at the next call on that
     /// queue; the submission's own ticket learns it from
-    /// [`Backend::results`]. Backends that cannot tell one submission's
-    /// failure apart (they lose the device instead) keep the default, `None`.
+    /// [`Backend::submission_failure`]. Backends that cannot tell one
+    /// submission's failure apart (they lose the device instead) keep the
+    /// default, `None`.
     fn take_failure(&self, queue: &Self::Queue) -> Option<DeviceError> {
         let _ = queue;
+        None
+    }
+
+    /// The error a completed submission completed with, if any (see
+    /// [`Backend::take_failure`]); asked by its ticket once it is done, so it
+    /// must be cheap. The default, `None`, is for backends without
+    /// per-submission failures.
+    fn submission_failure(&self, submission: &Self::Submission) -> Option<DeviceError> {
+        let _ = submission;
         None
     }
 }

@@ -457,6 +457,10 @@ impl Backend for SimGpu {
     fn take_failure(&self, queue: &SimQueue) -> Option<DeviceError> {
         queue.exec.take_failure()
     }
+
+    fn submission_failure(&self, submission: &SimSubmission) -> Option<DeviceError> {
+        submission.outcome.lock().failure.clone()
+    }
 }
 
 fn check_span(buf: &SimBuffer, span: Span) -> Result<(), DeviceError> {
