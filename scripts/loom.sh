@@ -2,6 +2,8 @@
 # Model-checks the allocator's shared state with loom (crates/inflight/tests/loom.rs).
 # The cfg swaps the core's mutexes and atomics for loom's (src/sync.rs); a
 # separate target directory keeps that build from invalidating the normal one.
+# Lint the models with: RUSTFLAGS="--cfg inflight_loom" CARGO_TARGET_DIR=target/loom \
+#   cargo clippy -p inflight --release --test loom -- -D warnings
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTFLAGS="--cfg inflight_loom ${RUSTFLAGS:-}"
