@@ -22,33 +22,15 @@ const MB: u64 = 1 << 20;
 
 #[derive(Clone, Debug)]
 enum Step {
-    Alloc {
-        size: u64,
-        queue: usize,
-    },
-    Bind {
-        buf: usize,
-        queue: usize,
-    },
-    Commit {
-        queue: usize,
-    },
-    Complete {
-        queue: usize,
-        upto: u64,
-    },
-    Drop {
-        buf: usize,
-    },
-    Trim {
-        bytes: u64,
-    },
+    Alloc { size: u64, queue: usize },
+    Bind { buf: usize, queue: usize },
+    Commit { queue: usize },
+    Complete { queue: usize, upto: u64 },
+    Drop { buf: usize },
+    Trim { bytes: u64 },
     Clear,
-    CacheLimit {
-        bytes: u64,
-    },
-    /// The device refuses the next raw allocation (an injected fault).
-    RefuseNextAlloc,
+    CacheLimit { bytes: u64 },
+    RefuseNextAlloc, // the device refuses the next raw allocation (a fault)
 }
 
 fn step() -> impl Strategy<Value = Step> {
