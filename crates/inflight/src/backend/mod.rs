@@ -61,6 +61,22 @@ impl Span {
     pub const fn words(&self) -> u64 {
         self.len / 4
     }
+
+    /// Checks that the span is word-aligned, not empty, and inside a buffer
+    /// of `size` bytes (without overflowing): the check every backend makes
+    /// when an operation is recorded.
+    pub fn check_fits(&self, size: u64) -> Result<(), DeviceError> {
+        let inside = self
+            .offset
+            .checked_add(self.len)
+            .is_some_and(|end| end <= size);
+        if self.offset % 4 != 0 || self.len % 4 != 0 || self.len == 0 || !inside {
+            return Err(DeviceError::Unsupported(format!(
+                "span {self} does not fit a buffer of {size} bytes"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// What a backend tells the allocator about its device.

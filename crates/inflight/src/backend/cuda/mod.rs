@@ -318,22 +318,6 @@ impl Drop for CudaQueue {
     }
 }
 
-fn check_span(buf: &CudaBuffer, span: Span) -> Result<(), DeviceError> {
-    if span.offset % 4 != 0
-        || span.len % 4 != 0
-        || span
-            .offset
-            .checked_add(span.len)
-            .is_none_or(|e| e > buf.size)
-    {
-        return Err(DeviceError::Unsupported(format!(
-            "span {span} does not fit a buffer of {} bytes",
-            buf.size
-        )));
-    }
-    Ok(())
-}
-
 impl Backend for CudaGpu {
     type Buffer = CudaBuffer;
     type Queue = CudaQueue;
@@ -431,7 +415,7 @@ impl Backend for CudaGpu {
         span: Span,
         pattern: u32,
     ) -> Result<(), DeviceError> {
-        check_span(dst, span)?;
+        span.check_fits(dst.size)?;
         cmds.ops.push(Op::Fill {
             dst: dst.ptr + span.offset,
             words: span.words(),
@@ -447,8 +431,8 @@ impl Backend for CudaGpu {
         dst: &CudaBuffer,
         span: Span,
     ) -> Result<(), DeviceError> {
-        check_span(src, span)?;
-        check_span(dst, span)?;
+        span.check_fits(src.size)?;
+        span.check_fits(dst.size)?;
         cmds.ops.push(Op::Copy {
             src: src.ptr + span.offset,
             dst: dst.ptr + span.offset,
@@ -466,7 +450,7 @@ impl Backend for CudaGpu {
         span: Span,
     ) -> Result<(), DeviceError> {
         for buf in [a, b, out] {
-            check_span(buf, span)?;
+            span.check_fits(buf.size)?;
         }
         cmds.ops.push(Op::Add {
             a: a.ptr + span.offset,
@@ -483,7 +467,7 @@ impl Backend for CudaGpu {
         src: &CudaBuffer,
         span: Span,
     ) -> Result<usize, DeviceError> {
-        check_span(src, span)?;
+        span.check_fits(src.size)?;
         let slot = cmds.checksums;
         cmds.checksums += 1;
         cmds.ops.push(Op::Checksum {

@@ -323,7 +323,7 @@ impl Backend for SimGpu {
         span: Span,
         pattern: u32,
     ) -> Result<(), DeviceError> {
-        check_span(dst, span)?;
+        span.check_fits(dst.mem.size)?;
         cmds.ops.push(Op::Fill {
             dst: dst.mem.clone(),
             span,
@@ -339,8 +339,8 @@ impl Backend for SimGpu {
         dst: &SimBuffer,
         span: Span,
     ) -> Result<(), DeviceError> {
-        check_span(src, span)?;
-        check_span(dst, span)?;
+        span.check_fits(src.mem.size)?;
+        span.check_fits(dst.mem.size)?;
         cmds.ops.push(Op::Copy {
             src: src.mem.clone(),
             dst: dst.mem.clone(),
@@ -358,7 +358,7 @@ impl Backend for SimGpu {
         span: Span,
     ) -> Result<(), DeviceError> {
         for buf in [a, b, out] {
-            check_span(buf, span)?;
+            span.check_fits(buf.mem.size)?;
         }
         cmds.ops.push(Op::Add {
             a: a.mem.clone(),
@@ -375,7 +375,7 @@ impl Backend for SimGpu {
         src: &SimBuffer,
         span: Span,
     ) -> Result<usize, DeviceError> {
-        check_span(src, span)?;
+        span.check_fits(src.mem.size)?;
         let slot = cmds.checksums;
         cmds.checksums += 1;
         cmds.ops.push(Op::Checksum {
@@ -461,16 +461,6 @@ impl Backend for SimGpu {
     fn submission_failure(&self, submission: &SimSubmission) -> Option<DeviceError> {
         submission.outcome.lock().failure.clone()
     }
-}
-
-fn check_span(buf: &SimBuffer, span: Span) -> Result<(), DeviceError> {
-    if span.offset % 4 != 0 || span.len % 4 != 0 || span.end() > buf.mem.size {
-        return Err(DeviceError::Unsupported(format!(
-            "span {span} does not fit buffer {} of {} bytes",
-            buf.mem.generation, buf.mem.size
-        )));
-    }
-    Ok(())
 }
 
 impl SimBuffer {

@@ -168,7 +168,7 @@ impl VulkanGpu {
     ) -> Result<(), DeviceError> {
         for b in bufs {
             self.same_device(&b.dev)?;
-            check_span(b, span)?;
+            span.check_fits(b.size)?;
         }
         let raw: Vec<vk::Buffer> = bufs.iter().map(|b| b.buffer).collect();
         let enc = cmds
@@ -387,20 +387,6 @@ impl VulkanGpu {
             }
         }
     }
-}
-
-fn check_span(buf: &VulkanBuffer, span: Span) -> Result<(), DeviceError> {
-    let fits = span
-        .offset
-        .checked_add(span.len)
-        .is_some_and(|end| end <= buf.size);
-    if span.offset % 4 != 0 || span.len % 4 != 0 || span.len == 0 || !fits {
-        return Err(DeviceError::Unsupported(format!(
-            "span {span} does not fit a buffer of {} bytes",
-            buf.size
-        )));
-    }
-    Ok(())
 }
 
 impl VulkanBuffer {
