@@ -64,9 +64,38 @@ pub struct Allocator<B: Backend> {
 
 impl<B: Backend> Clone for Allocator<B> {
     fn clone(&self) -> Self {
+        self.shared
+            .allocator_handles
+            .fetch_add(1, Ordering::Relaxed);
         Allocator {
             shared: self.shared.clone(),
         }
+    }
+}
+
+impl<B: Backend> Drop for Allocator<B> {
+    /// Under `Retained`, the last `Allocator` handle waits (up to
+    /// [`Config::pressure_timeout`]) for the submissions that still hold
+    /// references and lets them go. Those references point back at the
+    /// allocator through their buffers, so without this a program that drops
+    /// everything while such work is in flight would keep the allocator and
+    /// its device memory alive for good.
+    fn drop(&mut self) {
+        let s = &self.shared;
+        if s.allocator_handles.fetch_sub(1, Ordering::AcqRel) != 1
+            || s.config.policy.kind() != PolicyKind::Retained
+        {
+            return;
+        }
+        let deadline = Instant::now() + s.config.pressure_timeout;
+        for q in s.queues.iter() {
+            let last = q.submit.lock().retained.back().map(|(v, _)| *v);
+            if let Some(value) = last {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let _ = s.backend.wait(&q.raw, value, left);
+            }
+        }
+        s.drain_retained();
     }
 }
 
@@ -81,6 +110,8 @@ pub(crate) struct Shared<B: Backend> {
     reuse_device_waits: AtomicU64,
     /// ... and those the host had to wait for.
     reuse_host_waits: AtomicU64,
+    /// Live `Allocator` handles (the last one drains `Retained` references).
+    allocator_handles: AtomicUsize,
     // Declared last: dropped after the queues and blocks that need it.
     pub(crate) backend: B,
 }
@@ -275,6 +306,7 @@ impl<B: Backend> Allocator<B> {
                 queues: QueueRegistry::new(),
                 reuse_device_waits: AtomicU64::new(0),
                 reuse_host_waits: AtomicU64::new(0),
+                allocator_handles: AtomicUsize::new(1),
                 backend,
             }),
         })

@@ -8,6 +8,9 @@
 //!   buffer it bound until it completes, the "retained references" fix
 //!   proposed for MLX. Safe, at the price of reference-count traffic per
 //!   binding and of buffers kept live (so not reusable) until completion.
+//!   The held references are let go lazily, at the next call on the
+//!   allocator after the work completes; dropping the last `Allocator`
+//!   handle waits for them (boundedly).
 //! - `Immediate`, only through the `unsafe` [`Policy::immediate`]: a freed block
 //!   goes straight to the ready list and trimming releases it whatever is in
 //!   flight. This is the defect, kept to demonstrate and test it.

@@ -348,3 +348,28 @@ fn waiting_on_a_lost_device_is_an_error() {
     drop(alloc);
     assert_eq!(gpu.violations(), 0);
 }
+
+#[test]
+fn retained_references_do_not_keep_a_dropped_allocator_alive() {
+    // Regression: under `Retained` a queue's list of held references points
+    // back at the allocator; dropping every handle while a submission was in
+    // flight leaked the allocator and its device memory.
+    let (gpu, alloc, q0, _) = setup(false, config().with_policy(Policy::RETAINED));
+    let a = malloc(&gpu, &alloc, 4096, &q0);
+    use_on(&q0, &[&a]);
+    drop(a);
+    let gpu2 = gpu.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        gpu2.complete_all();
+    });
+    drop(q0);
+    drop(alloc);
+    t.join().unwrap();
+    assert_eq!(
+        gpu.live_buffers(),
+        0,
+        "the allocator outlived its last handle"
+    );
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
