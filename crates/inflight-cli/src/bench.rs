@@ -18,6 +18,7 @@
 //! figure is the median ns per pair (a pair = one alloc + one free), with the
 //! fastest and slowest batch as the spread. No GPU work uses any buffer.
 
+mod threads;
 #[cfg(feature = "cuda")]
 mod torch;
 
@@ -70,6 +71,10 @@ pub struct BenchArgs {
     /// Skip the PyTorch row.
     #[arg(long)]
     no_torch: bool,
+    /// Also measure how the cache-hit pair (of the first `--sizes` size)
+    /// scales over these thread counts, e.g. `1,2,4,8,16`.
+    #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u16).range(1..=1024))]
+    threads: Vec<u16>,
     /// Write one JSON object per (allocator, sequence), one a line, to FILE;
     /// `--json` alone prints them on stdout instead of the table.
     #[arg(long, num_args = 0..=1, default_missing_value = "-", value_name = "FILE")]
@@ -621,19 +626,39 @@ pub fn command(a: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
 
+    let scaling = if a.threads.is_empty() {
+        Vec::new()
+    } else {
+        let job = threads::ScalingJob {
+            threads: a.threads.iter().map(|&n| usize::from(n)).collect(),
+            pairs: a.pairs,
+            batches: a.batches,
+            size: a.sizes.first().copied().unwrap_or(4096),
+        };
+        with_backend(backend, &opts, job)?
+    };
+
     let stdout_json = a.json.as_deref() == Some(std::path::Path::new("-"));
+    let mut lines = Vec::new();
+    for r in &rows {
+        lines.push(serde_json::to_string(r)?);
+    }
+    for r in &scaling {
+        lines.push(serde_json::to_string(r)?);
+    }
     if let Some(path) = a.json.as_ref().filter(|_| !stdout_json) {
         let mut f = std::fs::File::create(path)?;
-        for r in &rows {
-            writeln!(f, "{}", serde_json::to_string(r)?)?;
+        for l in &lines {
+            writeln!(f, "{l}")?;
         }
     }
     if stdout_json {
-        for r in &rows {
-            println!("{}", serde_json::to_string(r)?);
+        for l in &lines {
+            println!("{l}");
         }
     } else {
         print_table(&rows, &plan, backend);
+        threads::print(&scaling);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -279,3 +279,45 @@ fn timed_runs_print_the_memory_trend() {
     assert!(text.contains("memory trend"), "{text}");
     assert!(text.contains("first vs last interval"), "{text}");
 }
+
+#[test]
+fn bench_threads_reports_one_scaling_row_per_thread_count() {
+    let out = inflight(&[
+        "bench",
+        "--backend",
+        "sim",
+        "--pairs",
+        "2000",
+        "--steps",
+        "64",
+        "--batches",
+        "1",
+        "--sizes",
+        "4KiB",
+        "--threads",
+        "1,2",
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scaling: Vec<serde_json::Value> = json_lines(&out)
+        .into_iter()
+        .filter(|r| !r["threads"].is_null())
+        .collect();
+    let threads: Vec<u64> = scaling
+        .iter()
+        .map(|r| r["threads"].as_u64().unwrap())
+        .collect();
+    assert_eq!(threads, [1, 2]);
+    for r in &scaling {
+        assert!(
+            r["aggregate_pairs_per_second"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+    }
+    assert_eq!(scaling[0]["speedup_vs_one_thread"].as_f64(), Some(1.0));
+}
