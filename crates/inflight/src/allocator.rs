@@ -1,16 +1,23 @@
 //! The allocator: malloc, free, promotion, trimming and limits.
 //!
-//! One [`Allocator`] owns a backend, its queues, the ready list and the
-//! pending list. Its state sits behind one mutex; backends are only called for
-//! cheap queries under it, except device allocation and release, which are
-//! rare next to cache hits.
+//! One [`Allocator`] owns a backend, its queues, the per-thread front caches
+//! (`front.rs`), the ready list and the pending list. The lists sit behind
+//! one mutex, the state lock; backends are only called for cheap queries
+//! under it, except device allocation and release, which are rare next to
+//! cache hits.
 //!
 //! # Paths
 //!
 //! - **free** (the last handle of a buffer is dropped): every stamp passed →
-//!   ready; else → pending, filed under its first incomplete stamp. Then ready
-//!   bytes are trimmed to the cache limit, oldest first.
-//! - **malloc**: promote due pending blocks; best fit from ready; else, on a
+//!   the front cache of the slot the buffer was allocated through (no state
+//!   lock), the oldest there going to the ready list when it is full; else →
+//!   pending, filed under its first incomplete stamp. Then ready bytes are
+//!   trimmed to their share of the cache limit, oldest first. (Under
+//!   `Immediate`, a block that was ever bound skips the front cache and goes
+//!   to the ready list, its stamps ignored: that is the defect.)
+//! - **malloc**: a block of the rounded size from the calling thread's front
+//!   cache, under its slot lock only. Else, under the state lock: promote due
+//!   pending blocks; best fit from ready; else, on a
 //!   queue that orders memory, a pending block whose only stamp is on that
 //!   queue; else a device allocation: trim to the GC limit, trim to the memory
 //!   limit, wait (boundedly) for the oldest in-flight stamp, and finally fail
@@ -18,10 +25,11 @@
 //!
 //! # Lock order
 //!
-//! `State` (allocator) → `SubmitState` (queue) → stamps (buffer). Dropping a
-//! buffer takes `State`, so nothing may drop a buffer handle while holding a
-//! queue's submit lock or the state lock: handles are collected and dropped
-//! after those locks are released.
+//! `State` (allocator) → a front-cache slot → `SubmitState` (queue) → stamps
+//! (buffer). Dropping a buffer takes a slot lock and may take `State`, so
+//! nothing may drop a buffer handle while holding a queue's submit lock, a
+//! slot lock or the state lock: handles are collected and dropped after
+//! those locks are released.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
@@ -32,6 +40,7 @@ use crate::buffer::{BufferInner, Shell};
 use crate::cache::{Block, ReadyList};
 use crate::config::{fit_bound, round_size, validate_sizing, Config, Limits};
 use crate::error::{Error, Result};
+use crate::front::Fronts;
 use crate::pending::PendingList;
 use crate::policy::PolicyKind;
 use crate::stats::Stats;
@@ -82,9 +91,14 @@ impl<B: Backend> Drop for Allocator<B> {
     /// its device memory alive for good.
     fn drop(&mut self) {
         let s = &self.shared;
-        if s.allocator_handles.fetch_sub(1, Ordering::AcqRel) != 1
-            || s.config.policy.kind() != PolicyKind::Retained
-        {
+        if s.allocator_handles.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        // No allocation can follow: slots with no live buffer let their
+        // references go (the others at their last free). `self.shared`
+        // outlives these, so none of them is the last.
+        drop(s.fronts.close());
+        if s.config.policy.kind() != PolicyKind::Retained {
             return;
         }
         let deadline = Instant::now() + s.config.pressure_timeout;
@@ -105,6 +119,9 @@ pub(crate) struct Shared<B: Backend> {
     pub(crate) config: Config,
     pub(crate) info: DeviceInfo,
     state: Mutex<State<B>>,
+    /// The per-thread front caches, and the references that keep this
+    /// state alive while buffers are (K1).
+    pub(crate) fronts: Fronts<B>,
     pub(crate) queues: QueueRegistry<B>,
     /// Cross-queue binds of in-order reused blocks ordered on the device.
     reuse_device_waits: AtomicU64,
@@ -124,7 +141,14 @@ struct State<B: Backend> {
     ready: ReadyList<B::Buffer>,
     pending: PendingList<B::Buffer>,
     limits: Limits,
+    /// What the ready list may hold: the cache limit less the front caches'
+    /// share (so that both together stay under the cache limit, I4).
+    ready_cap: u64,
     /// Counters; the ready and pending figures are filled in at snapshot.
+    /// Here `active_*` count every block handed out of this state: live
+    /// buffers and the front caches' idle blocks; the snapshot moves the
+    /// latter to `ready_*`. `frees` and front-cache hits are counted in
+    /// the slots.
     stats: Stats,
     next_block_id: u64,
     /// Empty buffer shells, recycled so that a cache hit allocates nothing.
@@ -140,6 +164,7 @@ impl<B: Backend> State<B> {
         self.stats.reserved_bytes
     }
 
+    /// This state's figures, without the front caches (see `Shared::snapshot`).
     fn snapshot(&self) -> Stats {
         let mut s = self.stats;
         s.ready_bytes = self.ready.bytes();
@@ -290,6 +315,8 @@ impl<B: Backend> Allocator<B> {
             )));
         }
         let limits = Limits::resolve(&config, info.memory_capacity)?;
+        let fronts = Fronts::new(config.front_cache, limits.cache);
+        let ready_cap = limits.cache - fronts.reserve();
         Ok(Allocator {
             shared: Arc::new(Shared {
                 id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),
@@ -299,10 +326,12 @@ impl<B: Backend> Allocator<B> {
                     ready: ReadyList::default(),
                     pending: PendingList::default(),
                     limits,
+                    ready_cap,
                     stats: Stats::default(),
                     next_block_id: 1,
                     spares: Vec::new(),
                 }),
+                fronts,
                 queues: QueueRegistry::new(),
                 reuse_device_waits: AtomicU64::new(0),
                 reuse_host_waits: AtomicU64::new(0),
@@ -363,11 +392,9 @@ impl<B: Backend> Allocator<B> {
         s.drain_retained();
         let mut st = s.state.lock();
         let release = s.promote(&mut st);
-        let mut snap = st.snapshot();
+        let snap = s.snapshot(&st);
         drop(st);
         s.release_blocks(release);
-        snap.reuse_device_waits = s.reuse_device_waits.load(Ordering::Relaxed);
-        snap.reuse_host_waits = s.reuse_host_waits.load(Ordering::Relaxed);
         snap
     }
 
@@ -391,6 +418,7 @@ impl<B: Backend> Allocator<B> {
         s.drain_retained();
         let mut st = s.state.lock();
         let mut release = s.promote(&mut st);
+        s.drain_fronts(&mut st);
         st.trim_ready_to(0, &mut release);
         st.pending.mark_all_for_release();
         drop(st);
@@ -403,6 +431,7 @@ impl<B: Backend> Allocator<B> {
         let s = &self.shared;
         let mut st = s.state.lock();
         let mut release = s.promote(&mut st);
+        s.drain_fronts(&mut st);
         st.trim_ready_to(ready_bytes, &mut release);
         drop(st);
         s.release_blocks(release)
@@ -417,10 +446,15 @@ impl<B: Backend> Allocator<B> {
     /// other and the device; then trims to the new cache limit.
     pub fn set_limits(&self, limits: Limits) -> Result<()> {
         limits.validate(self.shared.info.memory_capacity)?;
-        let mut st = self.shared.state.lock();
+        let s = &self.shared;
+        let mut st = s.state.lock();
         st.limits = limits;
+        s.fronts.set_cache_limit(limits.cache);
+        st.ready_cap = limits.cache - s.fronts.reserve();
+        s.drain_fronts(&mut st);
         let mut release = Vec::new();
-        st.trim_ready_to(limits.cache, &mut release);
+        let ready_cap = st.ready_cap;
+        st.trim_ready_to(ready_cap, &mut release);
         drop(st);
         self.shared.release_blocks(release);
         Ok(())
@@ -513,18 +547,46 @@ impl<B: Backend> Shared<B> {
                 max,
             });
         }
-        let rounded = round_size(size, self.config.page_size, self.config.small_align)
+        let c = &self.config;
+        let rounded = round_size(size, c.page_size, c.small_align, c.size_classes)
             .map(|r| r.min(max & !3))
             .filter(|&r| r >= size)
             .ok_or(Error::TooLarge {
                 requested: size,
                 max,
             })?;
-        let policy = self.config.policy.kind();
-        if policy == PolicyKind::Retained {
+        if self.config.policy.kind() == PolicyKind::Retained {
             self.drain_retained();
         }
 
+        // The fast path: an idle block of this size in this thread's slot.
+        let home = self.fronts.home();
+        let mut slot = self.fronts.lock(home);
+        slot.add_live(self);
+        if let Some(shell) = slot.take(rounded) {
+            drop(slot);
+            return Ok(Buffer::reissue(shell, size, queue.id, self.config.scrub));
+        }
+        drop(slot);
+        let r = self.malloc_locked(size, rounded, queue, home);
+        if r.is_err() {
+            // Not counted after all (K1); `self` is an `Arc` the caller
+            // holds, so the slot's reference is never the last.
+            drop(self.fronts.lock(home).remove_live(self.fronts.closing()));
+        }
+        r
+    }
+
+    /// The allocation path under the state lock: promotion, best fit, the
+    /// in-order rule, the device. The buffer is already counted by `home`.
+    fn malloc_locked(
+        self: &Arc<Self>,
+        size: u64,
+        rounded: u64,
+        queue: &Arc<QueueShared<B>>,
+        home: u32,
+    ) -> Result<Buffer<B>> {
+        let policy = self.config.policy.kind();
         let mut st = self.state.lock();
         let mut release = if st.pending.is_empty() {
             Vec::new()
@@ -565,9 +627,9 @@ impl<B: Backend> Shared<B> {
         st.stats.active_bytes += block.size;
         st.stats.active_count += 1;
         st.stats.peak_active_bytes = st.stats.peak_active_bytes.max(st.stats.active_bytes);
-        if st.ready.bytes() > st.limits.cache {
-            let cache_limit = st.limits.cache;
-            st.trim_ready_to(cache_limit, &mut release);
+        if st.ready.bytes() > st.ready_cap {
+            let ready_cap = st.ready_cap;
+            st.trim_ready_to(ready_cap, &mut release);
         }
         let shell = st.spares.pop();
         drop(st);
@@ -575,7 +637,7 @@ impl<B: Backend> Shared<B> {
             self.release_blocks(release);
         }
         let shell = shell.unwrap_or_else(BufferInner::shell);
-        let buf = Buffer::adopt(shell, self.clone(), block, size, queue.id, fence);
+        let buf = Buffer::adopt(shell, self, block, size, queue.id, fence, home);
         if recycled && self.config.scrub {
             // Zeroed at its first binding (see `Config::scrub`).
             buf.inner.needs_scrub.store(true, Ordering::Relaxed);
@@ -595,7 +657,17 @@ impl<B: Backend> Shared<B> {
     ) -> Result<(StateGuard<'a, B>, Block<B::Buffer>)> {
         let deadline = Instant::now() + self.config.pressure_timeout;
         let mut device_refused = false;
+        let mut fronts_drained = false;
         loop {
+            // Under pressure the front caches' idle blocks join the ready
+            // list first, so that trimming reaches them.
+            if !fronts_drained
+                && (device_refused
+                    || st.reserved() + size > st.limits.gc.min(st.limits.memory))
+            {
+                self.drain_fronts(&mut st);
+                fronts_drained = true;
+            }
             // GC limit: trim ready blocks while used + request would pass it.
             let used = st.reserved();
             if used + size > st.limits.gc {
@@ -642,7 +714,7 @@ impl<B: Backend> Shared<B> {
                         return Err(e.into());
                     }
                 }
-                if !st.ready.is_empty() {
+                if !st.ready.is_empty() || !fronts_drained {
                     continue;
                 }
             }
@@ -673,7 +745,7 @@ impl<B: Backend> Shared<B> {
                         "the memory limit would be passed"
                     };
                     let limit = st.limits.memory;
-                    let stats = Box::new(st.snapshot());
+                    let stats = Box::new(self.snapshot(&st));
                     drop(st);
                     self.release_blocks(std::mem::take(release));
                     return Err(Error::OutOfMemory {
@@ -770,8 +842,8 @@ impl<B: Backend> Shared<B> {
             }
         }
         // Promoted blocks count against the cache limit like freed ones (I4).
-        let cache_limit = st.limits.cache;
-        st.trim_ready_to(cache_limit, &mut release);
+        let ready_cap = st.ready_cap;
+        st.trim_ready_to(ready_cap, &mut release);
         release
     }
 
@@ -786,11 +858,49 @@ impl<B: Backend> Shared<B> {
         stamps.first_incomplete(|q| self.refresh(self.queues.get(q)))
     }
 
-    /// The free path (see the module documentation). `shell` is the emptied
-    /// handle, kept for the next allocation.
-    pub(crate) fn free(&self, mut block: Block<B::Buffer>, shell: Shell<B>) {
+    /// The free path (see the module documentation): `shell` is the buffer's,
+    /// still filled, with no handle left. Returns the home slot's reference
+    /// to this allocator if the slot lets it go (K1): the caller drops it
+    /// after its last use of `self`, since it may be the last one.
+    #[must_use]
+    pub(crate) fn free(&self, shell: Shell<B>) -> Option<Arc<Shared<B>>> {
+        // SAFETY: S1: the caller dropped the last handle; the shell is ours.
+        let (live, stamps) = unsafe { (shell.owned_live(), shell.owned_stamps()) };
+        let (size, home) = (live.size, live.home);
+        let idle = match self.config.policy.kind() {
+            // The defect: a block once bound skips the front cache and goes
+            // to the ready list with its in-flight uses ignored.
+            PolicyKind::Immediate => stamps.is_empty(),
+            _ => self.first_incomplete(stamps).is_none(),
+        };
+        let mut slot = self.fronts.lock(home);
+        slot.frees += 1;
+        let keep = slot.remove_live(self.fronts.closing());
+        let mut evicted = None;
+        let mut more = Vec::new(); // allocates only if several are evicted
+        if idle {
+            stamps.clear();
+            slot.push(size, shell, self.fronts.cap(), |old| match evicted {
+                None => evicted = Some(old),
+                Some(_) => more.push(old),
+            });
+        } else {
+            evicted = Some(shell);
+        }
+        drop(slot);
+        for shell in evicted.into_iter().chain(more) {
+            self.free_to_lists(shell);
+        }
+        keep
+    }
+
+    /// Files a shell's block under the state lock: pending if a recorded use
+    /// is incomplete, else ready; then trims the ready list to its cap.
+    fn free_to_lists(&self, shell: Shell<B>) {
+        // SAFETY: S1: the shell has no handle and is ours (from the free
+        // path or a slot's idle list).
+        let mut block = unsafe { shell.unfill() };
         let due = match self.config.policy.kind() {
-            // The defect: in-flight uses are ignored.
             PolicyKind::Immediate => None,
             _ => self.first_incomplete(&block.stamps),
         };
@@ -801,7 +911,6 @@ impl<B: Backend> Shared<B> {
         } else {
             Some(shell) // dropped after the lock
         };
-        st.stats.frees += 1;
         st.stats.active_bytes -= block.size;
         st.stats.active_count -= 1;
         match due {
@@ -814,14 +923,47 @@ impl<B: Backend> Shared<B> {
                 st.ready.insert(block);
             }
         }
-        if st.ready.bytes() > st.limits.cache {
+        if st.ready.bytes() > st.ready_cap {
             let mut release = Vec::new();
-            let cache_limit = st.limits.cache;
-            st.trim_ready_to(cache_limit, &mut release);
+            let ready_cap = st.ready_cap;
+            st.trim_ready_to(ready_cap, &mut release);
             drop(st);
             self.release_blocks(release);
         }
         drop(spare);
+    }
+
+    /// Moves every front cache's idle blocks to the ready list (for trims,
+    /// clears, limit changes and memory pressure). The caller trims after.
+    fn drain_fronts(&self, st: &mut State<B>) {
+        for shell in self.fronts.drain_all() {
+            // SAFETY: S1: an idle shell taken out of a slot is ours.
+            let block = unsafe { shell.unfill() };
+            st.stats.active_bytes -= block.size;
+            st.stats.active_count -= 1;
+            st.ready.insert(block);
+            if st.spares.len() < MAX_SPARES {
+                st.spares.push(shell);
+            }
+        }
+    }
+
+    /// A statistics snapshot: the state's figures with the front caches'
+    /// added (their idle blocks as ready, their counters summed).
+    fn snapshot(&self, st: &State<B>) -> Stats {
+        let mut s = st.snapshot();
+        self.fronts.each(|slot| {
+            s.ready_bytes += slot.idle_bytes;
+            s.ready_count += slot.idle_count();
+            s.active_bytes = s.active_bytes.saturating_sub(slot.idle_bytes);
+            s.active_count = s.active_count.saturating_sub(slot.idle_count());
+            s.frees += slot.frees;
+            s.allocations += slot.hits;
+            s.cache_hits += slot.hits;
+        });
+        s.reuse_device_waits = self.reuse_device_waits.load(Ordering::Relaxed);
+        s.reuse_host_waits = self.reuse_host_waits.load(Ordering::Relaxed);
+        s
     }
 
     /// Gives blocks back to the device; returns the bytes released.
@@ -877,8 +1019,12 @@ impl<B: Backend> Drop for Shared<B> {
     fn drop(&mut self) {
         // No handle is left, so no buffer is live and no command buffer holds
         // references. Ready blocks are idle; pending ones wait for their work.
-        let st = self.state.get_mut();
         let mut blocks: Vec<Block<B::Buffer>> = Vec::new();
+        for shell in self.fronts.drain_exclusive() {
+            // SAFETY: S1: an idle shell in a slot is the allocator's.
+            blocks.push(unsafe { shell.unfill() });
+        }
+        let st = self.state.get_mut();
         while let Some(b) = st.ready.pop_oldest() {
             blocks.push(b);
         }

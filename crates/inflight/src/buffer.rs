@@ -2,9 +2,15 @@
 //! shell is recycled so that a cache hit allocates nothing on the host.
 //!
 //! A [`Buffer`] is an `Arc<BufferInner>` plus one count in `handles`.
-//! Cloning adds a handle; dropping the last handle frees the block into the
-//! cache and parks the empty shell in the allocator's spare pool, from which
-//! the next allocation takes it.
+//! Cloning adds a handle; dropping the last handle frees the block. An idle
+//! block stays in its shell, parked in a per-thread front cache (see
+//! `front.rs`) from which the next allocation of its size takes it whole;
+//! otherwise the block goes to the allocator's lists and the empty shell to
+//! its spare pool, from which the next allocation takes it.
+//!
+//! A buffer reaches its allocator through a plain pointer: its home slot
+//! (the front-cache slot of the thread that allocated it) counts it and holds
+//! a strong reference while it lives (rule K1 in `front.rs`).
 //!
 //! # Ownership rule (S1)
 //!
@@ -24,6 +30,7 @@ use crate::backend::{Backend, Span};
 use crate::cache::Block;
 use crate::sync::{fence, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 use crate::timeline::{QueueId, Stamps};
+
 
 /// A device buffer from the cache. Clones share it; dropping the last clone
 /// frees it into the cache (pending if submitted work still uses it).
@@ -51,14 +58,18 @@ pub(crate) struct BufferInner<B: Backend> {
     pub(crate) needs_scrub: AtomicBool,
 }
 
-/// What a live buffer is; `None`s in a shell.
+/// What a live buffer is. In an empty shell `raw` is `None`; in a filled
+/// idle one (in a front cache) only `len` and `queue` are stale.
 pub(crate) struct Live<B: Backend> {
-    pub(crate) shared: Option<Arc<Shared<B>>>,
+    /// The allocator, kept alive by the home slot (K1); null in a new shell.
+    pub(crate) shared: *const Shared<B>,
     pub(crate) raw: Option<B::Buffer>,
     pub(crate) len: u64,
     pub(crate) size: u64,
     pub(crate) id: u64,
     pub(crate) queue: QueueId,
+    /// The front-cache slot that counts this buffer.
+    pub(crate) home: u32,
 }
 
 /// An empty `BufferInner`, owned by the allocator (S1).
@@ -66,10 +77,10 @@ pub(crate) type Shell<B> = Arc<BufferInner<B>>;
 
 // SAFETY: `live` is an `UnsafeCell` accessed under rule S1: written only by
 // the one owner while no handle exists, read only while handles exist, with
-// the `handles` counter (Release decrement, Acquire fence) and the state
-// lock ordering those accesses across threads. Everything else in it is
-// `Sync` (atomics, a mutex). The raw buffer and the `Shared` inside are
-// `Send + Sync` by the `Backend` trait's bounds.
+// the `handles` counter (Release decrement, Acquire load or fence) and the
+// state and slot locks ordering those accesses across threads. Everything
+// else in it is `Sync` (atomics, a mutex). The raw buffer and the `Shared`
+// the pointer reaches are `Send + Sync` by the `Backend` trait's bounds.
 unsafe impl<B: Backend> Sync for BufferInner<B> {}
 // SAFETY: as above; moving the shell between threads moves `Send` fields.
 unsafe impl<B: Backend> Send for BufferInner<B> {}
@@ -80,12 +91,13 @@ impl<B: Backend> BufferInner<B> {
         Arc::new(BufferInner {
             handles: AtomicUsize::new(0),
             live: UnsafeCell::new(Live {
-                shared: None,
+                shared: std::ptr::null(),
                 raw: None,
                 len: 0,
                 size: 0,
                 id: 0,
                 queue: 0,
+                home: 0,
             }),
             stamps: Mutex::new(Stamps::default()),
             reuse_fence: AtomicU64::new(0),
@@ -95,14 +107,16 @@ impl<B: Backend> BufferInner<B> {
 }
 
 impl<B: Backend> Buffer<B> {
-    /// Fills `shell` with `block` and makes it a live buffer of one handle.
+    /// Fills `shell` with `block` and makes it a live buffer of one handle,
+    /// counted by slot `home`.
     pub(crate) fn adopt(
         shell: Shell<B>,
-        shared: Arc<Shared<B>>,
+        shared: &Arc<Shared<B>>,
         block: Block<B::Buffer>,
         len: u64,
         queue: QueueId,
         fence_value: u64,
+        home: u32,
     ) -> Self {
         debug_assert_eq!(
             shell.handles.load(Ordering::Relaxed),
@@ -114,17 +128,40 @@ impl<B: Backend> Buffer<B> {
         // read `live` or `stamps` until we publish one below.
         unsafe {
             *shell.live.get() = Live {
-                shared: Some(shared),
+                shared: Arc::as_ptr(shared),
                 raw: Some(block.raw),
                 len,
                 size: block.size,
                 id: block.id,
                 queue,
+                home,
             };
             *shell.stamps.data_ptr() = block.stamps;
         }
         shell.reuse_fence.store(fence_value, Ordering::Relaxed);
         shell.needs_scrub.store(false, Ordering::Relaxed);
+        shell.handles.store(1, Ordering::Release);
+        Buffer {
+            inner: ManuallyDrop::new(shell),
+        }
+    }
+
+    /// Makes an idle filled shell from a front cache a live buffer again:
+    /// the same block, its uses all complete and its stamps cleared.
+    #[inline]
+    pub(crate) fn reissue(shell: Shell<B>, len: u64, queue: QueueId, scrub: bool) -> Self {
+        debug_assert_eq!(shell.handles.load(Ordering::Relaxed), 0);
+        // SAFETY: S1: the shell came out of a slot, whose lock made the
+        // caller its only owner.
+        unsafe {
+            let live = &mut *shell.live.get();
+            debug_assert!(live.raw.is_some() && !live.shared.is_null());
+            live.len = len;
+            live.queue = queue;
+        }
+        shell.reuse_fence.store(0, Ordering::Relaxed);
+        // Zeroed at its first binding (see `Config::scrub`).
+        shell.needs_scrub.store(scrub, Ordering::Relaxed);
         shell.handles.store(1, Ordering::Release);
         Buffer {
             inner: ManuallyDrop::new(shell),
@@ -139,11 +176,10 @@ impl<B: Backend> Buffer<B> {
 
     /// The allocator this buffer belongs to.
     #[inline]
-    pub(crate) fn shared(&self) -> &Arc<Shared<B>> {
-        self.live()
-            .shared
-            .as_ref()
-            .expect("a live buffer has its allocator")
+    pub(crate) fn shared(&self) -> &Shared<B> {
+        // SAFETY: K1: this live buffer is counted by its home slot, which
+        // holds a strong reference to the allocator while it does.
+        unsafe { &*self.live().shared }
     }
 
     /// Bytes requested.
@@ -203,28 +239,75 @@ impl<B: Backend> Clone for Buffer<B> {
     }
 }
 
-impl<B: Backend> Drop for Buffer<B> {
-    fn drop(&mut self) {
-        if self.inner.handles.fetch_sub(1, Ordering::Release) != 1 {
-            // SAFETY: `inner` is not used again; this handle's Arc goes.
-            unsafe { ManuallyDrop::drop(&mut self.inner) };
-            return;
-        }
-        // The last handle: see every other handle's last access first.
-        fence(Ordering::Acquire);
-        // SAFETY: `inner` is not used again after this take.
-        let shell = unsafe { ManuallyDrop::take(&mut self.inner) };
-        // SAFETY: S1: `handles` reached 0, so we are the sole owner.
-        let (live, stamps) = unsafe { (&mut *shell.live.get(), &mut *shell.stamps.data_ptr()) };
-        let shared = live.shared.take().expect("a live buffer has its allocator");
-        let block = Block {
-            raw: live.raw.take().expect("a live buffer has its raw buffer"),
+impl<B: Backend> BufferInner<B> {
+    /// The block of a filled shell with no handle, leaving the shell empty.
+    ///
+    /// # Safety
+    ///
+    /// S1: `handles == 0` and the caller is the shell's only owner.
+    pub(crate) unsafe fn unfill(&self) -> Block<B::Buffer> {
+        // SAFETY: the caller's contract.
+        let (live, stamps) = unsafe { (&mut *self.live.get(), &mut *self.stamps.data_ptr()) };
+        Block {
+            raw: live.raw.take().expect("a filled shell has its raw buffer"),
             size: live.size,
             id: live.id,
             stamps: std::mem::take(stamps),
             release_when_idle: false,
-        };
-        shared.free(block, shell);
+        }
+    }
+
+    /// The fields of a shell with no handle.
+    ///
+    /// # Safety
+    ///
+    /// As for [`BufferInner::unfill`].
+    #[inline]
+    #[allow(clippy::mut_from_ref)] // S1 makes the access unique
+    pub(crate) unsafe fn owned_live(&self) -> &mut Live<B> {
+        // SAFETY: the caller's contract.
+        unsafe { &mut *self.live.get() }
+    }
+
+    /// The stamps of a shell with no handle.
+    ///
+    /// # Safety
+    ///
+    /// As for [`BufferInner::unfill`].
+    #[inline]
+    #[allow(clippy::mut_from_ref)] // S1 makes the access unique
+    pub(crate) unsafe fn owned_stamps(&self) -> &mut Stamps {
+        // SAFETY: the caller's contract.
+        unsafe { &mut *self.stamps.data_ptr() }
+    }
+}
+
+impl<B: Backend> Drop for Buffer<B> {
+    #[inline]
+    fn drop(&mut self) {
+        // One handle: nobody else can clone it, so no decrement is needed
+        // to know it is the last (the Acquire load sees every earlier
+        // handle's Release decrement and so its last access).
+        if self.inner.handles.load(Ordering::Acquire) == 1 {
+            self.inner.handles.store(0, Ordering::Relaxed);
+        } else if self.inner.handles.fetch_sub(1, Ordering::Release) != 1 {
+            // SAFETY: `inner` is not used again; this handle's Arc goes.
+            unsafe { ManuallyDrop::drop(&mut self.inner) };
+            return;
+        } else {
+            // The last handle: see every other handle's last access first.
+            fence(Ordering::Acquire);
+        }
+        // SAFETY: `inner` is not used again after this take.
+        let shell = unsafe { ManuallyDrop::take(&mut self.inner) };
+        // SAFETY: S1: `handles` is 0 and this was the last handle, so we own
+        // the shell; K1: the buffer was live until now, so its home slot
+        // still holds a reference to the allocator.
+        let shared = unsafe { &*shell.owned_live().shared };
+        // The slot's reference, if it lets it go: dropped last, after every
+        // use of `shared` (it may be the allocator's last).
+        let keep = shared.free(shell);
+        drop(keep);
     }
 }
 

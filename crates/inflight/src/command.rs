@@ -113,7 +113,7 @@ impl<B: Backend> CommandBuffer<B> {
     /// records the binding.
     fn bind(&mut self, buf: &Buffer<B>, span: Span) -> Result<()> {
         let id = buf.block_id();
-        if !Arc::ptr_eq(buf.shared(), &self.shared) {
+        if !std::ptr::eq(buf.shared(), Arc::as_ptr(&self.shared)) {
             return Err(Error::ForeignBuffer { buffer: id });
         }
         let len = buf.len();

@@ -77,6 +77,7 @@ mod command;
 mod config;
 pub mod conformance;
 mod error;
+mod front;
 pub mod pending;
 mod policy;
 mod stats;

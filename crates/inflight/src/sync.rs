@@ -27,6 +27,27 @@ pub(crate) use self::model::{Mutex, MutexGuard};
 #[cfg(inflight_loom)]
 pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
+/// One turn of a spin-wait that found a lock taken: a CPU hint for the
+/// first few turns, then the scheduler (the holder may have been preempted).
+/// Under loom, always a yield, so the model switches to the holder.
+#[inline]
+pub(crate) fn spin_wait(turns: &mut u32) {
+    #[cfg(inflight_loom)]
+    {
+        let _ = turns;
+        loom::thread::yield_now();
+    }
+    #[cfg(not(inflight_loom))]
+    {
+        *turns += 1;
+        if *turns < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
 #[cfg(inflight_loom)]
 mod model {
     use std::cell::UnsafeCell;

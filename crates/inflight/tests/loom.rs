@@ -454,3 +454,24 @@ fn the_immediate_policy_is_caught() {
         finish(&gpu, a);
     });
 }
+
+/// The last `Allocator` handle goes while another thread frees a buffer
+/// and this one frees another: whichever drop is last tears the allocator
+/// down, once, after every free (rule K1: a live buffer's home slot keeps
+/// the allocator alive), and every raw buffer is released.
+#[test]
+fn the_last_buffer_and_the_last_allocator_handle_race() {
+    model("the_last_buffer_and_the_last_allocator_handle_race", || {
+        let gpu = LoomGpu::new(1 << 20);
+        let a = alloc_over(&gpu, ROOMY);
+        let q = a.create_queue().unwrap();
+        let b = malloc(&gpu, &a, KB4, &q);
+        let c = malloc(&gpu, &a, 2 * KB4, &q);
+        drop(q);
+        let user = loom::thread::spawn(move || drop(b));
+        drop(a);
+        drop(c);
+        user.join().unwrap();
+        gpu.assert_clean();
+    });
+}

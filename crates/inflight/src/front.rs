@@ -1,0 +1,318 @@
+//! Per-thread front caches: the allocation fast path, and what keeps the
+//! allocator alive while buffers are.
+//!
+//! An allocator has a fixed array of *slots*, one cache line apart; a thread
+//! uses slot `thread index mod slots` (its *home*). A slot holds:
+//!
+//! - up to [`FRONT_BLOCKS`] idle **filled shells**: buffer shells that still
+//!   hold their block, whose every recorded use had completed when they were
+//!   freed, so any queue may take them (I2 needs no check). A free lands its
+//!   idle block in the slot where the buffer was allocated; an allocation of
+//!   the same rounded size on that thread takes it back. Each is one
+//!   uncontended spin-lock acquisition and no shared cache line written.
+//! - the count of **live buffers** allocated through it and, while that count
+//!   is above zero (and always until the last [`crate::Allocator`] handle is
+//!   dropped), one strong reference to the allocator's shared state. A buffer
+//!   thus keeps its allocator alive (rule K1: a live buffer's home slot holds
+//!   a strong reference) without touching the shared reference count.
+//! - counters (frees, front hits), summed into each statistics snapshot.
+//!
+//! Together the slots hold at most `slots × cap` bytes, where `cap` is an
+//! eighth of the cache limit over the slot count; the ready list is trimmed
+//! to the rest of the cache limit, so cached bytes stay under it (I4).
+//! Trimming, clearing, limit changes and memory pressure empty the slots.
+//!
+//! # Locking
+//!
+//! A slot's lock is a test-and-set spin lock held for a few dozen
+//! instructions; its home thread almost always finds it free. Other threads
+//! take it to give back a buffer allocated there, to drain it, and to read
+//! its counters. Lock order: the allocator's state lock, then one slot lock;
+//! a thread never holds two slot locks.
+
+use std::cell::UnsafeCell;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+
+use crate::allocator::Shared;
+use crate::backend::Backend;
+use crate::buffer::Shell;
+use crate::sync::{spin_wait, AtomicBool, AtomicU64, Ordering};
+
+/// Idle blocks one slot holds at most.
+pub(crate) const FRONT_BLOCKS: usize = 16;
+
+/// The share of the cache limit all slots together may hold: 1/8.
+const FRONT_SHARE: u64 = 8;
+
+// Process-wide: consecutive threads get consecutive indices, hence distinct
+// slots while there are no more threads than slots.
+static NEXT_THREAD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+thread_local! {
+    static THREAD_INDEX: usize = NEXT_THREAD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The slots of one allocator.
+pub(crate) struct Fronts<B: Backend> {
+    slots: Box<[Slot<B>]>,
+    mask: usize,
+    /// Whether idle blocks are kept at all (`Config::front_cache`).
+    enabled: bool,
+    /// Bytes one slot may hold; changes with the cache limit.
+    cap: AtomicU64,
+    /// Set when the last `Allocator` handle is dropped: no allocation can
+    /// follow, so a slot whose live count reaches zero lets its reference go.
+    closing: AtomicBool,
+}
+
+/// One thread's slot, alone on its cache lines.
+#[repr(align(128))]
+pub(crate) struct Slot<B: Backend> {
+    locked: AtomicBool,
+    state: UnsafeCell<SlotState<B>>,
+}
+
+// SAFETY: `state` is reached only through a `SlotGuard`, which exists only
+// while `locked` is held by it (Acquire on taking, Release on giving back),
+// or through `&mut Slot`; its contents (shells, an `Arc<Shared>`, counters)
+// are `Send` by the `Backend` trait's bounds.
+unsafe impl<B: Backend> Sync for Slot<B> {}
+// SAFETY: as above.
+unsafe impl<B: Backend> Send for Slot<B> {}
+
+/// What a slot holds, behind its lock.
+pub(crate) struct SlotState<B: Backend> {
+    /// Idle filled shells with their block sizes, oldest first.
+    idle: Vec<(u64, Shell<B>)>,
+    /// The sum of their sizes.
+    pub(crate) idle_bytes: u64,
+    /// Live buffers whose home this slot is.
+    live: u64,
+    /// Held while `live > 0`, and until closing (rule K1).
+    keepalive: Option<Arc<Shared<B>>>,
+    /// Frees of buffers homed here.
+    pub(crate) frees: u64,
+    /// Allocations served from `idle`.
+    pub(crate) hits: u64,
+}
+
+impl<B: Backend> SlotState<B> {
+    /// Idle blocks held.
+    pub(crate) fn idle_count(&self) -> u64 {
+        self.idle.len() as u64
+    }
+
+    /// Takes the newest idle shell of exactly `size` bytes, counting a hit
+    /// and a new live buffer.
+    #[inline]
+    pub(crate) fn take(&mut self, size: u64) -> Option<Shell<B>> {
+        let i = self.idle.iter().rposition(|(s, _)| *s == size)?;
+        let (_, shell) = self.idle.remove(i);
+        self.idle_bytes -= size;
+        self.hits += 1;
+        Some(shell)
+    }
+
+    /// Counts a buffer about to be allocated through this slot; takes the
+    /// reference K1 needs if the slot has none.
+    #[inline]
+    pub(crate) fn add_live(&mut self, shared: &Arc<Shared<B>>) {
+        self.live += 1;
+        if self.keepalive.is_none() {
+            self.keepalive = Some(shared.clone());
+        }
+    }
+
+    /// Counts a buffer homed here gone (freed, or its allocation failed).
+    /// Returns the slot's reference if it should go now; the caller drops it
+    /// after its last use of the allocator.
+    #[must_use]
+    #[inline]
+    pub(crate) fn remove_live(&mut self, closing: &AtomicBool) -> Option<Arc<Shared<B>>> {
+        self.live -= 1;
+        if self.live == 0 && closing.load(Ordering::Acquire) {
+            self.keepalive.take()
+        } else {
+            None
+        }
+    }
+
+    /// Files an idle filled shell as the newest, within `cap` bytes and
+    /// [`FRONT_BLOCKS`] blocks; hands `evict` what does not fit (the oldest
+    /// first, or the shell itself when it alone is over `cap`).
+    #[inline]
+    pub(crate) fn push(
+        &mut self,
+        size: u64,
+        shell: Shell<B>,
+        cap: u64,
+        mut evict: impl FnMut(Shell<B>),
+    ) {
+        if size > cap {
+            evict(shell);
+            return;
+        }
+        self.idle.push((size, shell));
+        self.idle_bytes += size;
+        while self.idle.len() > FRONT_BLOCKS || self.idle_bytes > cap {
+            let (s, old) = self.idle.remove(0);
+            self.idle_bytes -= s;
+            evict(old);
+        }
+    }
+
+    /// Takes every idle shell.
+    pub(crate) fn drain(&mut self, out: &mut Vec<Shell<B>>) {
+        out.extend(self.idle.drain(..).map(|(_, s)| s));
+        self.idle_bytes = 0;
+    }
+}
+
+/// A held slot lock.
+pub(crate) struct SlotGuard<'a, B: Backend> {
+    slot: &'a Slot<B>,
+}
+
+impl<B: Backend> Deref for SlotGuard<'_, B> {
+    type Target = SlotState<B>;
+    #[inline]
+    fn deref(&self) -> &SlotState<B> {
+        // SAFETY: this guard holds `locked` (see the `Sync` impl).
+        unsafe { &*self.slot.state.get() }
+    }
+}
+
+impl<B: Backend> DerefMut for SlotGuard<'_, B> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut SlotState<B> {
+        // SAFETY: as in `deref`; `&mut self` makes the access unique.
+        unsafe { &mut *self.slot.state.get() }
+    }
+}
+
+impl<B: Backend> Drop for SlotGuard<'_, B> {
+    #[inline]
+    fn drop(&mut self) {
+        self.slot.locked.store(false, Ordering::Release);
+    }
+}
+
+impl<B: Backend> Fronts<B> {
+    /// Slots for this machine: twice the hardware threads, a power of two
+    /// from 4 to 64.
+    pub(crate) fn new(enabled: bool, cache_limit: u64) -> Self {
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let n = (2 * threads).next_power_of_two().clamp(4, 64);
+        let fronts = Fronts {
+            slots: (0..n)
+                .map(|_| Slot {
+                    locked: AtomicBool::new(false),
+                    state: UnsafeCell::new(SlotState {
+                        idle: Vec::with_capacity(FRONT_BLOCKS + 1),
+                        idle_bytes: 0,
+                        live: 0,
+                        keepalive: None,
+                        frees: 0,
+                        hits: 0,
+                    }),
+                })
+                .collect(),
+            mask: n - 1,
+            enabled,
+            cap: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+        };
+        fronts.set_cache_limit(cache_limit);
+        fronts
+    }
+
+    /// The calling thread's slot.
+    #[inline]
+    pub(crate) fn home(&self) -> u32 {
+        (THREAD_INDEX.with(|i| *i) & self.mask) as u32
+    }
+
+    /// Locks slot `i`, spinning while another thread holds it.
+    #[inline]
+    pub(crate) fn lock(&self, i: u32) -> SlotGuard<'_, B> {
+        let slot = &self.slots[i as usize];
+        let mut turns = 0;
+        while slot
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            while slot.locked.load(Ordering::Relaxed) {
+                spin_wait(&mut turns);
+            }
+        }
+        SlotGuard { slot }
+    }
+
+    /// Bytes one slot may hold now.
+    #[inline]
+    pub(crate) fn cap(&self) -> u64 {
+        self.cap.load(Ordering::Relaxed)
+    }
+
+    /// Bytes all slots together may hold: the ready list gets the rest of
+    /// the cache limit.
+    pub(crate) fn reserve(&self) -> u64 {
+        self.cap() * self.slots.len() as u64
+    }
+
+    /// Sizes the slots for a new cache limit. The caller then drains them,
+    /// so that none holds more than the new cap.
+    pub(crate) fn set_cache_limit(&self, cache_limit: u64) {
+        let cap = if self.enabled {
+            cache_limit / FRONT_SHARE / self.slots.len() as u64
+        } else {
+            0
+        };
+        self.cap.store(cap, Ordering::Relaxed);
+    }
+
+    /// Whether the last `Allocator` handle is gone.
+    pub(crate) fn closing(&self) -> &AtomicBool {
+        &self.closing
+    }
+
+    /// Every slot, one at a time.
+    pub(crate) fn each(&self, mut f: impl FnMut(&mut SlotState<B>)) {
+        for i in 0..self.slots.len() {
+            f(&mut self.lock(i as u32));
+        }
+    }
+
+    /// Takes every idle shell from every slot.
+    pub(crate) fn drain_all(&self) -> Vec<Shell<B>> {
+        let mut out = Vec::new();
+        self.each(|s| s.drain(&mut out));
+        out
+    }
+
+    /// At the last `Allocator` handle's drop: marks the allocator closing and
+    /// returns the references of slots with no live buffer, for the caller
+    /// to drop (slots with live buffers let theirs go at their last free).
+    #[must_use]
+    pub(crate) fn close(&self) -> Vec<Arc<Shared<B>>> {
+        self.closing.store(true, Ordering::SeqCst);
+        let mut refs = Vec::new();
+        self.each(|s| {
+            if s.live == 0 {
+                refs.extend(s.keepalive.take());
+            }
+        });
+        refs
+    }
+
+    /// With exclusive access (teardown): every idle shell.
+    pub(crate) fn drain_exclusive(&mut self) -> Vec<Shell<B>> {
+        let mut out = Vec::new();
+        for slot in self.slots.iter_mut() {
+            slot.state.get_mut().drain(&mut out);
+        }
+        out
+    }
+}

@@ -1,0 +1,235 @@
+//! The per-thread front caches: what they take, what they must never take,
+//! and that trimming, pressure, teardown and other threads reach them. On
+//! the driven backend, where the test decides when work completes.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use inflight::backend::manual::ManualGpu;
+use inflight::{Allocator, Buffer, Config, Policy, Queue, Stats};
+
+fn setup(config: Config) -> (ManualGpu, Allocator<ManualGpu>, Queue<ManualGpu>) {
+    let gpu = ManualGpu::new(1 << 30, false);
+    let alloc = Allocator::new(gpu.clone(), config).unwrap();
+    let q = alloc.create_queue().unwrap();
+    (gpu, alloc, q)
+}
+
+fn config() -> Config {
+    Config {
+        pressure_timeout: Duration::from_millis(50),
+        ..Config::default()
+    }
+}
+
+fn use_on(q: &Queue<ManualGpu>, b: &Buffer<ManualGpu>) -> u64 {
+    let mut cb = q.command_buffer().unwrap();
+    cb.fill(b, 1).unwrap();
+    cb.commit().unwrap().value()
+}
+
+fn balanced(s: Stats) -> Stats {
+    assert!(s.balanced(), "{s:?}");
+    s
+}
+
+#[test]
+fn a_free_then_malloc_of_one_size_reuses_the_block_without_the_device() {
+    let (gpu, alloc, q) = setup(config());
+    let id = alloc.malloc(4096, &q).unwrap().block_id();
+    for _ in 0..1000 {
+        let b = alloc.malloc(4000, &q).unwrap();
+        assert_eq!((b.block_id(), b.len(), b.capacity()), (id, 4000, 4096));
+    }
+    let s = balanced(alloc.stats());
+    assert_eq!((s.device_allocations, s.cache_hits, s.frees), (1, 1000, 1001));
+    assert_eq!((s.ready_count, s.ready_bytes, s.active_count), (1, 4096, 0));
+    assert_eq!(gpu.live_buffers(), 1);
+}
+
+#[test]
+fn a_block_in_flight_never_enters_a_front_cache() {
+    let (gpu, alloc, q) = setup(config());
+    let b = alloc.malloc(4096, &q).unwrap();
+    let id = b.block_id();
+    let v = use_on(&q, &b);
+    drop(b);
+    let s = balanced(alloc.stats());
+    assert_eq!((s.pending_count, s.ready_count), (1, 0), "{s:?}");
+    // The queue does not order memory: the same size must get another block.
+    let c = alloc.malloc(4096, &q).unwrap();
+    assert_ne!(c.block_id(), id);
+    gpu.complete(0, v);
+    drop(c);
+    let d = alloc.malloc(4096, &q).unwrap();
+    assert!(
+        d.block_id() == id || alloc.stats().ready_count == 1,
+        "the completed block is reusable again"
+    );
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
+
+#[test]
+fn under_immediate_a_bound_block_skips_the_front_cache() {
+    let (gpu, alloc, q) = setup(config().with_policy(unsafe { Policy::immediate() }));
+    let b = alloc.malloc(4096, &q).unwrap();
+    use_on(&q, &b);
+    drop(b);
+    let c = alloc.malloc(8192, &q).unwrap();
+    drop(c); // never bound: front cache
+    let s = balanced(alloc.stats());
+    assert_eq!(s.ready_count, 2, "{s:?}");
+    gpu.complete_all();
+}
+
+#[test]
+fn trim_clear_and_limits_reach_the_front_caches() {
+    let (gpu, alloc, q) = setup(config());
+    let bufs: Vec<_> = (1..=8).map(|i| alloc.malloc(i * 4096, &q).unwrap()).collect();
+    drop(bufs);
+    let before = balanced(alloc.stats());
+    assert_eq!(before.ready_count, 8);
+    let released = alloc.trim(6 * 4096);
+    let after = balanced(alloc.stats());
+    assert!(after.ready_bytes <= 6 * 4096, "{after:?}");
+    assert_eq!(released, before.ready_bytes - after.ready_bytes);
+    alloc.set_cache_limit(4096).unwrap();
+    let s = balanced(alloc.stats());
+    assert!(s.ready_bytes <= 4096, "{s:?}");
+    alloc.set_cache_limit(1 << 29).unwrap();
+    drop(alloc.malloc(4096, &q).unwrap());
+    alloc.clear_cache();
+    let s = balanced(alloc.stats());
+    assert_eq!((s.reserved_bytes, s.ready_count), (0, 0), "{s:?}");
+    assert_eq!(gpu.live_buffers(), 0);
+}
+
+#[test]
+fn memory_pressure_takes_idle_blocks_from_front_caches() {
+    let (gpu, alloc, q) = setup(Config {
+        memory_limit: Some(1 << 20),
+        cache_limit: Some(1 << 20),
+        gc_limit: Some(1 << 20),
+        ..config()
+    });
+    // Small blocks fill a front cache, then a large one needs their room.
+    let small: Vec<_> = (0..4).map(|_| alloc.malloc(16 << 10, &q).unwrap()).collect();
+    drop(small);
+    let big = alloc.malloc(1 << 20, &q).unwrap();
+    let s = balanced(alloc.stats());
+    assert_eq!((s.oom_errors, s.reserved_bytes), (0, 1 << 20), "{s:?}");
+    assert_eq!(gpu.allocated_bytes(), 1 << 20);
+    drop(big);
+}
+
+#[test]
+fn the_fronts_share_stays_under_the_cache_limit() {
+    let cache = 1 << 20;
+    let (_gpu, alloc, q) = setup(Config {
+        cache_limit: Some(cache),
+        ..config()
+    });
+    for round in 0..50u64 {
+        let bufs: Vec<_> = (1..=40)
+            .map(|i| alloc.malloc((i * 7 + round) * 1024, &q).unwrap())
+            .collect();
+        drop(bufs);
+        let s = balanced(alloc.stats());
+        assert!(s.ready_bytes <= cache, "round {round}: {s:?}");
+    }
+}
+
+#[test]
+fn a_buffer_freed_on_another_thread_returns_to_its_home() {
+    let (gpu, alloc, q) = setup(config());
+    let b = alloc.malloc(4096, &q).unwrap();
+    let id = b.block_id();
+    std::thread::spawn(move || drop(b)).join().unwrap();
+    let s = balanced(alloc.stats());
+    assert_eq!((s.frees, s.ready_count), (1, 1));
+    assert_eq!(alloc.malloc(4096, &q).unwrap().block_id(), id);
+    assert_eq!(gpu.live_buffers(), 1);
+}
+
+#[test]
+fn buffers_outlive_the_allocator_on_other_threads() {
+    let gpu = ManualGpu::new(1 << 30, false);
+    let alloc = Allocator::new(gpu.clone(), config()).unwrap();
+    let q = alloc.create_queue().unwrap();
+    let bufs: Vec<_> = (0..64).map(|i| alloc.malloc(4096 << (i % 4), &q).unwrap()).collect();
+    drop(alloc.malloc(4096, &q).unwrap()); // one idle block in a front cache
+    drop((alloc, q));
+    assert!(gpu.live_buffers() >= 64, "buffers keep the allocator alive");
+    let (tx, rx) = mpsc::channel::<Buffer<ManualGpu>>();
+    let t = std::thread::spawn(move || rx.into_iter().for_each(drop));
+    for (i, b) in bufs.into_iter().enumerate() {
+        if i % 2 == 0 {
+            tx.send(b).unwrap();
+        } else {
+            drop(b);
+        }
+    }
+    drop(tx);
+    t.join().unwrap();
+    assert_eq!(gpu.live_buffers(), 0, "the last buffer released everything");
+}
+
+#[test]
+fn many_threads_trading_buffers_lose_nothing() {
+    let (gpu, alloc, _) = setup(config());
+    let threads = 8;
+    let queues: Vec<_> = (0..threads).map(|_| alloc.create_queue().unwrap()).collect();
+    let (tx, rx) = mpsc::sync_channel::<Buffer<ManualGpu>>(64);
+    let rx = std::sync::Mutex::new(rx);
+    std::thread::scope(|s| {
+        for (t, q) in queues.iter().enumerate() {
+            let (alloc, tx, rx) = (&alloc, tx.clone(), &rx);
+            s.spawn(move || {
+                let mut seed = 0x9E37_79B9u64 + t as u64;
+                for i in 0..5000u64 {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let b = alloc.malloc(1024 + (seed % 64) * 1000, q).unwrap();
+                    if i % 3 == 0 {
+                        let _ = tx.try_send(b); // freed by whoever takes it
+                    }
+                    if let Ok(other) = rx.lock().unwrap().try_recv() {
+                        drop(other);
+                    }
+                }
+            });
+        }
+        drop(tx);
+    });
+    drop(rx);
+    let s = balanced(alloc.stats());
+    assert_eq!(s.active_count, 0, "{s:?}");
+    assert_eq!(s.allocations, threads as u64 * 5000);
+    alloc.clear_cache();
+    assert_eq!(balanced(alloc.stats()).reserved_bytes, 0);
+    assert_eq!(gpu.live_buffers(), 0);
+}
+
+#[test]
+fn without_front_caches_the_active_peak_is_exact() {
+    let (_gpu, alloc, q) = setup(Config {
+        front_cache: false,
+        ..config()
+    });
+    drop(alloc.malloc(1 << 20, &q).unwrap());
+    let small = alloc.malloc(4096, &q).unwrap();
+    let s = balanced(alloc.stats());
+    assert_eq!(s.peak_active_bytes, 1 << 20, "{s:?}");
+    assert_eq!(s.cache_hits, 0);
+    drop(small);
+    let (_gpu, alloc, q) = setup(config());
+    drop(alloc.malloc(1 << 20, &q).unwrap());
+    let small = alloc.malloc(4096, &q).unwrap();
+    let s = balanced(alloc.stats());
+    assert!(
+        s.peak_active_bytes <= (1 << 20) + 4096 && s.peak_active_bytes >= 1 << 20,
+        "at most the front caches' bytes over: {s:?}"
+    );
+    drop(small);
+}

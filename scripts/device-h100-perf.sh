@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 6's figures from one H100 session: the fast path on the host CPU
+# (criterion pairs, mixed, threads), `inflight bench` beside cuMemAllocAsync,
+# cuMemAlloc and PyTorch, thread scaling to 16 threads, `repro` per policy on
+# CUDA (two seeds), the CUDA conformance suite and a compute-sanitizer pass.
+# Logs go to $OUT/h100-perf-logs.tar.gz, a summary to $OUT/summary.txt.
+#
+# Prepare here (x86-64, Debian 12), then carry .devbin:
+#   export CARGO_PROFILE_RELEASE_DEBUG=0
+#   cargo build --release -p inflight-cli --features cuda
+#   cargo test --release -p inflight --features cuda --test cuda_conformance --no-run
+#   cargo bench -p inflight --bench alloc --no-run
+#   mkdir -p .devbin && cp target/release/inflight .devbin/
+#   cp "$(ls -t target/release/deps/cuda_conformance-* | grep -v '\.d$' | head -1)" .devbin/cuda_conformance
+#   cp "$(ls -t target/release/deps/alloc-* | grep -v '\.d$' | head -1)" .devbin/alloc_bench
+#   strip .devbin/*
+# Device call: run(command="bash scripts/device-h100-perf.sh", carry=[".devbin"])
+set -u
+B=./.devbin
+L=$(mktemp -d /tmp/h100perf.XXXXXX)
+S=$L/summary.txt
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+step() { # name timeout command...
+  local n=$1 t=$2; shift 2
+  local s=$SECONDS; timeout "$t" "$@" > "$L/$n.log" 2>&1; local rc=$?
+  echo "== $n: exit $rc in $((SECONDS - s)) s" >> "$S"
+}
+{ date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nproc; grep -m1 "model name" /proc/cpuinfo; uptime; } > "$L/env.log" 2>&1
+cp "$L/env.log" "$S"
+step criterion 150 $B/alloc_bench --bench --warm-up-time 1 --measurement-time 3 "pair|threads|baseline"
+step threads 60 $B/inflight bench --backend sim --sizes 4KiB --threads 1,2,4,8,16 --json "$L/threads.json"
+step bench 200 $B/inflight bench --backend cuda --json "$L/bench.json"
+for seed in 1 2; do
+  step "repro-all-seed$seed" 120 $B/inflight repro --backend cuda --policy all \
+    --allocations 500000 --streams 2 --seed "$seed" -q
+done
+step cuda-conformance 120 $B/cuda_conformance --test-threads=1
+step memcheck 90 compute-sanitizer --tool memcheck $B/inflight repro --backend cuda \
+  --policy deferred --allocations 20000 --streams 2 -q
+(cd "$L" && grep -H -E "time:|test result|^(violations|corrupted checksums|allocations/s|peak reserved|seconds) |ERROR SUMMARY|^pair|^mixed|^ *[0-9]+ +[0-9]" \
+  ./*.log) >> "$S" 2>/dev/null
+if [ -n "${OUT:-}" ]; then
+  tar -czf "$OUT/h100-perf-logs.tar.gz" -C "$L" .
+  cp "$S" "$OUT/summary.txt"
+fi
+cat "$S"
