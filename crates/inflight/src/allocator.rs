@@ -662,8 +662,7 @@ impl<B: Backend> Shared<B> {
             // Under pressure the front caches' idle blocks join the ready
             // list first, so that trimming reaches them.
             if !fronts_drained
-                && (device_refused
-                    || st.reserved() + size > st.limits.gc.min(st.limits.memory))
+                && (device_refused || st.reserved() + size > st.limits.gc.min(st.limits.memory))
             {
                 self.drain_fronts(&mut st);
                 fronts_drained = true;

@@ -31,7 +31,6 @@ use crate::cache::Block;
 use crate::sync::{fence, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
 use crate::timeline::{QueueId, Stamps};
 
-
 /// A device buffer from the cache. Clones share it; dropping the last clone
 /// frees it into the cache (pending if submitted work still uses it).
 pub struct Buffer<B: Backend> {

@@ -195,7 +195,9 @@ pub(crate) fn round_size(size: u64, page: u64, small_align: u64, classes: u64) -
     let unit = if size <= page { small_align } else { page };
     // 0 classes: `checked_div` gives `None`, whole units.
     let octave = 1u64 << (63 - size.leading_zeros());
-    let align = octave.checked_div(classes).map_or(unit, |step| step.max(unit));
+    let align = octave
+        .checked_div(classes)
+        .map_or(unit, |step| step.max(unit));
     size.checked_add(align - 1).map(|s| s & !(align - 1))
 }
 
@@ -221,7 +223,10 @@ mod tests {
             assert_eq!(round_size(u64::MAX, 16384, 256, classes), None);
         }
         // Pages only: 1 MiB + 1 takes one more page.
-        assert_eq!(round_size((1 << 20) + 1, 16384, 256, 0), Some((1 << 20) + 16384));
+        assert_eq!(
+            round_size((1 << 20) + 1, 16384, 256, 0),
+            Some((1 << 20) + 16384)
+        );
         // Four classes per doubling: 1 MiB + 1 rounds to 1.25 MiB, 4 KiB + 1
         // to 5 KiB, and a request is at most a quarter (or a unit) under
         // its block.
@@ -232,7 +237,10 @@ mod tests {
         for size in (16385u64..(1 << 40)).step_by(999_999_937) {
             let r = round_size(size, 16384, 256, 4).unwrap();
             let waste = r - size;
-            assert!(r >= size && (waste * 4 <= size || waste < 16384), "{size} -> {r}");
+            assert!(
+                r >= size && (waste * 4 <= size || waste < 16384),
+                "{size} -> {r}"
+            );
             assert_eq!(r % 16384, 0);
         }
     }

@@ -42,7 +42,10 @@ fn a_free_then_malloc_of_one_size_reuses_the_block_without_the_device() {
         assert_eq!((b.block_id(), b.len(), b.capacity()), (id, 4000, 4096));
     }
     let s = balanced(alloc.stats());
-    assert_eq!((s.device_allocations, s.cache_hits, s.frees), (1, 1000, 1001));
+    assert_eq!(
+        (s.device_allocations, s.cache_hits, s.frees),
+        (1, 1000, 1001)
+    );
     assert_eq!((s.ready_count, s.ready_bytes, s.active_count), (1, 4096, 0));
     assert_eq!(gpu.live_buffers(), 1);
 }
@@ -85,7 +88,9 @@ fn under_immediate_a_bound_block_skips_the_front_cache() {
 #[test]
 fn trim_clear_and_limits_reach_the_front_caches() {
     let (gpu, alloc, q) = setup(config());
-    let bufs: Vec<_> = (1..=8).map(|i| alloc.malloc(i * 4096, &q).unwrap()).collect();
+    let bufs: Vec<_> = (1..=8)
+        .map(|i| alloc.malloc(i * 4096, &q).unwrap())
+        .collect();
     drop(bufs);
     let before = balanced(alloc.stats());
     assert_eq!(before.ready_count, 8);
@@ -113,7 +118,9 @@ fn memory_pressure_takes_idle_blocks_from_front_caches() {
         ..config()
     });
     // Small blocks fill a front cache, then a large one needs their room.
-    let small: Vec<_> = (0..4).map(|_| alloc.malloc(16 << 10, &q).unwrap()).collect();
+    let small: Vec<_> = (0..4)
+        .map(|_| alloc.malloc(16 << 10, &q).unwrap())
+        .collect();
     drop(small);
     let big = alloc.malloc(1 << 20, &q).unwrap();
     let s = balanced(alloc.stats());
@@ -156,7 +163,9 @@ fn buffers_outlive_the_allocator_on_other_threads() {
     let gpu = ManualGpu::new(1 << 30, false);
     let alloc = Allocator::new(gpu.clone(), config()).unwrap();
     let q = alloc.create_queue().unwrap();
-    let bufs: Vec<_> = (0..64).map(|i| alloc.malloc(4096 << (i % 4), &q).unwrap()).collect();
+    let bufs: Vec<_> = (0..64)
+        .map(|i| alloc.malloc(4096 << (i % 4), &q).unwrap())
+        .collect();
     drop(alloc.malloc(4096, &q).unwrap()); // one idle block in a front cache
     drop((alloc, q));
     assert!(gpu.live_buffers() >= 64, "buffers keep the allocator alive");
@@ -178,7 +187,9 @@ fn buffers_outlive_the_allocator_on_other_threads() {
 fn many_threads_trading_buffers_lose_nothing() {
     let (gpu, alloc, _) = setup(config());
     let threads = 8;
-    let queues: Vec<_> = (0..threads).map(|_| alloc.create_queue().unwrap()).collect();
+    let queues: Vec<_> = (0..threads)
+        .map(|_| alloc.create_queue().unwrap())
+        .collect();
     let (tx, rx) = mpsc::sync_channel::<Buffer<ManualGpu>>(64);
     let rx = std::sync::Mutex::new(rx);
     std::thread::scope(|s| {
