@@ -90,21 +90,32 @@ fn threads(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let per = iters.div_ceil(n as u64);
                 let barrier = Arc::new(Barrier::new(n + 1));
-                let start = std::thread::scope(|s| {
-                    for q in &queues {
-                        let (alloc, barrier) = (&alloc, barrier.clone());
-                        s.spawn(move || {
-                            drop(alloc.malloc(4096, q).unwrap());
-                            barrier.wait();
-                            for _ in 0..per {
-                                drop(black_box(alloc.malloc(4096, q).unwrap()));
-                            }
-                        });
-                    }
+                // Each worker times itself (the main thread may not run
+                // again until they finish): first start to last end.
+                let (start, end) = std::thread::scope(|s| {
+                    let workers: Vec<_> = queues
+                        .iter()
+                        .map(|q| {
+                            let (alloc, barrier) = (&alloc, barrier.clone());
+                            s.spawn(move || {
+                                drop(alloc.malloc(4096, q).unwrap());
+                                barrier.wait();
+                                let start = Instant::now();
+                                for _ in 0..per {
+                                    drop(black_box(alloc.malloc(4096, q).unwrap()));
+                                }
+                                (start, Instant::now())
+                            })
+                        })
+                        .collect();
                     barrier.wait();
-                    Instant::now()
+                    workers
+                        .into_iter()
+                        .map(|w| w.join().unwrap())
+                        .reduce(|(s0, e0), (s1, e1)| (s0.min(s1), e0.max(e1)))
+                        .unwrap()
                 });
-                start.elapsed() * (iters as u32).max(1) / (per * n as u64).max(1) as u32
+                (end - start) * (iters as u32).max(1) / (per * n as u64).max(1) as u32
             })
         });
     }

@@ -193,11 +193,13 @@ pub(crate) fn validate_sizing(config: &Config) -> Result<()> {
 #[inline]
 pub(crate) fn round_size(size: u64, page: u64, small_align: u64, classes: u64) -> Option<u64> {
     let unit = if size <= page { small_align } else { page };
-    // 0 classes: `checked_div` gives `None`, whole units.
-    let octave = 1u64 << (63 - size.leading_zeros());
-    let align = octave
-        .checked_div(classes)
-        .map_or(unit, |step| step.max(unit));
+    let align = if classes == 0 {
+        unit
+    } else {
+        // `classes` is a power of two (validated): a shift, not a division.
+        let octave = 1u64 << (63 - size.leading_zeros());
+        (octave >> classes.trailing_zeros()).max(unit)
+    };
     size.checked_add(align - 1).map(|s| s & !(align - 1))
 }
 
