@@ -2,7 +2,8 @@
 # Issue 6's figures from one H100 session: the fast path on the host CPU
 # (criterion pairs, mixed, threads), `inflight bench` beside cuMemAllocAsync,
 # cuMemAlloc and PyTorch, thread scaling to 16 threads, `repro` per policy on
-# CUDA (two seeds), the CUDA conformance suite and a compute-sanitizer pass.
+# CUDA and on the simulated GPU (three seeds each), the CUDA conformance suite
+# and a compute-sanitizer pass.
 # Logs go to $OUT/h100-perf-logs.tar.gz, a summary to $OUT/summary.txt.
 #
 # Prepare here (x86-64, Debian 12), then carry .devbin:
@@ -31,9 +32,10 @@ cp "$L/env.log" "$S"
 step criterion 150 $B/alloc_bench --bench --warm-up-time 1 --measurement-time 3 "pair|threads|baseline"
 step threads 60 $B/inflight bench --backend sim --sizes 4KiB --threads 1,2,4,8,16 --json "$L/threads.json"
 step bench 200 $B/inflight bench --backend cuda --json "$L/bench.json"
-for seed in 1 2; do
-  step "repro-all-seed$seed" 120 $B/inflight repro --backend cuda --policy all \
+for seed in 1 2 3; do
+  step "repro-cuda-seed$seed" 120 $B/inflight repro --backend cuda --policy all \
     --allocations 500000 --streams 2 --seed "$seed" -q
+  step "repro-sim-seed$seed" 120 $B/inflight repro --backend sim --policy all --seed "$seed" -q
 done
 step cuda-conformance 120 $B/cuda_conformance --test-threads=1
 step memcheck 90 compute-sanitizer --tool memcheck $B/inflight repro --backend cuda \

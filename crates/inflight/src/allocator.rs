@@ -40,7 +40,7 @@ use crate::buffer::{BufferInner, Shell};
 use crate::cache::{Block, ReadyList};
 use crate::config::{fit_bound, round_size, validate_sizing, Config, Limits};
 use crate::error::{Error, Result};
-use crate::front::Fronts;
+use crate::front::{Fronts, Take};
 use crate::pending::PendingList;
 use crate::policy::PolicyKind;
 use crate::stats::Stats;
@@ -390,6 +390,10 @@ impl<B: Backend> Allocator<B> {
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
         s.drain_retained();
+        // Fresh watermarks: blocks in slots are classified by them.
+        for q in s.queues.iter() {
+            s.refresh(q);
+        }
         let mut st = s.state.lock();
         let release = s.promote(&mut st);
         let snap = s.snapshot(&st);
@@ -559,15 +563,36 @@ impl<B: Backend> Shared<B> {
             self.drain_retained();
         }
 
-        // The fast path: an idle block of this size in this thread's slot.
+        // The fast path: a block of this size in this thread's slot whose
+        // use is over by the cached watermarks; if only blocks in flight
+        // match, one refresh of their queue and one more look.
         let home = self.fronts.home();
+        let completed = |q| self.queues.get(q).watermark.get();
+        let in_order = (self.config.policy.kind() == PolicyKind::Deferred && queue.orders_memory)
+            .then_some(queue.id);
         let mut slot = self.fronts.lock(home);
         slot.add_live(self);
-        if let Some(shell) = slot.take(rounded) {
+        let mut found = slot.take(rounded, completed, in_order);
+        if let Take::InFlight(stamp) = found {
             drop(slot);
-            return Ok(Buffer::reissue(shell, size, queue.id, self.config.scrub));
+            self.refresh(self.queues.get(stamp.queue));
+            slot = self.fronts.lock(home);
+            found = slot.take(rounded, completed, in_order);
         }
         drop(slot);
+        let scrub = self.config.scrub;
+        match found {
+            Take::Hit(shell) => {
+                // SAFETY: S1: out of the slot, the shell is ours. Its uses
+                // are over: forget them.
+                unsafe { shell.owned_stamps().clear() };
+                return Ok(Buffer::reissue(shell, size, queue.id, 0, scrub));
+            }
+            Take::InOrder(shell, value) => {
+                return Ok(Buffer::reissue(shell, size, queue.id, value, scrub));
+            }
+            Take::InFlight(_) | Take::Miss => {}
+        }
         let r = self.malloc_locked(size, rounded, queue, home);
         if r.is_err() {
             // Not counted after all (K1); `self` is an `Arc` the caller
@@ -588,13 +613,15 @@ impl<B: Backend> Shared<B> {
     ) -> Result<Buffer<B>> {
         let policy = self.config.policy.kind();
         let mut st = self.state.lock();
-        let mut release = if st.pending.is_empty() {
-            Vec::new()
-        } else {
-            self.promote(&mut st)
-        };
         let bound = fit_bound(rounded, &self.config);
         let mut hit = st.ready.take_best_fit(rounded, bound);
+        let mut release = Vec::new();
+        if hit.is_none() && !st.pending.is_empty() {
+            // Promotion asks the backend how far each queue got: only when
+            // the ready list has nothing that fits.
+            release = self.promote(&mut st);
+            hit = st.ready.take_best_fit(rounded, bound);
+        }
         let mut fence = 0;
         if hit.is_none() && policy == PolicyKind::Deferred && queue.orders_memory {
             hit = st.pending.take_in_order(queue.id, rounded, bound);
@@ -866,99 +893,134 @@ impl<B: Backend> Shared<B> {
         // SAFETY: S1: the caller dropped the last handle; the shell is ours.
         let (live, stamps) = unsafe { (shell.owned_live(), shell.owned_stamps()) };
         let (size, home) = (live.size, live.home);
-        let idle = match self.config.policy.kind() {
-            // The defect: a block once bound skips the front cache and goes
-            // to the ready list with its in-flight uses ignored.
-            PolicyKind::Immediate => stamps.is_empty(),
-            _ => self.first_incomplete(stamps).is_none(),
+        // The first use not yet complete by the cached watermarks. The free
+        // path never asks the backend: the slot (or the pending list) keeps
+        // the stamp, and the next look at a watermark decides.
+        let due = match self.config.policy.kind() {
+            // The defect: in-flight uses are ignored.
+            PolicyKind::Immediate => None,
+            _ if stamps.is_empty() => None,
+            _ => stamps.first_incomplete(|q| self.queues.get(q).watermark.get()),
         };
         let mut slot = self.fronts.lock(home);
         slot.frees += 1;
         let keep = slot.remove_live(self.fronts.closing());
-        let mut evicted = None;
-        let mut more = Vec::new(); // allocates only if several are evicted
-        if idle {
-            stamps.clear();
-            slot.push(size, shell, self.fronts.cap(), |old| match evicted {
-                None => evicted = Some(old),
-                Some(_) => more.push(old),
-            });
-        } else {
-            evicted = Some(shell);
+        if due.is_some() {
+            slot.deferred_frees += 1;
         }
-        drop(slot);
-        for shell in evicted.into_iter().chain(more) {
-            self.free_to_lists(shell);
+        match due {
+            // In flight on more than one queue: the pending list, which
+            // re-files it under each stamp in turn.
+            Some(due) if stamps.single().is_none() => {
+                drop(slot);
+                self.free_to_pending(shell, due);
+            }
+            _ => {
+                if due.is_none() {
+                    stamps.clear();
+                }
+                let evicted = slot.push(size, due, shell, self.fronts.cap());
+                drop(slot);
+                if !evicted.is_empty() {
+                    let mut st = self.state.lock();
+                    let mut spare = Vec::new();
+                    for shell in evicted {
+                        self.file_shell(&mut st, shell, &mut spare);
+                    }
+                    self.trim_to_cap(st);
+                    drop(spare); // after the lock
+                }
+            }
         }
         keep
     }
 
-    /// Files a shell's block under the state lock: pending if a recorded use
-    /// is incomplete, else ready; then trims the ready list to its cap.
-    fn free_to_lists(&self, shell: Shell<B>) {
-        // SAFETY: S1: the shell has no handle and is ours (from the free
-        // path or a slot's idle list).
-        let mut block = unsafe { shell.unfill() };
-        let due = match self.config.policy.kind() {
-            PolicyKind::Immediate => None,
-            _ => self.first_incomplete(&block.stamps),
-        };
+    /// Files a freed block whose use `due` may be in flight on the pending
+    /// list.
+    fn free_to_pending(&self, shell: Shell<B>, due: Stamp) {
+        // SAFETY: S1: the shell has no handle and is ours (the free path's).
+        let block = unsafe { shell.unfill() };
         let mut st = self.state.lock();
-        let spare = if st.spares.len() < MAX_SPARES {
-            st.spares.push(shell);
-            None
-        } else {
-            Some(shell) // dropped after the lock
-        };
         st.stats.active_bytes -= block.size;
         st.stats.active_count -= 1;
-        match due {
-            Some(stamp) => {
-                st.stats.deferred_frees += 1;
-                st.pending.insert(block, stamp);
-            }
+        st.pending.insert(block, due);
+        let mut spare = Vec::new();
+        self.park(&mut st, shell, &mut spare);
+        drop(st);
+        drop(spare);
+    }
+
+    /// Moves a filled shell out of a slot (evicted or drained) into the
+    /// lists: pending if a use is incomplete by the cached watermarks
+    /// (never under `Immediate`, whose slots hold no stamps), else ready.
+    fn file_shell(&self, st: &mut State<B>, shell: Shell<B>, spare: &mut Vec<Shell<B>>) {
+        // SAFETY: S1: a shell out of a slot has no handle and is ours.
+        let mut block = unsafe { shell.unfill() };
+        st.stats.active_bytes -= block.size;
+        st.stats.active_count -= 1;
+        match block
+            .stamps
+            .first_incomplete(|q| self.queues.get(q).watermark.get())
+        {
+            Some(due) => st.pending.insert(block, due),
             None => {
                 block.stamps.clear();
                 st.ready.insert(block);
             }
         }
-        if st.ready.bytes() > st.ready_cap {
+        self.park(st, shell, spare);
+    }
+
+    /// Parks an emptied shell as a spare, or in `spare` when there are
+    /// enough (the caller drops those after the lock).
+    #[inline]
+    fn park(&self, st: &mut State<B>, shell: Shell<B>, spare: &mut Vec<Shell<B>>) {
+        if st.spares.len() < MAX_SPARES {
+            st.spares.push(shell);
+        } else {
+            spare.push(shell);
+        }
+    }
+
+    /// Trims the ready list to its cap, releasing after the lock.
+    fn trim_to_cap(&self, mut st: StateGuard<'_, B>) {
+        let ready_cap = st.ready_cap;
+        if st.ready.bytes() > ready_cap {
             let mut release = Vec::new();
-            let ready_cap = st.ready_cap;
             st.trim_ready_to(ready_cap, &mut release);
             drop(st);
             self.release_blocks(release);
         }
-        drop(spare);
     }
 
-    /// Moves every front cache's idle blocks to the ready list (for trims,
-    /// clears, limit changes and memory pressure). The caller trims after.
+    /// Moves every slot's blocks to the lists (for trims, clears, limit
+    /// changes and memory pressure). The caller trims after.
     fn drain_fronts(&self, st: &mut State<B>) {
+        let mut spare = Vec::new();
         for shell in self.fronts.drain_all() {
-            // SAFETY: S1: an idle shell taken out of a slot is ours.
-            let block = unsafe { shell.unfill() };
-            st.stats.active_bytes -= block.size;
-            st.stats.active_count -= 1;
-            st.ready.insert(block);
-            if st.spares.len() < MAX_SPARES {
-                st.spares.push(shell);
-            }
+            self.file_shell(st, shell, &mut spare);
         }
     }
 
-    /// A statistics snapshot: the state's figures with the front caches'
-    /// added (their idle blocks as ready, their counters summed).
+    /// A statistics snapshot: the state's figures with the slots' added
+    /// (their blocks as pending or ready by the cached watermarks, their
+    /// counters summed).
     fn snapshot(&self, st: &State<B>) -> Stats {
         let mut s = st.snapshot();
+        let completed = |q| self.queues.get(q).watermark.get();
         self.fronts.each(|slot| {
-            s.ready_bytes += slot.idle_bytes;
-            s.ready_count += slot.idle_count();
+            let (flight_bytes, flight_count) = slot.in_flight(completed);
+            s.pending_bytes += flight_bytes;
+            s.pending_count += flight_count;
+            s.ready_bytes += slot.idle_bytes - flight_bytes;
+            s.ready_count += slot.idle_count() - flight_count;
             s.active_bytes = s.active_bytes.saturating_sub(slot.idle_bytes);
             s.active_count = s.active_count.saturating_sub(slot.idle_count());
             s.frees += slot.frees;
+            s.deferred_frees += slot.deferred_frees;
             s.allocations += slot.hits;
             s.cache_hits += slot.hits;
+            s.in_order_hits += slot.in_order_hits;
         });
         s.reuse_device_waits = self.reuse_device_waits.load(Ordering::Relaxed);
         s.reuse_host_waits = self.reuse_host_waits.load(Ordering::Relaxed);
@@ -1019,15 +1081,22 @@ impl<B: Backend> Drop for Shared<B> {
         // No handle is left, so no buffer is live and no command buffer holds
         // references. Ready blocks are idle; pending ones wait for their work.
         let mut blocks: Vec<Block<B::Buffer>> = Vec::new();
+        let mut in_slots = Vec::new();
         for shell in self.fronts.drain_exclusive() {
-            // SAFETY: S1: an idle shell in a slot is the allocator's.
-            blocks.push(unsafe { shell.unfill() });
+            // SAFETY: S1: a shell in a slot is the allocator's.
+            let b = unsafe { shell.unfill() };
+            if b.stamps.is_empty() {
+                blocks.push(b);
+            } else {
+                in_slots.push(b); // checked like pending blocks below
+            }
         }
         let st = self.state.get_mut();
         while let Some(b) = st.ready.pop_oldest() {
             blocks.push(b);
         }
-        let pending = st.pending.take_all();
+        let mut pending = st.pending.take_all();
+        pending.extend(in_slots);
         let deadline = Instant::now() + self.teardown_timeout();
         let mut leaked = 0usize;
         for b in pending {

@@ -51,24 +51,55 @@ fn a_free_then_malloc_of_one_size_reuses_the_block_without_the_device() {
 }
 
 #[test]
-fn a_block_in_flight_never_enters_a_front_cache() {
+fn a_block_in_flight_waits_in_its_slot_until_its_work_completes() {
     let (gpu, alloc, q) = setup(config());
     let b = alloc.malloc(4096, &q).unwrap();
     let id = b.block_id();
     let v = use_on(&q, &b);
     drop(b);
     let s = balanced(alloc.stats());
-    assert_eq!((s.pending_count, s.ready_count), (1, 0), "{s:?}");
+    assert_eq!(
+        (s.pending_count, s.ready_count, s.deferred_frees),
+        (1, 0, 1),
+        "{s:?}"
+    );
     // The queue does not order memory: the same size must get another block.
     let c = alloc.malloc(4096, &q).unwrap();
     assert_ne!(c.block_id(), id);
     gpu.complete(0, v);
-    drop(c);
+    // Completed: the next allocation of the size on this thread takes it
+    // (the slot asks the backend once when only blocks in flight match).
     let d = alloc.malloc(4096, &q).unwrap();
+    assert_eq!(d.block_id(), id);
+    let s = balanced(alloc.stats());
+    assert_eq!((s.pending_count, s.device_allocations), (0, 2), "{s:?}");
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
+
+#[test]
+fn in_order_reuse_from_a_slot_orders_other_queues_after_the_previous_owner() {
+    let gpu = ManualGpu::new(1 << 30, true);
+    let alloc = Allocator::new(gpu.clone(), config()).unwrap();
+    let (q0, q1) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
+    let a = alloc.malloc(4096, &q0).unwrap();
+    let id = a.block_id();
+    use_on(&q0, &a);
+    drop(a);
+    let other = alloc.malloc(4096, &q1).unwrap();
+    assert_ne!(other.block_id(), id, "not on another queue");
+    let b = alloc.malloc(4096, &q0).unwrap();
+    assert_eq!(b.block_id(), id, "in order on its own queue");
+    assert_eq!(alloc.stats().in_order_hits, 1);
+    let mut cb = q1.command_buffer().unwrap();
     assert!(
-        d.block_id() == id || alloc.stats().ready_count == 1,
-        "the completed block is reusable again"
+        matches!(
+            cb.fill(&b, 2),
+            Err(inflight::Error::ReuseWaitTimedOut { queue: 0, value: 1 })
+        ),
+        "a bind on another queue waits for the previous owner"
     );
+    gpu.complete_all();
+    drop(other);
     assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
 }
 
