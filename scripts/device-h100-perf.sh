@@ -30,7 +30,7 @@ step() { # name timeout command...
   nproc; grep -m1 "model name" /proc/cpuinfo; uptime; } > "$L/env.log" 2>&1
 cp "$L/env.log" "$S"
 step criterion 150 $B/alloc_bench --bench --warm-up-time 1 --measurement-time 3 "pair|threads|baseline"
-step threads 60 $B/inflight bench --backend sim --sizes 4KiB --threads 1,2,4,8,16 --json "$L/threads.json"
+step threads 120 $B/inflight bench --backend sim --sizes 4KiB --pairs 1000000 --threads 1,2,4,8,16 --json "$L/threads.json"
 step bench 200 $B/inflight bench --backend cuda --json "$L/bench.json"
 for seed in 1 2 3; do
   step "repro-cuda-seed$seed" 120 $B/inflight repro --backend cuda --policy all \

@@ -64,6 +64,8 @@ pub struct SimOptions {
     pub fault_rate: f64,
     /// Lose the device after this many submissions.
     pub lose_device_after: Option<u64>,
+    /// Host time of each device allocation, if not the default.
+    pub alloc_cost: Option<std::time::Duration>,
 }
 
 /// The simulated GPU's settings for these options.
@@ -89,6 +91,7 @@ pub fn sim_config(opts: &BackendOptions) -> SimConfig {
             d.max_buffer_size
         },
         jitter: opts.sim.jitter.unwrap_or(d.jitter),
+        alloc_cost: opts.sim.alloc_cost.unwrap_or(d.alloc_cost),
         faults: Faults {
             lose_after_submissions: opts.sim.lose_device_after,
             ..Faults::at_rate(opts.sim.fault_rate, opts.seed)

@@ -115,6 +115,10 @@ struct ReproArgs {
     /// Seed of every random choice (sizes, patterns, GPU timing jitter).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// On the simulated GPU: host time of each device allocation (default
+    /// 20us; `0s` makes creating a buffer free, which no driver does).
+    #[arg(long, value_parser = parse_duration)]
+    sim_alloc_cost: Option<Duration>,
     /// Abort the process on the first violation, as Metal's validation layer does.
     #[arg(long)]
     abort_on_violation: bool,
@@ -301,6 +305,7 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
         sim: SimOptions {
             fault_rate: a.faults,
             lose_device_after: a.lose_device_after,
+            alloc_cost: a.sim_alloc_cost,
             ..SimOptions::default()
         },
     };

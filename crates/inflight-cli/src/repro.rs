@@ -339,10 +339,13 @@ pub fn run<B: Backend>(
             all_reported: false,
         };
         // A lost device may leave failures unreported: the submissions
-        // that would have reported them never complete.
+        // that would have reported them never complete. It also fails the
+        // allocations made after it, beyond the injected refusals.
         let subs_ok = report.submission_failures_observed == injected.submission_failures;
+        let allocs_ok = report.alloc_failures_observed == injected.alloc_failures
+            || (injected.device_lost && report.alloc_failures_observed > injected.alloc_failures);
         FaultReport {
-            all_reported: report.alloc_failures_observed == injected.alloc_failures
+            all_reported: allocs_ok
                 && (subs_ok || injected.device_lost)
                 && observed_lost == injected.device_lost,
             ..report

@@ -40,7 +40,7 @@ use crate::buffer::{BufferInner, Shell};
 use crate::cache::{Block, ReadyList};
 use crate::config::{fit_bound, round_size, validate_sizing, Config, Limits};
 use crate::error::{Error, Result};
-use crate::front::{Fronts, Take};
+use crate::front::Fronts;
 use crate::pending::PendingList;
 use crate::policy::PolicyKind;
 use crate::stats::Stats;
@@ -390,10 +390,6 @@ impl<B: Backend> Allocator<B> {
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
         s.drain_retained();
-        // Fresh watermarks: blocks in slots are classified by them.
-        for q in s.queues.iter() {
-            s.refresh(q);
-        }
         let mut st = s.state.lock();
         let release = s.promote(&mut st);
         let snap = s.snapshot(&st);
@@ -563,36 +559,15 @@ impl<B: Backend> Shared<B> {
             self.drain_retained();
         }
 
-        // The fast path: a block of this size in this thread's slot whose
-        // use is over by the cached watermarks; if only blocks in flight
-        // match, one refresh of their queue and one more look.
+        // The fast path: an idle block of this size in this thread's slot.
         let home = self.fronts.home();
-        let completed = |q| self.queues.get(q).watermark.get();
-        let in_order = (self.config.policy.kind() == PolicyKind::Deferred && queue.orders_memory)
-            .then_some(queue.id);
         let mut slot = self.fronts.lock(home);
         slot.add_live(self);
-        let mut found = slot.take(rounded, completed, in_order);
-        if let Take::InFlight(stamp) = found {
+        if let Some(shell) = slot.take(rounded) {
             drop(slot);
-            self.refresh(self.queues.get(stamp.queue));
-            slot = self.fronts.lock(home);
-            found = slot.take(rounded, completed, in_order);
+            return Ok(Buffer::reissue(shell, size, queue.id, self.config.scrub));
         }
         drop(slot);
-        let scrub = self.config.scrub;
-        match found {
-            Take::Hit(shell) => {
-                // SAFETY: S1: out of the slot, the shell is ours. Its uses
-                // are over: forget them.
-                unsafe { shell.owned_stamps().clear() };
-                return Ok(Buffer::reissue(shell, size, queue.id, 0, scrub));
-            }
-            Take::InOrder(shell, value) => {
-                return Ok(Buffer::reissue(shell, size, queue.id, value, scrub));
-            }
-            Take::InFlight(_) | Take::Miss => {}
-        }
         let r = self.malloc_locked(size, rounded, queue, home);
         if r.is_err() {
             // Not counted after all (K1); `self` is an `Arc` the caller
@@ -717,7 +692,13 @@ impl<B: Backend> Shared<B> {
                     // Give memory back before asking for more.
                     MutexGuard::unlocked(&mut st, || self.release_blocks(std::mem::take(release)));
                 }
-                match self.backend.allocate(size) {
+                // A driver call is slow: made without the state lock, its
+                // bytes claimed meanwhile so that no other allocation counts
+                // on them (a snapshot taken during it sees them reserved).
+                st.stats.reserved_bytes += size;
+                let made = MutexGuard::unlocked(&mut st, || self.backend.allocate(size));
+                st.stats.reserved_bytes -= size;
+                match made {
                     Ok(raw) => {
                         st.account_alloc(size);
                         let id = st.next_block_id;
@@ -893,81 +874,78 @@ impl<B: Backend> Shared<B> {
         // SAFETY: S1: the caller dropped the last handle; the shell is ours.
         let (live, stamps) = unsafe { (shell.owned_live(), shell.owned_stamps()) };
         let (size, home) = (live.size, live.home);
-        // The first use not yet complete by the cached watermarks. The free
-        // path never asks the backend: the slot (or the pending list) keeps
-        // the stamp, and the next look at a watermark decides.
-        let due = match self.config.policy.kind() {
-            // The defect: in-flight uses are ignored.
-            PolicyKind::Immediate => None,
-            _ if stamps.is_empty() => None,
-            _ => stamps.first_incomplete(|q| self.queues.get(q).watermark.get()),
+        // Where it goes: a block never bound since it was last idle, or
+        // whose uses the cached watermarks show complete, to the slot; one
+        // in flight to the pending list. The free path never asks the
+        // backend: a block whose work completed since the last refresh
+        // waits on the pending list for the next one. Under `Immediate`, a
+        // block once bound goes to the ready list, its uses ignored.
+        let to_lists = if stamps.is_empty() {
+            None
+        } else if self.config.policy.kind() == PolicyKind::Immediate {
+            Some(None)
+        } else {
+            stamps
+                .first_incomplete(|q| self.queues.get(q).watermark.get())
+                .map(Some)
         };
         let mut slot = self.fronts.lock(home);
         slot.frees += 1;
         let keep = slot.remove_live(self.fronts.closing());
-        if due.is_some() {
-            slot.deferred_frees += 1;
+        if let Some(due) = to_lists {
+            drop(slot);
+            self.free_to_lists(shell, due);
+            return keep;
         }
-        match due {
-            // In flight on more than one queue: the pending list, which
-            // re-files it under each stamp in turn.
-            Some(due) if stamps.single().is_none() => {
-                drop(slot);
-                self.free_to_pending(shell, due);
+        stamps.clear();
+        let evicted = slot.push(size, shell, self.fronts.cap());
+        drop(slot);
+        if !evicted.is_empty() {
+            let mut st = self.state.lock();
+            let mut spare = Vec::new();
+            for shell in evicted {
+                self.file_shell(&mut st, shell, &mut spare);
             }
-            _ => {
-                if due.is_none() {
-                    stamps.clear();
-                }
-                let evicted = slot.push(size, due, shell, self.fronts.cap());
-                drop(slot);
-                if !evicted.is_empty() {
-                    let mut st = self.state.lock();
-                    let mut spare = Vec::new();
-                    for shell in evicted {
-                        self.file_shell(&mut st, shell, &mut spare);
-                    }
-                    self.trim_to_cap(st);
-                    drop(spare); // after the lock
-                }
-            }
+            self.trim_to_cap(st);
+            drop(spare); // after the lock
         }
         keep
     }
 
-    /// Files a freed block whose use `due` may be in flight on the pending
-    /// list.
-    fn free_to_pending(&self, shell: Shell<B>, due: Stamp) {
+    /// Files a freed block that was bound: pending under `due`, its first
+    /// use in flight; with no `due` (only under `Immediate`), ready.
+    fn free_to_lists(&self, shell: Shell<B>, due: Option<Stamp>) {
         // SAFETY: S1: the shell has no handle and is ours (the free path's).
-        let block = unsafe { shell.unfill() };
+        let mut block = unsafe { shell.unfill() };
         let mut st = self.state.lock();
         st.stats.active_bytes -= block.size;
         st.stats.active_count -= 1;
-        st.pending.insert(block, due);
-        let mut spare = Vec::new();
-        self.park(&mut st, shell, &mut spare);
-        drop(st);
-        drop(spare);
-    }
-
-    /// Moves a filled shell out of a slot (evicted or drained) into the
-    /// lists: pending if a use is incomplete by the cached watermarks
-    /// (never under `Immediate`, whose slots hold no stamps), else ready.
-    fn file_shell(&self, st: &mut State<B>, shell: Shell<B>, spare: &mut Vec<Shell<B>>) {
-        // SAFETY: S1: a shell out of a slot has no handle and is ours.
-        let mut block = unsafe { shell.unfill() };
-        st.stats.active_bytes -= block.size;
-        st.stats.active_count -= 1;
-        match block
-            .stamps
-            .first_incomplete(|q| self.queues.get(q).watermark.get())
-        {
-            Some(due) => st.pending.insert(block, due),
+        match due {
+            Some(due) => {
+                st.stats.deferred_frees += 1;
+                st.pending.insert(block, due);
+            }
             None => {
+                // The defect: in-flight uses are ignored.
                 block.stamps.clear();
                 st.ready.insert(block);
             }
         }
+        let mut spare = Vec::new();
+        self.park(&mut st, shell, &mut spare);
+        self.trim_to_cap(st);
+        drop(spare); // after the lock
+    }
+
+    /// Moves an idle filled shell out of a slot (evicted or drained) to the
+    /// ready list.
+    fn file_shell(&self, st: &mut State<B>, shell: Shell<B>, spare: &mut Vec<Shell<B>>) {
+        // SAFETY: S1: a shell out of a slot has no handle and is ours.
+        let block = unsafe { shell.unfill() };
+        debug_assert!(block.stamps.is_empty(), "slots hold idle blocks only");
+        st.stats.active_bytes -= block.size;
+        st.stats.active_count -= 1;
+        st.ready.insert(block);
         self.park(st, shell, spare);
     }
 
@@ -1003,24 +981,17 @@ impl<B: Backend> Shared<B> {
     }
 
     /// A statistics snapshot: the state's figures with the slots' added
-    /// (their blocks as pending or ready by the cached watermarks, their
-    /// counters summed).
+    /// (their idle blocks as ready, their counters summed).
     fn snapshot(&self, st: &State<B>) -> Stats {
         let mut s = st.snapshot();
-        let completed = |q| self.queues.get(q).watermark.get();
         self.fronts.each(|slot| {
-            let (flight_bytes, flight_count) = slot.in_flight(completed);
-            s.pending_bytes += flight_bytes;
-            s.pending_count += flight_count;
-            s.ready_bytes += slot.idle_bytes - flight_bytes;
-            s.ready_count += slot.idle_count() - flight_count;
+            s.ready_bytes += slot.idle_bytes;
+            s.ready_count += slot.idle_count();
             s.active_bytes = s.active_bytes.saturating_sub(slot.idle_bytes);
             s.active_count = s.active_count.saturating_sub(slot.idle_count());
             s.frees += slot.frees;
-            s.deferred_frees += slot.deferred_frees;
             s.allocations += slot.hits;
             s.cache_hits += slot.hits;
-            s.in_order_hits += slot.in_order_hits;
         });
         s.reuse_device_waits = self.reuse_device_waits.load(Ordering::Relaxed);
         s.reuse_host_waits = self.reuse_host_waits.load(Ordering::Relaxed);
@@ -1081,22 +1052,15 @@ impl<B: Backend> Drop for Shared<B> {
         // No handle is left, so no buffer is live and no command buffer holds
         // references. Ready blocks are idle; pending ones wait for their work.
         let mut blocks: Vec<Block<B::Buffer>> = Vec::new();
-        let mut in_slots = Vec::new();
         for shell in self.fronts.drain_exclusive() {
-            // SAFETY: S1: a shell in a slot is the allocator's.
-            let b = unsafe { shell.unfill() };
-            if b.stamps.is_empty() {
-                blocks.push(b);
-            } else {
-                in_slots.push(b); // checked like pending blocks below
-            }
+            // SAFETY: S1: an idle shell in a slot is the allocator's.
+            blocks.push(unsafe { shell.unfill() });
         }
         let st = self.state.get_mut();
         while let Some(b) = st.ready.pop_oldest() {
             blocks.push(b);
         }
-        let mut pending = st.pending.take_all();
-        pending.extend(in_slots);
+        let pending = st.pending.take_all();
         let deadline = Instant::now() + self.teardown_timeout();
         let mut leaked = 0usize;
         for b in pending {

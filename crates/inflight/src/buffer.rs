@@ -145,17 +145,10 @@ impl<B: Backend> Buffer<B> {
         }
     }
 
-    /// Makes a filled shell from a front cache a live buffer again: the same
-    /// block, with its uses complete and its stamps cleared, or reused in
-    /// order at `fence_value` (see `adopt`).
+    /// Makes an idle filled shell from a front cache a live buffer again:
+    /// the same block, its uses all complete and its stamps cleared.
     #[inline]
-    pub(crate) fn reissue(
-        shell: Shell<B>,
-        len: u64,
-        queue: QueueId,
-        fence_value: u64,
-        scrub: bool,
-    ) -> Self {
+    pub(crate) fn reissue(shell: Shell<B>, len: u64, queue: QueueId, scrub: bool) -> Self {
         debug_assert_eq!(shell.handles.load(Ordering::Relaxed), 0);
         // SAFETY: S1: the shell came out of a slot, whose lock made the
         // caller its only owner.
@@ -165,7 +158,7 @@ impl<B: Backend> Buffer<B> {
             live.len = len;
             live.queue = queue;
         }
-        shell.reuse_fence.store(fence_value, Ordering::Relaxed);
+        shell.reuse_fence.store(0, Ordering::Relaxed);
         // Zeroed at its first binding (see `Config::scrub`).
         shell.needs_scrub.store(scrub, Ordering::Relaxed);
         shell.handles.store(1, Ordering::Release);

@@ -4,15 +4,12 @@
 //! An allocator has a fixed array of *slots*, one cache line apart; a thread
 //! uses slot `thread index mod slots` (its *home*). A slot holds:
 //!
-//! - up to [`FRONT_BLOCKS`] freed **filled shells**: buffer shells that still
-//!   hold their block. A free lands its block in the slot where the buffer
-//!   was allocated, idle or still in flight on one queue (its *due* stamp;
-//!   a block in flight on several queues goes to the pending list instead).
-//!   An allocation of the same rounded size on that thread takes the newest
-//!   one whose due stamp its queue's cached watermark has passed, so any
-//!   queue may use it (I2); if only one still in flight matches, the caller
-//!   asks the backend once and looks again. Each is one uncontended
-//!   spin-lock acquisition and no shared cache line written.
+//! - up to [`FRONT_BLOCKS`] idle **filled shells**: buffer shells that still
+//!   hold their block, whose every recorded use had completed when they were
+//!   freed, so any queue may take them (I2 needs no check). A free lands its
+//!   idle block in the slot where the buffer was allocated; an allocation of
+//!   the same rounded size on that thread takes it back. Each is one
+//!   uncontended spin-lock acquisition and no shared cache line written.
 //! - the count of **live buffers** allocated through it and, while that count
 //!   is above zero (and always until the last [`crate::Allocator`] handle is
 //!   dropped), one strong reference to the allocator's shared state. A buffer
@@ -41,7 +38,6 @@ use crate::allocator::Shared;
 use crate::backend::Backend;
 use crate::buffer::Shell;
 use crate::sync::{spin_wait, AtomicBool, AtomicU64, Ordering};
-use crate::timeline::{QueueId, Stamp};
 
 /// Idle blocks one slot holds at most.
 pub(crate) const FRONT_BLOCKS: usize = 16;
@@ -85,40 +81,10 @@ unsafe impl<B: Backend> Sync for Slot<B> {}
 // SAFETY: as above.
 unsafe impl<B: Backend> Send for Slot<B> {}
 
-/// A freed filled shell in a slot.
-struct Entry<B: Backend> {
-    size: u64,
-    /// The use that was in flight at the free (`None`: idle then).
-    due: Option<Stamp>,
-    shell: Shell<B>,
-}
-
-impl<B: Backend> Entry<B> {
-    /// Whether its use is over by `completed` (cached watermarks).
-    #[inline]
-    fn idle(&self, completed: &impl Fn(QueueId) -> u64) -> bool {
-        self.due.is_none_or(|d| completed(d.queue) >= d.value)
-    }
-}
-
-/// What [`SlotState::take`] found.
-pub(crate) enum Take<B: Backend> {
-    /// A shell of the size whose use is over.
-    Hit(Shell<B>),
-    /// A shell of the size still in flight on the asking queue, which orders
-    /// memory: new work there runs after that use, at `value` (the in-order
-    /// rule; the shell keeps its stamps, as a pending block would).
-    InOrder(Shell<B>, u64),
-    /// Only shells whose use was in flight at the last look: the newest's.
-    InFlight(Stamp),
-    /// No shell of the size.
-    Miss,
-}
-
 /// What a slot holds, behind its lock.
 pub(crate) struct SlotState<B: Backend> {
-    /// Freed filled shells, oldest first.
-    idle: Vec<Entry<B>>,
+    /// Idle filled shells with their block sizes, oldest first.
+    idle: Vec<(u64, Shell<B>)>,
     /// The sum of their sizes.
     pub(crate) idle_bytes: u64,
     /// Live buffers whose home this slot is.
@@ -127,88 +93,29 @@ pub(crate) struct SlotState<B: Backend> {
     keepalive: Option<Arc<Shared<B>>>,
     /// Frees of buffers homed here.
     pub(crate) frees: u64,
-    /// Of those, frees whose block was in flight (filed here with its due
-    /// stamp, or sent to the pending list).
-    pub(crate) deferred_frees: u64,
     /// Allocations served from `idle`.
     pub(crate) hits: u64,
-    /// Of those, blocks still in flight taken by the in-order rule.
-    pub(crate) in_order_hits: u64,
 }
 
 impl<B: Backend> SlotState<B> {
-    /// Blocks held.
+    /// Idle blocks held.
     pub(crate) fn idle_count(&self) -> u64 {
         self.idle.len() as u64
     }
 
-    /// `(bytes, blocks)` of those still in flight by `completed`.
-    pub(crate) fn in_flight(&self, completed: impl Fn(QueueId) -> u64) -> (u64, u64) {
-        self.idle
-            .iter()
-            .filter(|e| !e.idle(&completed))
-            .fold((0, 0), |(b, n), e| (b + e.size, n + 1))
-    }
-
-    /// Takes the newest shell of exactly `size` bytes whose use is over by
-    /// `completed`; else, when `in_order` names the asking queue (it orders
-    /// memory and the policy allows), the newest in flight on that queue.
-    /// Counts a hit. A `Hit` shell's stamps are the caller's to clear.
+    /// Takes the newest idle shell of exactly `size` bytes, counting a hit
+    /// and a new live buffer.
     #[inline]
-    pub(crate) fn take(
-        &mut self,
-        size: u64,
-        completed: impl Fn(QueueId) -> u64,
-        in_order: Option<QueueId>,
-    ) -> Take<B> {
-        let mut in_flight = None;
-        let mut same_queue = None;
-        let found = self.idle.iter().rposition(|e| {
-            if e.size != size {
-                return false;
-            }
-            if e.idle(&completed) {
-                return true;
-            }
-            if let Some(due) = e.due {
-                in_flight = in_flight.or(Some(due));
-            }
-            false
-        });
-        let i = match found {
-            Some(i) => i,
-            None => {
-                let Some(stamp) = in_flight else {
-                    return Take::Miss;
-                };
-                let mine = in_order.and_then(|q| {
-                    self.idle
-                        .iter()
-                        .rposition(|e| e.size == size && e.due.is_some_and(|d| d.queue == q))
-                });
-                match mine {
-                    Some(i) => {
-                        same_queue = self.idle[i].due.map(|d| d.value);
-                        i
-                    }
-                    None => return Take::InFlight(stamp),
-                }
-            }
-        };
-        let e = if i + 1 == self.idle.len() {
-            self.idle.pop().expect("found above") // the common ping-pong
+    pub(crate) fn take(&mut self, size: u64) -> Option<Shell<B>> {
+        let i = self.idle.iter().rposition(|(s, _)| *s == size)?;
+        let (_, shell) = if i + 1 == self.idle.len() {
+            self.idle.pop()? // the common ping-pong: the newest
         } else {
             self.idle.remove(i)
         };
         self.idle_bytes -= size;
         self.hits += 1;
-        match same_queue {
-            Some(value) => {
-                self.in_order_hits += 1;
-                Take::InOrder(e.shell, value)
-            }
-            None => Take::Hit(e.shell),
-        }
+        Some(shell)
     }
 
     /// Counts a buffer about to be allocated through this slot; takes the
@@ -235,24 +142,17 @@ impl<B: Backend> SlotState<B> {
         }
     }
 
-    /// Files a freed filled shell as the newest, with the use `due` that
-    /// was in flight (if any), within `cap` bytes and [`FRONT_BLOCKS`]
-    /// blocks. Returns what does not fit, for the lists: the shell itself
-    /// when it alone is over `cap`; else, when the slot is over, its oldest
-    /// half at once (one state lock for many frees), then more of the
-    /// oldest until the bytes fit.
+    /// Files an idle filled shell as the newest, within `cap` bytes and
+    /// [`FRONT_BLOCKS`] blocks. Returns what does not fit, for the ready
+    /// list: the shell itself when it alone is over `cap`; else, when the
+    /// slot is over, its oldest half at once (one state lock for many frees),
+    /// then more of the oldest until the bytes fit.
     #[inline]
-    pub(crate) fn push(
-        &mut self,
-        size: u64,
-        due: Option<Stamp>,
-        shell: Shell<B>,
-        cap: u64,
-    ) -> Vec<Shell<B>> {
+    pub(crate) fn push(&mut self, size: u64, shell: Shell<B>, cap: u64) -> Vec<Shell<B>> {
         if size > cap {
             return vec![shell];
         }
-        self.idle.push(Entry { size, due, shell });
+        self.idle.push((size, shell));
         self.idle_bytes += size;
         if self.idle.len() <= FRONT_BLOCKS && self.idle_bytes <= cap {
             return Vec::new();
@@ -262,18 +162,18 @@ impl<B: Backend> SlotState<B> {
         } else {
             0
         };
-        let mut left = self.idle_bytes - self.idle[..n].iter().map(|e| e.size).sum::<u64>();
+        let mut left = self.idle_bytes - self.idle[..n].iter().map(|(s, _)| s).sum::<u64>();
         while left > cap {
-            left -= self.idle[n].size;
+            left -= self.idle[n].0;
             n += 1;
         }
         self.idle_bytes = left;
-        self.idle.drain(..n).map(|e| e.shell).collect()
+        self.idle.drain(..n).map(|(_, s)| s).collect()
     }
 
-    /// Takes every shell.
+    /// Takes every idle shell.
     pub(crate) fn drain(&mut self, out: &mut Vec<Shell<B>>) {
-        out.extend(self.idle.drain(..).map(|e| e.shell));
+        out.extend(self.idle.drain(..).map(|(_, s)| s));
         self.idle_bytes = 0;
     }
 }
@@ -323,9 +223,7 @@ impl<B: Backend> Fronts<B> {
                         live: 0,
                         keepalive: None,
                         frees: 0,
-                        deferred_frees: 0,
                         hits: 0,
-                        in_order_hits: 0,
                     }),
                 })
                 .collect(),

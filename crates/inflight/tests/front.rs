@@ -51,7 +51,7 @@ fn a_free_then_malloc_of_one_size_reuses_the_block_without_the_device() {
 }
 
 #[test]
-fn a_block_in_flight_waits_in_its_slot_until_its_work_completes() {
+fn a_block_in_flight_never_enters_a_front_cache() {
     let (gpu, alloc, q) = setup(config());
     let b = alloc.malloc(4096, &q).unwrap();
     let id = b.block_id();
@@ -67,8 +67,8 @@ fn a_block_in_flight_waits_in_its_slot_until_its_work_completes() {
     let c = alloc.malloc(4096, &q).unwrap();
     assert_ne!(c.block_id(), id);
     gpu.complete(0, v);
-    // Completed: the next allocation of the size on this thread takes it
-    // (the slot asks the backend once when only blocks in flight match).
+    // Completed: the next allocation of the size finds nothing ready and
+    // promotes it (asking the backend how far the queue got).
     let d = alloc.malloc(4096, &q).unwrap();
     assert_eq!(d.block_id(), id);
     let s = balanced(alloc.stats());
@@ -77,7 +77,7 @@ fn a_block_in_flight_waits_in_its_slot_until_its_work_completes() {
 }
 
 #[test]
-fn in_order_reuse_from_a_slot_orders_other_queues_after_the_previous_owner() {
+fn in_order_reuse_orders_other_queues_after_the_previous_owner() {
     let gpu = ManualGpu::new(1 << 30, true);
     let alloc = Allocator::new(gpu.clone(), config()).unwrap();
     let (q0, q1) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());

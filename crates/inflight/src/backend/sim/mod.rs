@@ -65,6 +65,13 @@ pub struct SimConfig {
     pub ns_per_kib: f64,
     /// Fixed time of each submission (a command-buffer boundary).
     pub submit_cost: Duration,
+    /// Host time of each device allocation, spent by the caller as a driver
+    /// call spends it (`cuMemAlloc` took 58–196 µs on the H100 machine,
+    /// docs/BENCHMARKS.md). Creating buffers is slow: that is why caching
+    /// allocators exist. Without it, a lazily backed new buffer would be
+    /// cheaper than a reused one, and a policy that caches less would look
+    /// faster than one that caches more.
+    pub alloc_cost: Duration,
     /// Relative jitter of every cost, 0.0 to 1.0, drawn from `seed`.
     pub jitter: f64,
     /// Seed of the jitter.
@@ -88,6 +95,7 @@ impl Default for SimConfig {
             op_cost: Duration::from_micros(2),
             ns_per_kib: 20.0,
             submit_cost: Duration::from_micros(20),
+            alloc_cost: Duration::from_micros(20),
             jitter: 0.25,
             seed: 0,
             in_order_memory: true,
@@ -262,6 +270,7 @@ impl Backend for SimGpu {
             Backing::Host => Some(Pages::new((bytes / 4) as usize)),
             Backing::Accounting => None,
         };
+        spend(c.alloc_cost);
         Ok(SimBuffer {
             mem: Arc::new(Memory {
                 generation: self.inner.next_buffer.fetch_add(1, Ordering::Relaxed),
@@ -467,5 +476,17 @@ impl SimBuffer {
     /// The raw buffer's generation id (unique per device allocation).
     pub fn generation(&self) -> u64 {
         self.mem.generation
+    }
+}
+
+/// Spins for `cost` on the calling thread: host time a driver call spends
+/// (a sleep this short would oversleep).
+fn spend(cost: Duration) {
+    if cost.is_zero() {
+        return;
+    }
+    let until = std::time::Instant::now() + cost;
+    while std::time::Instant::now() < until {
+        std::hint::spin_loop();
     }
 }
