@@ -137,6 +137,13 @@ struct ReproArgs {
     /// Zero every recycled buffer for its new owner (multi-tenant scrubbing).
     #[arg(long)]
     scrub: bool,
+    /// Never hand a block still in flight to a new buffer, even on its own
+    /// in-order queue (`Config::in_order_reuse = false`).
+    #[arg(long)]
+    no_in_order_reuse: bool,
+    /// Size classes per doubling (`Config::size_classes`; 0: whole pages).
+    #[arg(long, default_value_t = inflight::DEFAULT_SIZE_CLASSES, value_parser = parse_size_classes)]
+    size_classes: u64,
     /// Print one JSON object per policy instead of the table.
     #[arg(long)]
     json: bool,
@@ -278,6 +285,8 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
         faults: a.faults > 0.0 || a.lose_device_after.is_some(),
         print_trend: a.trend,
         scrub: a.scrub,
+        in_order_reuse: !a.no_in_order_reuse,
+        size_classes: a.size_classes,
         ..Workload::default()
     };
     if a.record.is_some() && a.policy == PolicyArg::All {
@@ -695,5 +704,15 @@ fn print_table(reports: &[Report], w: &Workload) {
         if let Some(m) = r.violation_messages.first() {
             println!("{}: first violation: {m}", r.policy);
         }
+    }
+}
+
+/// `--size-classes`: 0 or a power of two up to 1024.
+fn parse_size_classes(s: &str) -> Result<u64, String> {
+    let n: u64 = s.parse().map_err(|e| format!("{e}"))?;
+    if n == 0 || (n.is_power_of_two() && n <= 1024) {
+        Ok(n)
+    } else {
+        Err("must be 0 or a power of two up to 1024".into())
     }
 }

@@ -75,6 +75,10 @@ pub struct Workload {
     pub print_trend: bool,
     /// Zero recycled buffers for their new owner (`Config::scrub`).
     pub scrub: bool,
+    /// `Config::in_order_reuse`.
+    pub in_order_reuse: bool,
+    /// `Config::size_classes`.
+    pub size_classes: u64,
 }
 
 impl Default for Workload {
@@ -97,6 +101,8 @@ impl Default for Workload {
             faults: false,
             print_trend: false,
             scrub: false,
+            in_order_reuse: true,
+            size_classes: inflight::DEFAULT_SIZE_CLASSES,
         }
     }
 }
@@ -236,6 +242,8 @@ pub fn run<B: Backend>(
         cache_limit: Some(w.cache_limit.min(memory_limit)),
         gc_limit: Some(memory_limit / 20 * 19),
         scrub: w.scrub,
+        in_order_reuse: w.in_order_reuse,
+        size_classes: w.size_classes,
         ..Config::default()
     };
     let alloc = Allocator::new(backend, config)?;

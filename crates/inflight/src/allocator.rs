@@ -592,13 +592,21 @@ impl<B: Backend> Shared<B> {
         let mut hit = st.ready.take_best_fit(rounded, bound);
         let mut release = Vec::new();
         if hit.is_none() && !st.pending.is_empty() {
-            // Promotion asks the backend how far each queue got: only when
-            // the ready list has nothing that fits.
-            release = self.promote(&mut st);
+            // Promotion only when the ready list has nothing that fits: by
+            // the cached watermarks first, then asking the backend.
+            release = self.promote_by(&mut st, false);
             hit = st.ready.take_best_fit(rounded, bound);
+            if hit.is_none() {
+                release.extend(self.promote_by(&mut st, true));
+                hit = st.ready.take_best_fit(rounded, bound);
+            }
         }
         let mut fence = 0;
-        if hit.is_none() && policy == PolicyKind::Deferred && queue.orders_memory {
+        if hit.is_none()
+            && policy == PolicyKind::Deferred
+            && queue.orders_memory
+            && self.config.in_order_reuse
+        {
             hit = st.pending.take_in_order(queue.id, rounded, bound);
             if let Some(b) = &hit {
                 st.stats.in_order_hits += 1;
@@ -827,15 +835,35 @@ impl<B: Backend> Shared<B> {
     /// release (trimmed, or marked for release by `clear_cache`).
     #[must_use]
     fn promote(&self, st: &mut State<B>) -> Vec<Block<B::Buffer>> {
+        self.promote_by(st, true)
+    }
+
+    /// [`Shared::promote`], asking the backend how far each queue got
+    /// (`ask`), or trusting the cached watermarks (no driver call: ticket
+    /// waits and other refreshes keep them close).
+    #[must_use]
+    fn promote_by(&self, st: &mut State<B>, ask: bool) -> Vec<Block<B::Buffer>> {
         let mut release = Vec::new();
         if st.pending.is_empty() {
             return release;
         }
         let queues: Vec<QueueId> = st.pending.queues().collect();
         for qid in queues {
-            let completed = self.refresh(self.queues.get(qid));
+            let q = self.queues.get(qid);
+            let completed = if ask {
+                self.refresh(q)
+            } else {
+                q.watermark.get()
+            };
             for mut block in st.pending.take_due(qid, completed) {
-                match self.first_incomplete(&block.stamps) {
+                let next = if ask {
+                    self.first_incomplete(&block.stamps)
+                } else {
+                    block
+                        .stamps
+                        .first_incomplete(|q| self.queues.get(q).watermark.get())
+                };
+                match next {
                     Some(next) => st.pending.insert(block, next),
                     None if block.release_when_idle => {
                         st.account_release(&block);

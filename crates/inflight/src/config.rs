@@ -79,6 +79,13 @@ pub struct Config {
     /// them. With them on, `Stats::peak_active_bytes` may exceed the true
     /// peak by at most the bytes they held at that moment; off, it is exact.
     pub front_cache: bool,
+    /// The in-order rule (on by default, `Deferred` only): on a queue whose
+    /// backend orders memory, a block still in flight on that queue alone
+    /// may go to a new buffer for that queue, its new work queued behind the
+    /// old. Less memory; but a buffer so reused and then bound on another
+    /// queue makes that queue wait for the previous owner's work. Off, such
+    /// a block waits on the pending list until its work completes.
+    pub in_order_reuse: bool,
 }
 
 impl Default for Config {
@@ -96,6 +103,7 @@ impl Default for Config {
             pressure_timeout: DEFAULT_PRESSURE_TIMEOUT,
             scrub: false,
             front_cache: true,
+            in_order_reuse: true,
         }
     }
 }
