@@ -3,25 +3,28 @@
 //! One [`Allocator`] owns a backend, its queues, the per-thread front caches
 //! (`front.rs`), the ready list and the pending list. The lists sit behind
 //! one mutex, the state lock; backends are only called for cheap queries
-//! under it, except device allocation and release, which are rare next to
-//! cache hits.
+//! under it (device allocation is made with it let go; release, rare next
+//! to cache hits, under it).
 //!
 //! # Paths
 //!
-//! - **free** (the last handle of a buffer is dropped): every stamp passed →
-//!   the front cache of the slot the buffer was allocated through (no state
-//!   lock), the oldest there going to the ready list when it is full; else →
-//!   pending, filed under its first incomplete stamp. Then ready bytes are
+//! - **free** (the last handle of a buffer is dropped): never bound, or
+//!   every stamp passed by the cached watermarks → the front cache of the
+//!   slot the buffer was allocated through (no state lock), its older half
+//!   going to the ready list when it is full; else → pending, filed under
+//!   its first incomplete stamp. Then ready bytes are
 //!   trimmed to their share of the cache limit, oldest first. (Under
 //!   `Immediate`, a block that was ever bound skips the front cache and goes
 //!   to the ready list, its stamps ignored: that is the defect.)
-//! - **malloc**: a block of the rounded size from the calling thread's front
-//!   cache, under its slot lock only. Else, under the state lock: promote due
-//!   pending blocks; best fit from ready; else, on a
-//!   queue that orders memory, a pending block whose only stamp is on that
-//!   queue; else a device allocation: trim to the GC limit, trim to the memory
-//!   limit, wait (boundedly) for the oldest in-flight stamp, and finally fail
-//!   with [`Error::OutOfMemory`].
+//! - **malloc**: a block of the rounded size (its size class) from the
+//!   calling thread's front cache, under its slot lock only. Else, under the
+//!   state lock: best fit from ready; else promote due pending blocks (by
+//!   the cached watermarks, then asking the backend) and try again; else, on
+//!   a queue that orders memory, a pending block whose only stamp is on that
+//!   queue; else a device allocation: drain the front caches, trim to the GC
+//!   limit, trim to the memory limit, ask the device (the state lock let go),
+//!   wait (boundedly) for the oldest in-flight stamp, and finally fail with
+//!   [`Error::OutOfMemory`].
 //!
 //! # Lock order
 //!
