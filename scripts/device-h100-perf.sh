@@ -32,9 +32,13 @@ cp "$L/env.log" "$S"
 step criterion 150 $B/alloc_bench --bench --warm-up-time 1 --measurement-time 3 "pair|threads|baseline"
 step threads 120 $B/inflight bench --backend sim --sizes 4KiB --pairs 1000000 --threads 1,2,4,8,16 --json "$L/threads.json"
 step bench 200 $B/inflight bench --backend cuda --json "$L/bench.json"
+# Policy rates move ±10% between runs here: each seed is run REPEAT times
+# (default 3), the policies of one run side by side, to compare medians.
 for seed in 1 2 3; do
-  step "repro-cuda-seed$seed" 120 $B/inflight repro --backend cuda --policy all \
-    --allocations 500000 --streams 2 --seed "$seed" -q
+  for rep in $(seq 1 "${REPEAT:-3}"); do
+    step "repro-cuda-seed$seed-rep$rep" 120 $B/inflight repro --backend cuda --policy all \
+      --allocations 500000 --streams 2 --seed "$seed" -q
+  done
   step "repro-sim-seed$seed" 120 $B/inflight repro --backend sim --policy all --seed "$seed" -q
 done
 step cuda-conformance 120 $B/cuda_conformance --test-threads=1
