@@ -29,9 +29,9 @@ step() { # name timeout command...
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   nproc; grep -m1 "model name" /proc/cpuinfo; uptime; } > "$L/env.log" 2>&1
 cp "$L/env.log" "$S"
-step criterion 150 $B/alloc_bench --bench --warm-up-time 1 --measurement-time 3 "pair|threads|baseline"
+step criterion 200 $B/alloc_bench --bench --warm-up-time 1 --measurement-time "${MEASURE:-3}" "pair|threads|baseline"
 step threads 120 $B/inflight bench --backend sim --sizes 4KiB --pairs 1000000 --threads 1,2,4,8,16 --json "$L/threads.json"
-step bench 200 $B/inflight bench --backend cuda --json "$L/bench.json"
+step bench 300 $B/inflight bench --backend cuda --pairs "${PAIRS:-100000}" --json "$L/bench.json"
 # Policy rates move ±10% between runs here: each seed is run REPEAT times
 # (default 3), the policies of one run side by side, to compare medians.
 for seed in 1 2 3; do
