@@ -121,7 +121,9 @@ pub(crate) struct Shared<B: Backend> {
     pub(crate) id: u64,
     pub(crate) config: Config,
     pub(crate) info: DeviceInfo,
-    state: Mutex<State<B>>,
+    /// On cache lines of its own: the fast path reads the fields around it
+    /// while other threads write the state under the lock.
+    state: CachePadded<Mutex<State<B>>>,
     /// The per-thread front caches, and the references that keep this
     /// state alive while buffers are (K1).
     pub(crate) fronts: Fronts<B>,
@@ -138,6 +140,24 @@ pub(crate) struct Shared<B: Backend> {
 
 /// The state lock, held.
 type StateGuard<'a, B> = MutexGuard<'a, State<B>>;
+
+/// `T` alone on its cache lines (128 bytes: two lines, the unit the
+/// adjacent-line prefetcher moves), as crossbeam's `CachePadded`.
+#[repr(align(128))]
+struct CachePadded<T>(T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> std::ops::DerefMut for CachePadded<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.0
+    }
+}
 
 /// The allocator's mutable state, behind `Shared::state`.
 struct State<B: Backend> {
@@ -325,7 +345,7 @@ impl<B: Backend> Allocator<B> {
                 id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),
                 config,
                 info,
-                state: Mutex::new(State {
+                state: CachePadded(Mutex::new(State {
                     ready: ReadyList::default(),
                     pending: PendingList::default(),
                     limits,
@@ -333,7 +353,7 @@ impl<B: Backend> Allocator<B> {
                     stats: Stats::default(),
                     next_block_id: 1,
                     spares: Vec::new(),
-                }),
+                })),
                 fronts,
                 queues: QueueRegistry::new(),
                 reuse_device_waits: AtomicU64::new(0),
