@@ -135,6 +135,18 @@ impl<R> PendingList<R> {
             .min_by_key(|s| s.value)
     }
 
+    /// One more than the highest queue id blocks were ever filed under.
+    pub fn queue_slots(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Whether a block is filed under `queue`.
+    pub fn has_queue(&self, queue: QueueId) -> bool {
+        self.queues
+            .get(queue as usize)
+            .is_some_and(|s| !s.by_value.is_empty())
+    }
+
     /// Queues with at least one block filed under them.
     pub fn queues(&self) -> impl Iterator<Item = QueueId> + '_ {
         self.queues
