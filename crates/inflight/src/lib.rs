@@ -14,7 +14,10 @@
 //! ## A tour, in the order data flows
 //!
 //! 1. **Buffer** ([`Buffer`]): an RAII handle from [`Allocator::malloc`].
-//!    Dropping the last clone frees its block into the cache.
+//!    Dropping the last clone frees its block into the cache: an idle block
+//!    into the front cache of the thread that allocated it (a per-thread
+//!    slot; that thread's next allocation of its size class takes it back
+//!    without a shared lock), one still in flight into the pending list.
 //! 2. **Command buffer** ([`CommandBuffer`]): records operations and the
 //!    buffers they bind, holding them until [`CommandBuffer::commit`], which
 //!    assigns the queue's next timeline value and stamps each bound buffer.
@@ -23,8 +26,8 @@
 //! 4. **Pending release** ([`pending`]): a block freed while a stamp is
 //!    ahead of its watermark waits here, filed by stamp.
 //! 5. **Cache** ([`cache`]): idle blocks by size (best fit, MLX's bound) and by
-//!    age (trimming, least recently used first). Trimming never sees a pending
-//!    block.
+//!    age (trimming, least recently used first), behind the front caches.
+//!    Trimming never sees a pending block.
 //! 6. **Stats** ([`Stats`]): what is active, ready, pending and reserved; they
 //!    add up at every quiet point.
 //!
@@ -37,8 +40,8 @@
 //!   declares that queue in-order for memory.
 //! - **I3 Nothing lost**: every allocation is live, cached (ready or pending)
 //!   or released; the statistics balance ([`Stats::balanced`]).
-//! - **I4 Bounded memory, clear failure**: ready bytes stay under the cache
-//!   limit; past the memory limit the allocator trims, waits boundedly, then
+//! - **I4 Bounded memory, clear failure**: ready bytes (front caches
+//!   included) stay under the cache limit; past the memory limit the allocator trims, waits boundedly, then
 //!   returns [`Error::OutOfMemory`] with its statistics.
 //!
 //! ## Example
