@@ -72,9 +72,9 @@ pub struct Config {
     /// the driver's (zeroed on the simulated GPU). Off by default.
     pub scrub: bool,
     /// Per-thread front caches (on by default): each thread keeps a few idle
-    /// blocks that no submission ever used since they were last idle, so a
-    /// free followed by an allocation of the same size on one thread takes
-    /// no shared lock. Together they hold at most an eighth of the cache
+    /// blocks it allocated (never bound since they were last idle, or every
+    /// recorded use complete when freed), so a free followed by an
+    /// allocation of the same size class on one thread takes no shared lock. Together they hold at most an eighth of the cache
     /// limit; trimming, clearing, limit changes and memory pressure empty
     /// them. With them on, `Stats::peak_active_bytes` may exceed the true
     /// peak by at most the bytes they held at that moment; off, it is exact.
