@@ -61,14 +61,14 @@ double now_ns() {
       .count();
 }
 
-// As src/bench.rs: at least one untimed batch, and until 50 ms have passed
+// As src/bench.rs: at least one untimed batch, and until 250 ms have passed
 // (at most 100).
 template <class F>
 void warm_up(F batch) {
   double t = now_ns();
   for (int n = 0; n < 100; ++n) {
     batch();
-    if (now_ns() - t >= 50e6) return;
+    if (now_ns() - t >= 250e6) return;
   }
 }
 
