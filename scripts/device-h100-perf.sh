@@ -21,11 +21,8 @@ B=./.devbin
 L=$(mktemp -d /tmp/h100perf.XXXXXX)
 S=$L/summary.txt
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-step() { # name timeout command...
-  local n=$1 t=$2; shift 2
-  local s=$SECONDS; timeout "$t" "$@" > "$L/$n.log" 2>&1; local rc=$?
-  echo "== $n: exit $rc in $((SECONDS - s)) s" >> "$S"
-}
+# shellcheck source=scripts/device-lib.sh
+. "$(dirname "$0")/device-lib.sh"
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   nproc; grep -m1 "model name" /proc/cpuinfo; uptime; } > "$L/env.log" 2>&1
 cp "$L/env.log" "$S"

@@ -63,11 +63,9 @@ export INFLIGHT_VULKAN_VALIDATION=1
 [ -f "$LAYER" ] || { say "no validation layer: running without it"; export INFLIGHT_VULKAN_VALIDATION=0; }
 ldd .vkbin/inflight > "$OUT/inflight-ldd.txt" 2>&1
 
-step() { # name timeout command...
-  local n=$1 t=$2; shift 2
-  local s=$SECONDS; timeout "$t" "$@" > "$OUT/$n.log" 2>&1; local rc=$?
-  say "$n: exit $rc in $((SECONDS - s)) s"
-}
+L=$OUT
+# shellcheck source=scripts/device-lib.sh
+. "$ROOT/scripts/device-lib.sh"
 step loader-probe 60 env VK_LOADER_DEBUG=error,warn,driver,layer \
   .vkbin/inflight repro --backend vulkan --allocations 200 -q
 step conformance 180 env CI=true .vkbin/vulkan_conformance --test-threads=1
