@@ -209,6 +209,17 @@ impl<B: Backend> State<B> {
         }
     }
 
+    /// Parks an emptied shell as a spare, or in `spare` when there are
+    /// enough (the caller drops those after the lock).
+    #[inline]
+    fn park(&mut self, shell: Shell<B>, spare: &mut Vec<Shell<B>>) {
+        if self.spares.len() < MAX_SPARES {
+            self.spares.push(shell);
+        } else {
+            spare.push(shell);
+        }
+    }
+
     fn account_release(&mut self, b: &Block<B::Buffer>) {
         self.stats.reserved_bytes -= b.size;
         self.stats.device_releases += 1;
@@ -888,9 +899,7 @@ impl<B: Backend> Shared<B> {
                 let next = if ask {
                     self.first_incomplete(&block.stamps)
                 } else {
-                    block
-                        .stamps
-                        .first_incomplete(|q| self.queues.get(q).watermark.get())
+                    self.first_incomplete_cached(&block.stamps)
                 };
                 match next {
                     Some(next) => st.pending.insert(block, next),
@@ -918,8 +927,15 @@ impl<B: Backend> Shared<B> {
         if stamps.is_empty() {
             return None;
         }
-        stamps.first_incomplete(|q| self.queues.get(q).watermark.get())?;
+        self.first_incomplete_cached(stamps)?;
         stamps.first_incomplete(|q| self.refresh(self.queues.get(q)))
+    }
+
+    /// The first stamp the cached watermarks do not show completed (no
+    /// backend call).
+    #[inline]
+    fn first_incomplete_cached(&self, stamps: &Stamps) -> Option<Stamp> {
+        stamps.first_incomplete(|q| self.queues.get(q).watermark.get())
     }
 
     /// The free path (see the module documentation): `shell` is the buffer's,
@@ -942,9 +958,7 @@ impl<B: Backend> Shared<B> {
         } else if self.config.policy.kind() == PolicyKind::Immediate {
             Some(None)
         } else {
-            stamps
-                .first_incomplete(|q| self.queues.get(q).watermark.get())
-                .map(Some)
+            self.first_incomplete_cached(stamps).map(Some)
         };
         let mut slot = self.fronts.lock(home);
         slot.frees += 1;
@@ -989,7 +1003,7 @@ impl<B: Backend> Shared<B> {
             }
         }
         let mut spare = Vec::new();
-        self.park(&mut st, shell, &mut spare);
+        st.park(shell, &mut spare);
         self.trim_to_cap(st);
         drop(spare); // after the lock
     }
@@ -1003,18 +1017,7 @@ impl<B: Backend> Shared<B> {
         st.stats.active_bytes -= block.size;
         st.stats.active_count -= 1;
         st.ready.insert(block);
-        self.park(st, shell, spare);
-    }
-
-    /// Parks an emptied shell as a spare, or in `spare` when there are
-    /// enough (the caller drops those after the lock).
-    #[inline]
-    fn park(&self, st: &mut State<B>, shell: Shell<B>, spare: &mut Vec<Shell<B>>) {
-        if st.spares.len() < MAX_SPARES {
-            st.spares.push(shell);
-        } else {
-            spare.push(shell);
-        }
+        st.park(shell, spare);
     }
 
     /// Trims the ready list to its cap, releasing after the lock.
