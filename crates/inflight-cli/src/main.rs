@@ -710,7 +710,7 @@ fn print_table(reports: &[Report], w: &Workload) {
 /// `--size-classes`: 0 or a power of two up to 1024.
 fn parse_size_classes(s: &str) -> Result<u64, String> {
     let n: u64 = s.parse().map_err(|e| format!("{e}"))?;
-    if n == 0 || (n.is_power_of_two() && n <= 1024) {
+    if inflight::Config::valid_size_classes(n) {
         Ok(n)
     } else {
         Err("must be 0 or a power of two up to 1024".into())

@@ -109,6 +109,12 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Whether `n` may be [`Config::size_classes`]: 0, or a power of two
+    /// from 1 to 1024.
+    pub fn valid_size_classes(n: u64) -> bool {
+        n == 0 || (n.is_power_of_two() && n <= 1024)
+    }
+
     /// The same settings with another policy.
     pub fn with_policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
@@ -180,9 +186,7 @@ pub(crate) fn validate_sizing(config: &Config) -> Result<()> {
     {
         return bad("small_align must be a power of two from 4 to page_size");
     }
-    if config.size_classes != 0
-        && (!config.size_classes.is_power_of_two() || config.size_classes > 1024)
-    {
+    if !Config::valid_size_classes(config.size_classes) {
         return bad("size_classes must be 0 or a power of two from 1 to 1024");
     }
     if config.fit_factor < 1 {

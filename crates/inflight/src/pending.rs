@@ -147,15 +147,6 @@ impl<R> PendingList<R> {
             .is_some_and(|s| !s.by_value.is_empty())
     }
 
-    /// Queues with at least one block filed under them.
-    pub fn queues(&self) -> impl Iterator<Item = QueueId> + '_ {
-        self.queues
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.by_value.is_empty())
-            .map(|(q, _)| q as QueueId)
-    }
-
     /// Marks every block to be released, not cached, once idle.
     pub fn mark_all_for_release(&mut self) {
         for slot in &mut self.queues {
