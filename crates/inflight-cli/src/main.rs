@@ -144,6 +144,12 @@ struct ReproArgs {
     /// Size classes per doubling (`Config::size_classes`; 0: whole pages).
     #[arg(long, default_value_t = inflight::DEFAULT_SIZE_CLASSES, value_parser = parse_size_classes)]
     size_classes: u64,
+    /// Run the policies this many times, taking turns (each repetition
+    /// starts one policy later), and add a summary of medians and paired
+    /// ratios: on a host whose speed drifts, one run each compares moments,
+    /// not policies.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: u32,
     /// Print one JSON object per policy instead of the table.
     #[arg(long)]
     json: bool,
@@ -289,8 +295,8 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
         size_classes: a.size_classes,
         ..Workload::default()
     };
-    if a.record.is_some() && a.policy == PolicyArg::All {
-        anyhow::bail!("--record writes one run: name one --policy");
+    if a.record.is_some() && (a.policy == PolicyArg::All || a.repeat > 1) {
+        anyhow::bail!("--record writes one run: name one --policy, without --repeat");
     }
     let policies = policies(a.policy);
     let recorder = match &a.record {
@@ -319,18 +325,35 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let mut reports = Vec::new();
-    for policy in policies {
-        let job = ReproJob {
-            policy,
-            workload: &workload,
-            quiet: a.quiet || a.json,
-            recorder: recorder.as_ref(),
-        };
-        let report = with_backend(a.backend, &opts, job)?;
-        if a.json {
-            println!("{}", serde_json::to_string(&report)?);
+    for rep in 0..a.repeat {
+        // Taking turns: repetition k starts with policy k (mod the count).
+        let mut order = policies.clone();
+        let turn = rep as usize % order.len();
+        order.rotate_left(turn);
+        let mut round = Vec::new();
+        for policy in order {
+            let job = ReproJob {
+                policy,
+                workload: &workload,
+                quiet: a.quiet || a.json,
+                recorder: recorder.as_ref(),
+            };
+            let mut report = with_backend(a.backend, &opts, job)?;
+            report.repetition = rep;
+            if a.json {
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            round.push(report);
         }
-        reports.push(report);
+        // The table keeps the policies' usual order.
+        round.sort_by_key(|r| policies.iter().position(|p| p.kind() == r.policy));
+        if !a.json {
+            if a.repeat > 1 {
+                println!("repetition {} of {}", rep + 1, a.repeat);
+            }
+            print_table(&round, &workload);
+        }
+        reports.extend(round);
     }
     if let (Some(rec), Some(path)) = (&recorder, &a.record) {
         let events = rec.finish()?;
@@ -338,8 +361,8 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
             eprintln!("inflight: recorded {events} events to {}", path.display());
         }
     }
-    if !a.json {
-        print_table(&reports, &workload);
+    if !a.json && a.repeat > 1 {
+        print_repeat_summary(&reports, &policies);
     }
     let unsafe_result = reports.iter().any(|r| {
         r.policy != PolicyKind::Immediate
@@ -354,6 +377,68 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// After `repro --repeat N`: each policy's median rate and peak reserved
+/// memory, and deferred's rate over the others' from the same repetition.
+fn print_repeat_summary(reports: &[Report], policies: &[Policy]) {
+    let reps = reports
+        .iter()
+        .map(|r| r.repetition)
+        .max()
+        .map_or(0, |m| m + 1);
+    println!("over {reps} repetitions: median (min..max)");
+    let spread = |mut v: Vec<f64>, f: &dyn Fn(f64) -> String| -> String {
+        if v.is_empty() {
+            return "-".into();
+        }
+        v.sort_by(f64::total_cmp);
+        let mid = if v.len() % 2 == 1 {
+            v[v.len() / 2]
+        } else {
+            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+        };
+        format!("{} ({}..{})", f(mid), f(v[0]), f(v[v.len() - 1]))
+    };
+    let of = |p: PolicyKind| reports.iter().filter(move |r| r.policy == p);
+    for p in policies {
+        let k = p.kind();
+        println!(
+            "  {:<10} allocations/s {:<28} peak reserved {}",
+            k.to_string(),
+            spread(
+                of(k).map(|r| r.allocations_per_second).collect(),
+                &|x| format!("{x:.0}")
+            ),
+            spread(
+                of(k).map(|r| r.peak_reserved_bytes as f64).collect(),
+                &|x| fmt_bytes(x as u64)
+            ),
+        );
+    }
+    // Paired: deferred over each other policy, within a repetition.
+    for other in [PolicyKind::Immediate, PolicyKind::Retained] {
+        let pairs = |f: &dyn Fn(&Report) -> f64| -> Vec<f64> {
+            of(PolicyKind::Deferred)
+                .filter_map(|d| {
+                    of(other)
+                        .find(|o| o.repetition == d.repetition)
+                        .map(|o| f(d) / f(o))
+                })
+                .collect()
+        };
+        let rate = pairs(&|r| r.allocations_per_second);
+        if rate.is_empty() {
+            continue;
+        }
+        let reserved = pairs(&|r| r.peak_reserved_bytes as f64);
+        println!(
+            "  deferred / {:<9} rate {:<26} peak reserved {}",
+            other.to_string(),
+            spread(rate, &|x| format!("{x:.3}")),
+            spread(reserved, &|x| format!("{x:.3}")),
+        );
+    }
 }
 
 fn policies(p: PolicyArg) -> Vec<Policy> {
@@ -609,8 +694,29 @@ fn print_table(reports: &[Report], w: &Workload) {
         ("deferred frees", Box::new(|r| r.deferred_frees.to_string())),
         ("pressure waits", Box::new(|r| r.waits.to_string())),
         (
+            "in-order reuses",
+            Box::new(|r| r.stats.in_order_hits.to_string()),
+        ),
+        (
+            "reuse waits (device)",
+            Box::new(|r| r.stats.reuse_device_waits.to_string()),
+        ),
+        (
             "statistics balance",
             Box::new(|r| if r.stats_balanced { "yes" } else { "NO" }.to_string()),
+        ),
+        (
+            "µs/round: malloc",
+            Box::new(|r| format!("{:.1}", r.phases.malloc_us)),
+        ),
+        (
+            "  record + commit",
+            Box::new(|r| format!("{:.1}", r.phases.commit_us)),
+        ),
+        ("  free", Box::new(|r| format!("{:.1}", r.phases.free_us))),
+        (
+            "  wait + check",
+            Box::new(|r| format!("{:.1}", r.phases.wait_us)),
         ),
     ];
     print_columns(reports.iter().map(|r| r.policy.to_string()), reports, &rows);

@@ -111,6 +111,8 @@ impl Default for Workload {
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub policy: PolicyKind,
+    /// Which repetition of `repro --repeat` this run was (from 0).
+    pub repetition: u32,
     pub backend: String,
     pub device: String,
     pub memory_limit: u64,
@@ -139,6 +141,8 @@ pub struct Report {
     pub trims: u64,
     pub errors: Vec<String>,
     pub stats_balanced: bool,
+    /// Where a request thread's time went, per round.
+    pub phases: Phases,
     pub stats: Stats,
     pub violation_messages: Vec<String>,
     /// Under injected faults: injected against observed.
@@ -190,6 +194,51 @@ pub struct Live {
     pub failed_submissions: AtomicU64,
     pub queue_reports: AtomicU64,
     pub device_lost: AtomicBool,
+    /// Where the request threads' time went, summed over threads.
+    pub phases: PhaseClock,
+}
+
+/// Nanoseconds the request threads spent in each phase of a round, summed
+/// over threads: where a policy's time goes.
+#[derive(Default)]
+pub struct PhaseClock {
+    /// Allocating the round's buffers.
+    pub malloc_ns: AtomicU64,
+    /// Recording the commands and committing them.
+    pub commit_ns: AtomicU64,
+    /// Dropping the round's buffer handles (the frees).
+    pub free_ns: AtomicU64,
+    /// Waiting for the oldest submissions and checking their checksums.
+    pub wait_ns: AtomicU64,
+}
+
+impl PhaseClock {
+    fn add(counter: &AtomicU64, since: Instant) -> Instant {
+        let now = Instant::now();
+        counter.fetch_add((now - since).as_nanos() as u64, Ordering::Relaxed);
+        now
+    }
+
+    /// Microseconds per round, by phase, over `rounds` rounds.
+    fn per_round(&self, rounds: u64) -> Phases {
+        let us = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e3 / rounds.max(1) as f64;
+        Phases {
+            malloc_us: us(&self.malloc_ns),
+            commit_us: us(&self.commit_ns),
+            free_us: us(&self.free_ns),
+            wait_us: us(&self.wait_ns),
+        }
+    }
+}
+
+/// Microseconds of one request thread's time per round, by phase (see
+/// [`PhaseClock`]).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Phases {
+    pub malloc_us: f64,
+    pub commit_us: f64,
+    pub free_us: f64,
+    pub wait_us: f64,
 }
 
 /// A backend's validation layer, as the harness sees it.
@@ -361,6 +410,7 @@ pub fn run<B: Backend>(
     });
     Ok(Report {
         policy: policy.kind(),
+        repetition: 0,
         backend: info.backend.to_string(),
         device: info.name,
         memory_limit,
@@ -389,6 +439,7 @@ pub fn run<B: Backend>(
         trims: stats.trims,
         errors: errors.into_inner(),
         stats_balanced: stats.balanced(),
+        phases: live.phases.per_round(rounds),
         stats,
         violation_messages: validator.messages().into_iter().take(5).collect(),
         faults,
@@ -453,12 +504,14 @@ fn request_loop<B: Backend>(
             Err(e) => return Err(e.into()),
         };
         in_flight.push_back(submitted);
+        let waiting = Instant::now();
         while in_flight.len() > w.max_in_flight {
             let f = in_flight.pop_front().expect("non-empty");
             if !check(f, w, live, start, first_corruption)? {
                 in_flight.clear();
             }
         }
+        PhaseClock::add(&live.phases.wait_ns, waiting);
     }
     while let Some(f) = in_flight.pop_front() {
         if !check(f, w, live, start, first_corruption)? {
@@ -502,10 +555,13 @@ fn one_round<B: Backend>(
     recorder: Option<&Recorder>,
     ids: &mut Vec<u64>,
 ) -> Result<InFlight<B>, Error> {
+    let clock = &live.phases;
+    let t = Instant::now();
     let mut bufs: Vec<Buffer<B>> = Vec::with_capacity(groups * 4);
     for _ in 0..groups * 4 {
         bufs.push(alloc.malloc(draw_size(rng, w), home)?);
     }
+    let t = PhaseClock::add(&clock.malloc_ns, t);
     if let Some(rec) = recorder {
         // The round's allocs under one lock: fewer lock round trips.
         ids.clear();
@@ -543,6 +599,7 @@ fn one_round<B: Backend>(
         Ok(InFlight { ticket, expect })
     };
     let result = record_and_commit();
+    let t = PhaseClock::add(&clock.commit_ns, t);
     if let Some(rec) = recorder {
         // Each buffer is bound once; uses and commit go in under one
         // lock, so the trace's submission is this one. A round that failed
@@ -553,6 +610,7 @@ fn one_round<B: Backend>(
         rec.free_all(ids);
     }
     drop(bufs); // the async-eval pattern: handles go while the GPU works
+    PhaseClock::add(&clock.free_ns, t);
     result
 }
 

@@ -43,7 +43,7 @@ use crate::buffer::{BufferInner, Shell};
 use crate::cache::{Block, ReadyList};
 use crate::config::{fit_bound, round_size, validate_sizing, Config, Limits};
 use crate::error::{Error, Result};
-use crate::front::Fronts;
+use crate::front::{Deferred, Fronts, SlotGuard};
 use crate::pending::PendingList;
 use crate::policy::PolicyKind;
 use crate::stats::Stats;
@@ -282,6 +282,12 @@ impl<B: Backend> QueueShared<B> {
         if !self.faulted.load(Ordering::Acquire) {
             return Ok(());
         }
+        self.take_fault()
+    }
+
+    /// `check_fault` once a fault was flagged.
+    #[cold]
+    fn take_fault(&self) -> Result<()> {
         let mut f = self.fault.lock();
         match f.as_ref() {
             None => Ok(()),
@@ -424,7 +430,10 @@ impl<B: Backend> Allocator<B> {
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
         s.drain_retained();
+        s.refresh_all();
         let mut st = s.state.lock();
+        let mut spare = Vec::new();
+        s.file_deferred(&mut st, s.fronts.take_all_deferred(), &mut spare);
         let release = s.promote(&mut st);
         let snap = s.snapshot(&st);
         drop(st);
@@ -450,9 +459,10 @@ impl<B: Backend> Allocator<B> {
     pub fn clear_cache(&self) -> u64 {
         let s = &self.shared;
         s.drain_retained();
+        s.refresh_all();
         let mut st = s.state.lock();
-        let mut release = s.promote(&mut st);
         s.drain_fronts(&mut st);
+        let mut release = s.promote(&mut st);
         st.trim_ready_to(0, &mut release);
         st.pending.mark_all_for_release();
         drop(st);
@@ -463,9 +473,10 @@ impl<B: Backend> Allocator<B> {
     /// Never touches pending blocks. Returns the bytes released.
     pub fn trim(&self, ready_bytes: u64) -> u64 {
         let s = &self.shared;
+        s.refresh_all();
         let mut st = s.state.lock();
-        let mut release = s.promote(&mut st);
         s.drain_fronts(&mut st);
+        let mut release = s.promote(&mut st);
         st.trim_ready_to(ready_bytes, &mut release);
         drop(st);
         s.release_blocks(release)
@@ -569,31 +580,18 @@ impl<B: Backend> Shared<B> {
         completed
     }
 
+    /// The fast path: an idle block of the rounded size in this thread's
+    /// slot, under the slot's lock alone. Everything else is out of line, so
+    /// that this stays a few dozen instructions.
+    #[inline]
     fn malloc(self: &Arc<Self>, size: u64, queue: &Arc<QueueShared<B>>) -> Result<Buffer<B>> {
         queue.check_fault()?;
-        let max = self.info.max_buffer_size;
-        if size == 0 {
-            return Err(Error::ZeroSize);
-        }
-        if size > max {
-            return Err(Error::TooLarge {
-                requested: size,
-                max,
-            });
-        }
-        let c = &self.config;
-        let rounded = round_size(size, c.page_size, c.small_align, c.size_classes)
-            .map(|r| r.min(max & !3))
-            .filter(|&r| r >= size)
-            .ok_or(Error::TooLarge {
-                requested: size,
-                max,
-            })?;
+        let Some(rounded) = self.rounded(size) else {
+            return Err(self.size_error(size));
+        };
         if self.config.policy.kind() == PolicyKind::Retained {
             self.drain_retained();
         }
-
-        // The fast path: an idle block of this size in this thread's slot.
         let home = self.fronts.home();
         let mut slot = self.fronts.lock(home);
         slot.add_live(self);
@@ -601,8 +599,53 @@ impl<B: Backend> Shared<B> {
             drop(slot);
             return Ok(Buffer::reissue(shell, size, queue.id, self.config.scrub));
         }
+        // The slot's deferred shells go on the pending list under the state
+        // lock the miss takes anyway, where promotion and in-order reuse see
+        // them.
+        let deferred = slot.take_deferred();
         drop(slot);
-        let r = self.malloc_locked(size, rounded, queue, home);
+        self.malloc_miss(size, rounded, queue, home, deferred)
+    }
+
+    /// The block size for a request of `size` bytes (its size class), or
+    /// `None` if `size` is 0 or too large.
+    #[inline]
+    fn rounded(&self, size: u64) -> Option<u64> {
+        let max = self.info.max_buffer_size;
+        if size == 0 || size > max {
+            return None;
+        }
+        let c = &self.config;
+        round_size(size, c.page_size, c.small_align, c.size_classes)
+            .map(|r| r.min(max & !3))
+            .filter(|&r| r >= size)
+    }
+
+    /// Why `rounded(size)` is `None`.
+    #[cold]
+    fn size_error(&self, size: u64) -> Error {
+        if size == 0 {
+            Error::ZeroSize
+        } else {
+            Error::TooLarge {
+                requested: size,
+                max: self.info.max_buffer_size,
+            }
+        }
+    }
+
+    /// A front-cache miss: the state lock's path. The buffer is already
+    /// counted by `home`, and uncounted here if the allocation fails.
+    #[inline(never)]
+    fn malloc_miss(
+        self: &Arc<Self>,
+        size: u64,
+        rounded: u64,
+        queue: &Arc<QueueShared<B>>,
+        home: u32,
+        deferred: Deferred<B>,
+    ) -> Result<Buffer<B>> {
+        let r = self.malloc_locked(size, rounded, queue, home, deferred);
         if r.is_err() {
             // Not counted after all (K1); `self` is an `Arc` the caller
             // holds, so the slot's reference is never the last.
@@ -612,30 +655,38 @@ impl<B: Backend> Shared<B> {
     }
 
     /// The allocation path under the state lock: promotion, best fit, the
-    /// in-order rule, the device. The buffer is already counted by `home`.
+    /// in-order rule, the device. The buffer is already counted by `home`;
+    /// `deferred` is filed first.
     fn malloc_locked(
         self: &Arc<Self>,
         size: u64,
         rounded: u64,
         queue: &Arc<QueueShared<B>>,
         home: u32,
+        deferred: Deferred<B>,
     ) -> Result<Buffer<B>> {
         let policy = self.config.policy.kind();
         let mut st = self.state.lock();
+        let mut spare = Vec::new();
+        self.file_deferred(&mut st, deferred, &mut spare);
         // Promotion only when the ready list has nothing that fits: by the
-        // cached watermarks first (no driver call: ticket waits and other
-        // refreshes keep them close), then asking the backend. (Promoting at
-        // every allocation was measured: completed blocks then meet the
-        // cache limit sooner, and on CUDA the hit rate fell from 72% to 70%
-        // and deferred's rate with it; H100 run 16, docs/BENCHMARKS.md.)
+        // cached watermarks first, then after asking the backend how far
+        // the queues got. (Promoting at every allocation was measured:
+        // completed blocks then meet the cache limit sooner, and on CUDA the
+        // hit rate fell from 72% to 70% and deferred's rate with it; H100
+        // run 16, docs/BENCHMARKS.md.) The backend is asked without the
+        // state lock: on CUDA a query waits behind other threads' driver
+        // calls, and under the lock every allocation and bound free would
+        // wait with it (H100 run 19).
         let bound = fit_bound(rounded, &self.config);
         let mut hit = st.ready.take_best_fit(rounded, bound);
         let mut release = Vec::new();
         if hit.is_none() && !st.pending.is_empty() {
-            release = self.promote_by(&mut st, false);
+            release = self.promote(&mut st);
             hit = st.ready.take_best_fit(rounded, bound);
             if hit.is_none() {
-                release.extend(self.promote_by(&mut st, true));
+                MutexGuard::unlocked(&mut st, || self.refresh_all());
+                release.extend(self.promote(&mut st));
                 hit = st.ready.take_best_fit(rounded, bound);
             }
         }
@@ -681,6 +732,7 @@ impl<B: Backend> Shared<B> {
         }
         let shell = st.spares.pop();
         drop(st);
+        drop(spare); // after the lock
         if !release.is_empty() {
             self.release_blocks(release);
         }
@@ -771,7 +823,10 @@ impl<B: Backend> Shared<B> {
                     continue;
                 }
             }
-            // Nothing left to trim: wait for the oldest in-flight work.
+            // Nothing left to trim: wait for the oldest in-flight work,
+            // counting what other threads freed in flight since the first
+            // drain (their slots gather it).
+            self.drain_fronts(&mut st);
             let now = Instant::now();
             let target = st.pending.oldest().or_else(|| self.oldest_retained());
             match target {
@@ -780,7 +835,7 @@ impl<B: Backend> Shared<B> {
                     let waited = MutexGuard::unlocked(&mut st, || {
                         let q = self.queues.get(stamp.queue);
                         let r = self.backend.wait(&q.raw, stamp.value, deadline - now);
-                        self.refresh(q);
+                        self.refresh_all();
                         self.drain_retained();
                         r
                     });
@@ -868,19 +923,13 @@ impl<B: Backend> Shared<B> {
             .min_by_key(|s| s.value)
     }
 
-    /// Moves pending blocks whose stamps have all passed to the ready list,
-    /// then trims ready bytes to the cache limit; returns the blocks to
-    /// release (trimmed, or marked for release by `clear_cache`).
+    /// Moves pending blocks whose stamps have all passed by the cached
+    /// watermarks to the ready list, then trims ready bytes to the cache
+    /// limit; returns the blocks to release (trimmed, or marked for release
+    /// by `clear_cache`). Asks the backend nothing: callers refresh first
+    /// ([`Shared::refresh_all`], without the state lock) where it matters.
     #[must_use]
     fn promote(&self, st: &mut State<B>) -> Vec<Block<B::Buffer>> {
-        self.promote_by(st, true)
-    }
-
-    /// [`Shared::promote`], asking the backend how far each queue got
-    /// (`ask`), or trusting the cached watermarks (no driver call: ticket
-    /// waits and other refreshes keep them close).
-    #[must_use]
-    fn promote_by(&self, st: &mut State<B>, ask: bool) -> Vec<Block<B::Buffer>> {
         let mut release = Vec::new();
         if st.pending.is_empty() {
             return release;
@@ -889,19 +938,9 @@ impl<B: Backend> Shared<B> {
             if !st.pending.has_queue(qid) {
                 continue;
             }
-            let q = self.queues.get(qid);
-            let completed = if ask {
-                self.refresh(q)
-            } else {
-                q.watermark.get()
-            };
+            let completed = self.queues.get(qid).watermark.get();
             for mut block in st.pending.take_due(qid, completed) {
-                let next = if ask {
-                    self.first_incomplete(&block.stamps)
-                } else {
-                    self.first_incomplete_cached(&block.stamps)
-                };
-                match next {
+                match self.first_incomplete_cached(&block.stamps) {
                     Some(next) => st.pending.insert(block, next),
                     None if block.release_when_idle => {
                         st.account_release(&block);
@@ -920,15 +959,12 @@ impl<B: Backend> Shared<B> {
         release
     }
 
-    /// The first stamp not yet completed: cached watermarks first, then the
-    /// backend asked again only if one seems behind.
-    #[inline]
-    fn first_incomplete(&self, stamps: &Stamps) -> Option<Stamp> {
-        if stamps.is_empty() {
-            return None;
+    /// Asks the backend how far every queue got (no allocator lock needed:
+    /// watermarks only move forward).
+    fn refresh_all(&self) {
+        for q in self.queues.iter() {
+            self.refresh(q);
         }
-        self.first_incomplete_cached(stamps)?;
-        stamps.first_incomplete(|q| self.refresh(self.queues.get(q)))
     }
 
     /// The first stamp the cached watermarks do not show completed (no
@@ -943,32 +979,38 @@ impl<B: Backend> Shared<B> {
     /// to this allocator if the slot lets it go (K1): the caller drops it
     /// after its last use of `self`, since it may be the last one.
     #[must_use]
+    #[inline]
     pub(crate) fn free(&self, shell: Shell<B>) -> Option<Arc<Shared<B>>> {
         // SAFETY: S1: the caller dropped the last handle; the shell is ours.
-        let (live, stamps) = unsafe { (shell.owned_live(), shell.owned_stamps()) };
-        let (size, home) = (live.size, live.home);
-        // Where it goes: a block never bound since it was last idle, or
-        // whose uses the cached watermarks show complete, to the slot; one
-        // in flight to the pending list. The free path never asks the
-        // backend: a block whose work completed since the last refresh
-        // waits on the pending list for the next one. Under `Immediate`, a
-        // block once bound goes to the ready list, its uses ignored.
-        let to_lists = if stamps.is_empty() {
-            None
-        } else if self.config.policy.kind() == PolicyKind::Immediate {
-            Some(None)
+        if unsafe { shell.owned_stamps() }.is_empty() {
+            self.free_idle(shell)
         } else {
-            self.first_incomplete_cached(stamps).map(Some)
+            self.free_bound(shell)
+        }
+    }
+
+    /// Frees a block with no use in flight (stamps cleared) to its home
+    /// slot: the fast path, under the slot's lock alone.
+    #[inline]
+    fn free_idle(&self, shell: Shell<B>) -> Option<Arc<Shared<B>>> {
+        // SAFETY: S1: the shell has no handle and is ours (the free path's).
+        let (size, home) = {
+            let live = unsafe { shell.owned_live() };
+            (live.size, live.home)
         };
         let mut slot = self.fronts.lock(home);
         slot.frees += 1;
         let keep = slot.remove_live(self.fronts.closing());
-        if let Some(due) = to_lists {
-            drop(slot);
-            self.free_to_lists(shell, due);
-            return keep;
+        if let Err(shell) = slot.try_push(size, shell, self.fronts.cap()) {
+            self.free_evicting(slot, size, shell);
         }
-        stamps.clear();
+        keep
+    }
+
+    /// `free_idle` into a full slot: files `shell` and moves what no longer
+    /// fits (the slot's older half, or `shell` itself) to the ready list.
+    #[inline(never)]
+    fn free_evicting(&self, mut slot: SlotGuard<'_, B>, size: u64, shell: Shell<B>) {
         let evicted = slot.push(size, shell, self.fronts.cap());
         drop(slot);
         if !evicted.is_empty() {
@@ -980,28 +1022,78 @@ impl<B: Backend> Shared<B> {
             self.trim_to_cap(st);
             drop(spare); // after the lock
         }
+    }
+
+    /// Frees a block that was bound. Where it goes: if the cached watermarks
+    /// show its every use complete, to its slot like an idle one; else to the
+    /// pending list. The free path never asks the backend: a block whose work
+    /// completed since the last refresh waits on the pending list for the
+    /// next one. Under `Immediate`, to the ready list, its uses ignored.
+    #[inline(never)]
+    fn free_bound(&self, shell: Shell<B>) -> Option<Arc<Shared<B>>> {
+        // SAFETY: S1: the shell has no handle and is ours (the free path's).
+        let (stamps, home) = unsafe { (shell.owned_stamps(), shell.owned_live().home) };
+        let due = if self.config.policy.kind() == PolicyKind::Immediate {
+            None
+        } else {
+            match self.first_incomplete_cached(stamps) {
+                Some(due) => Some(due),
+                None => {
+                    stamps.clear();
+                    return self.free_idle(shell);
+                }
+            }
+        };
+        let mut slot = self.fronts.lock(home);
+        slot.frees += 1;
+        let keep = slot.remove_live(self.fronts.closing());
+        match due {
+            // In flight: gathered in the slot, filed on the pending list in
+            // a batch (see `front.rs`).
+            Some(due) => {
+                // SAFETY: S1, as above.
+                let size = unsafe { shell.owned_live() }.size;
+                if let Some(batch) = slot.defer(due, size, shell) {
+                    drop(slot);
+                    let mut st = self.state.lock();
+                    let mut spare = Vec::new();
+                    self.file_deferred(&mut st, batch, &mut spare);
+                    drop(st);
+                    drop(spare); // after the lock
+                }
+            }
+            None => {
+                drop(slot);
+                self.free_to_lists(shell);
+            }
+        }
         keep
     }
 
-    /// Files a freed block that was bound: pending under `due`, its first
-    /// use in flight; with no `due` (only under `Immediate`), ready.
-    fn free_to_lists(&self, shell: Shell<B>, due: Option<Stamp>) {
+    /// Files a batch of shells freed in flight (from a slot) on the pending
+    /// list, each under its first incomplete stamp.
+    fn file_deferred(&self, st: &mut State<B>, batch: Deferred<B>, spare: &mut Vec<Shell<B>>) {
+        for (due, shell) in batch {
+            // SAFETY: S1: a shell in a slot has no handle and is ours.
+            let block = unsafe { shell.unfill() };
+            st.stats.active_bytes -= block.size;
+            st.stats.active_count -= 1;
+            st.stats.deferred_frees += 1;
+            st.pending.insert(block, due);
+            st.park(shell, spare);
+        }
+    }
+
+    /// Under `Immediate`: files a freed block that was bound on the ready
+    /// list, its uses ignored (the defect).
+    fn free_to_lists(&self, shell: Shell<B>) {
         // SAFETY: S1: the shell has no handle and is ours (the free path's).
         let mut block = unsafe { shell.unfill() };
         let mut st = self.state.lock();
         st.stats.active_bytes -= block.size;
         st.stats.active_count -= 1;
-        match due {
-            Some(due) => {
-                st.stats.deferred_frees += 1;
-                st.pending.insert(block, due);
-            }
-            None => {
-                // The defect: in-flight uses are ignored.
-                block.stamps.clear();
-                st.ready.insert(block);
-            }
-        }
+        block.stamps.clear();
+        st.ready.insert(block);
         let mut spare = Vec::new();
         st.park(shell, &mut spare);
         self.trim_to_cap(st);
@@ -1035,20 +1127,30 @@ impl<B: Backend> Shared<B> {
     /// changes and memory pressure). The caller trims after.
     fn drain_fronts(&self, st: &mut State<B>) {
         let mut spare = Vec::new();
-        for shell in self.fronts.drain_all() {
+        let (idle, deferred) = self.fronts.drain_all();
+        for shell in idle {
             self.file_shell(st, shell, &mut spare);
         }
+        self.file_deferred(st, deferred, &mut spare);
     }
 
     /// A statistics snapshot: the state's figures with the slots' added
-    /// (their idle blocks as ready, their counters summed).
+    /// (their idle blocks as ready, their deferred ones as pending, their
+    /// counters summed).
     fn snapshot(&self, st: &State<B>) -> Stats {
         let mut s = st.snapshot();
         self.fronts.each(|slot| {
             s.ready_bytes += slot.idle_bytes;
             s.ready_count += slot.idle_count();
-            s.active_bytes = s.active_bytes.saturating_sub(slot.idle_bytes);
-            s.active_count = s.active_count.saturating_sub(slot.idle_count());
+            s.pending_bytes += slot.deferred_bytes;
+            s.pending_count += slot.deferred_count();
+            s.deferred_frees += slot.deferred_count();
+            let (bytes, count) = (
+                slot.idle_bytes + slot.deferred_bytes,
+                slot.idle_count() + slot.deferred_count(),
+            );
+            s.active_bytes = s.active_bytes.saturating_sub(bytes);
+            s.active_count = s.active_count.saturating_sub(count);
             s.frees += slot.frees;
             s.allocations += slot.hits;
             s.cache_hits += slot.hits;
@@ -1112,7 +1214,8 @@ impl<B: Backend> Drop for Shared<B> {
         // No handle is left, so no buffer is live and no command buffer holds
         // references. Ready blocks are idle; pending ones wait for their work.
         let mut blocks: Vec<Block<B::Buffer>> = Vec::new();
-        for shell in self.fronts.drain_exclusive() {
+        let (idle, deferred) = self.fronts.drain_exclusive();
+        for shell in idle {
             // SAFETY: S1: an idle shell in a slot is the allocator's.
             blocks.push(unsafe { shell.unfill() });
         }
@@ -1120,7 +1223,11 @@ impl<B: Backend> Drop for Shared<B> {
         while let Some(b) = st.ready.pop_oldest() {
             blocks.push(b);
         }
-        let pending = st.pending.take_all();
+        let mut pending = st.pending.take_all();
+        for (_, shell) in deferred {
+            // SAFETY: S1: a deferred shell in a slot is the allocator's.
+            pending.push(unsafe { shell.unfill() });
+        }
         let deadline = Instant::now() + self.teardown_timeout();
         let mut leaked = 0usize;
         for b in pending {

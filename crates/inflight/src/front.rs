@@ -15,6 +15,14 @@
 //!   dropped), one strong reference to the allocator's shared state. A buffer
 //!   thus keeps its allocator alive (rule K1: a live buffer's home slot holds
 //!   a strong reference) without touching the shared reference count.
+//! - up to [`FRONT_DEFERRED`] **deferred shells**: buffers freed while their
+//!   work was in flight, each with its first incomplete stamp. They are
+//!   pending blocks not yet filed on the allocator's pending list: never
+//!   handed out or released from here, only filed, many under one state
+//!   lock: when the batch is full, at the slot thread's next front-cache
+//!   miss (which takes the state lock anyway), and by every drain. So a
+//!   free in flight, the common case under `Deferred`, usually takes no
+//!   shared lock either.
 //! - counters (frees, front hits), summed into each statistics snapshot.
 //!
 //! Together the slots hold at most `slots × cap` bytes, where `cap` is an
@@ -30,7 +38,7 @@
 //! its counters. Lock order: the allocator's state lock, then one slot lock;
 //! a thread never holds two slot locks.
 
-use std::cell::UnsafeCell;
+use std::cell::{Cell, UnsafeCell};
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
@@ -38,9 +46,17 @@ use crate::allocator::Shared;
 use crate::backend::Backend;
 use crate::buffer::Shell;
 use crate::sync::{spin_wait, AtomicBool, AtomicU64, Ordering};
+use crate::timeline::Stamp;
 
 /// Idle blocks one slot holds at most.
 pub(crate) const FRONT_BLOCKS: usize = 16;
+
+/// Deferred shells one slot gathers before filing them as a batch.
+pub(crate) const FRONT_DEFERRED: usize = 32;
+
+/// Shells freed in flight with their first incomplete stamp (see the module
+/// documentation).
+pub(crate) type Deferred<B> = Vec<(Stamp, Shell<B>)>;
 
 /// The share of the cache limit all slots together may hold: 1/8.
 const FRONT_SHARE: u64 = 8;
@@ -49,8 +65,27 @@ const FRONT_SHARE: u64 = 8;
 // slots while there are no more threads than slots.
 static NEXT_THREAD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// No index yet: the thread has not allocated.
+const NO_INDEX: usize = usize::MAX;
+
 thread_local! {
-    static THREAD_INDEX: usize = NEXT_THREAD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // Const-initialised: reading it is one TLS load, with no lazy-init state.
+    static THREAD_INDEX: Cell<usize> = const { Cell::new(NO_INDEX) };
+}
+
+/// The calling thread's index, assigned at its first allocation.
+#[inline]
+fn thread_index() -> usize {
+    THREAD_INDEX.with(|c| {
+        let i = c.get();
+        if i != NO_INDEX {
+            return i;
+        }
+        // Never NO_INDEX again, even after 2^63 threads.
+        let i = NEXT_THREAD.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & (usize::MAX >> 1);
+        c.set(i);
+        i
+    })
 }
 
 /// The slots of one allocator.
@@ -66,8 +101,9 @@ pub(crate) struct Fronts<B: Backend> {
     closing: AtomicBool,
 }
 
-/// One thread's slot, alone on its cache lines.
-#[repr(align(128))]
+/// One thread's slot, alone on its cache lines. `repr(C)`: the lock and
+/// the fields a hit or an idle free touches share the first cache line.
+#[repr(C, align(128))]
 pub(crate) struct Slot<B: Backend> {
     locked: AtomicBool,
     state: UnsafeCell<SlotState<B>>,
@@ -81,9 +117,12 @@ unsafe impl<B: Backend> Sync for Slot<B> {}
 // SAFETY: as above.
 unsafe impl<B: Backend> Send for Slot<B> {}
 
-/// What a slot holds, behind its lock.
+/// What a slot holds, behind its lock. `repr(C)`, hot fields first (see
+/// [`Slot`]).
+#[repr(C)]
 pub(crate) struct SlotState<B: Backend> {
-    /// Idle filled shells with their block sizes, oldest first.
+    /// Idle filled shells with their block sizes, oldest first; never more
+    /// than [`FRONT_BLOCKS`] between operations (its capacity is one more).
     idle: Vec<(u64, Shell<B>)>,
     /// The sum of their sizes.
     pub(crate) idle_bytes: u64,
@@ -91,10 +130,15 @@ pub(crate) struct SlotState<B: Backend> {
     live: u64,
     /// Held while `live > 0`, and until closing (rule K1).
     keepalive: Option<Arc<Shared<B>>>,
-    /// Frees of buffers homed here.
-    pub(crate) frees: u64,
     /// Allocations served from `idle`.
     pub(crate) hits: u64,
+    /// Frees of buffers homed here.
+    pub(crate) frees: u64,
+    /// Shells freed in flight, to file on the pending list (capacity
+    /// [`FRONT_DEFERRED`]).
+    deferred: Deferred<B>,
+    /// The sum of their block sizes.
+    pub(crate) deferred_bytes: u64,
 }
 
 impl<B: Backend> SlotState<B> {
@@ -107,15 +151,22 @@ impl<B: Backend> SlotState<B> {
     /// and a new live buffer.
     #[inline]
     pub(crate) fn take(&mut self, size: u64) -> Option<Shell<B>> {
-        let i = self.idle.iter().rposition(|(s, _)| *s == size)?;
-        let (_, shell) = if i + 1 == self.idle.len() {
-            self.idle.pop()? // the common ping-pong: the newest
+        // The common ping-pong: the newest.
+        let shell = if self.idle.last().is_some_and(|(s, _)| *s == size) {
+            self.idle.pop()?.1
         } else {
-            self.idle.remove(i)
+            self.take_older(size)?
         };
         self.idle_bytes -= size;
         self.hits += 1;
         Some(shell)
+    }
+
+    /// `take` past the newest.
+    #[inline(never)]
+    fn take_older(&mut self, size: u64) -> Option<Shell<B>> {
+        let i = self.idle.iter().rposition(|(s, _)| *s == size)?;
+        Some(self.idle.remove(i).1)
     }
 
     /// Counts a buffer about to be allocated through this slot; takes the
@@ -142,12 +193,30 @@ impl<B: Backend> SlotState<B> {
         }
     }
 
+    /// Files an idle filled shell as the newest if it fits in `cap` bytes
+    /// and [`FRONT_BLOCKS`] blocks as they are; else gives it back, for
+    /// [`SlotState::push`].
+    #[inline]
+    pub(crate) fn try_push(
+        &mut self,
+        size: u64,
+        shell: Shell<B>,
+        cap: u64,
+    ) -> Result<(), Shell<B>> {
+        if self.idle.len() < FRONT_BLOCKS && self.idle_bytes + size <= cap {
+            self.idle.push((size, shell));
+            self.idle_bytes += size;
+            Ok(())
+        } else {
+            Err(shell)
+        }
+    }
+
     /// Files an idle filled shell as the newest, within `cap` bytes and
     /// [`FRONT_BLOCKS`] blocks. Returns what does not fit, for the ready
     /// list: the shell itself when it alone is over `cap`; else, when the
     /// slot is over, its oldest half at once (one state lock for many frees),
     /// then more of the oldest until the bytes fit.
-    #[inline]
     pub(crate) fn push(&mut self, size: u64, shell: Shell<B>, cap: u64) -> Vec<Shell<B>> {
         if size > cap {
             return vec![shell];
@@ -175,6 +244,30 @@ impl<B: Backend> SlotState<B> {
     pub(crate) fn drain(&mut self, out: &mut Vec<Shell<B>>) {
         out.extend(self.idle.drain(..).map(|(_, s)| s));
         self.idle_bytes = 0;
+    }
+
+    /// Deferred shells held.
+    pub(crate) fn deferred_count(&self) -> u64 {
+        self.deferred.len() as u64
+    }
+
+    /// Gathers a shell of `size` bytes freed while `due` was in flight.
+    /// Returns the batch to file when it is full.
+    #[inline]
+    pub(crate) fn defer(&mut self, due: Stamp, size: u64, shell: Shell<B>) -> Option<Deferred<B>> {
+        self.deferred.push((due, shell));
+        self.deferred_bytes += size;
+        (self.deferred.len() >= FRONT_DEFERRED).then(|| self.take_deferred())
+    }
+
+    /// Takes the deferred shells, if any, for the caller to file.
+    #[inline]
+    pub(crate) fn take_deferred(&mut self) -> Deferred<B> {
+        if self.deferred.is_empty() {
+            return Vec::new();
+        }
+        self.deferred_bytes = 0;
+        std::mem::replace(&mut self.deferred, Vec::with_capacity(FRONT_DEFERRED))
     }
 }
 
@@ -224,6 +317,8 @@ impl<B: Backend> Fronts<B> {
                         keepalive: None,
                         frees: 0,
                         hits: 0,
+                        deferred: Vec::with_capacity(FRONT_DEFERRED),
+                        deferred_bytes: 0,
                     }),
                 })
                 .collect(),
@@ -239,7 +334,7 @@ impl<B: Backend> Fronts<B> {
     /// The calling thread's slot.
     #[inline]
     pub(crate) fn home(&self) -> u32 {
-        (THREAD_INDEX.with(|i| *i) & self.mask) as u32
+        (thread_index() & self.mask) as u32
     }
 
     /// Locks slot `i`, spinning while another thread holds it.
@@ -294,10 +389,20 @@ impl<B: Backend> Fronts<B> {
         }
     }
 
-    /// Takes every idle shell from every slot.
-    pub(crate) fn drain_all(&self) -> Vec<Shell<B>> {
+    /// Takes every idle shell and every deferred one from every slot.
+    pub(crate) fn drain_all(&self) -> (Vec<Shell<B>>, Deferred<B>) {
+        let (mut idle, mut deferred) = (Vec::new(), Vec::new());
+        self.each(|s| {
+            s.drain(&mut idle);
+            deferred.append(&mut s.take_deferred());
+        });
+        (idle, deferred)
+    }
+
+    /// Takes every slot's deferred shells.
+    pub(crate) fn take_all_deferred(&self) -> Deferred<B> {
         let mut out = Vec::new();
-        self.each(|s| s.drain(&mut out));
+        self.each(|s| out.append(&mut s.take_deferred()));
         out
     }
 
@@ -316,12 +421,15 @@ impl<B: Backend> Fronts<B> {
         refs
     }
 
-    /// With exclusive access (teardown): every idle shell.
-    pub(crate) fn drain_exclusive(&mut self) -> Vec<Shell<B>> {
-        let mut out = Vec::new();
+    /// With exclusive access (teardown): every idle shell and every
+    /// deferred one.
+    pub(crate) fn drain_exclusive(&mut self) -> (Vec<Shell<B>>, Deferred<B>) {
+        let (mut idle, mut deferred) = (Vec::new(), Vec::new());
         for slot in self.slots.iter_mut() {
-            slot.state.get_mut().drain(&mut out);
+            let s = slot.state.get_mut();
+            s.drain(&mut idle);
+            deferred.append(&mut s.take_deferred());
         }
-        out
+        (idle, deferred)
     }
 }

@@ -275,3 +275,108 @@ fn without_front_caches_the_active_peak_is_exact() {
     );
     drop(small);
 }
+
+/// Binds every buffer to one submission on `q`; returns its value.
+fn use_all_on(q: &Queue<ManualGpu>, bufs: &[Buffer<ManualGpu>]) -> u64 {
+    let mut cb = q.command_buffer().unwrap();
+    for b in bufs {
+        cb.fill(b, 1).unwrap();
+    }
+    cb.commit().unwrap().value()
+}
+
+#[test]
+fn frees_in_flight_wait_in_the_slot_as_pending_then_are_filed_and_reused() {
+    let (gpu, alloc, q) = setup(config());
+    // More than one batch (FRONT_DEFERRED is 32), so one is filed at a free.
+    let bufs: Vec<_> = (0..40u64)
+        .map(|i| alloc.malloc(4096 * (1 + i % 5), &q).unwrap())
+        .collect();
+    let ids: Vec<u64> = bufs.iter().map(|b| b.block_id()).collect();
+    let v = use_all_on(&q, &bufs);
+    drop(bufs);
+    // Wherever they wait, they are pending: counted, never handed out.
+    let s = balanced(alloc.stats());
+    assert_eq!(
+        (
+            s.pending_count,
+            s.deferred_frees,
+            s.active_count,
+            s.ready_count
+        ),
+        (40, 40, 0, 0),
+        "{s:?}"
+    );
+    let fresh = alloc.malloc(4096, &q).unwrap();
+    assert!(!ids.contains(&fresh.block_id()), "reused in flight");
+    drop(fresh);
+    gpu.complete(0, v);
+    // Completed: the next misses promote them, wherever they waited.
+    let again: Vec<_> = (0..40u64)
+        .map(|i| alloc.malloc(4096 * (1 + i % 5), &q).unwrap())
+        .collect();
+    let s = balanced(alloc.stats());
+    assert_eq!((s.pending_count, s.device_allocations), (0, 41), "{s:?}");
+    drop(again);
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
+
+#[test]
+fn memory_pressure_waits_for_blocks_freed_in_flight_on_other_threads() {
+    let (gpu, alloc, q) = setup(Config {
+        memory_limit: Some(1 << 20),
+        cache_limit: Some(1 << 20),
+        gc_limit: Some(1 << 20),
+        pressure_timeout: Duration::from_secs(5),
+        ..config()
+    });
+    // Another thread fills the memory, binds it and frees it in flight:
+    // its slot gathers the blocks.
+    let v = std::thread::scope(|s| {
+        s.spawn(|| {
+            let bufs: Vec<_> = (0..4)
+                .map(|_| alloc.malloc(256 << 10, &q).unwrap())
+                .collect();
+            let v = use_all_on(&q, &bufs);
+            drop(bufs);
+            v
+        })
+        .join()
+        .unwrap()
+    });
+    // This thread needs the room: it waits for that work (completed by a
+    // third thread), then takes the memory back, never releasing in flight.
+    let completer = {
+        let gpu = gpu.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            gpu.complete(0, v);
+        })
+    };
+    let big = alloc.malloc(1 << 20, &q).unwrap();
+    completer.join().unwrap();
+    let s = balanced(alloc.stats());
+    assert_eq!((s.oom_errors, s.waits > 0), (0, true), "{s:?}");
+    assert_eq!(gpu.allocated_bytes(), 1 << 20);
+    drop(big);
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
+
+#[test]
+fn teardown_waits_for_blocks_freed_in_flight() {
+    let (gpu, alloc, q) = setup(config());
+    let bufs: Vec<_> = (0..8).map(|_| alloc.malloc(4096, &q).unwrap()).collect();
+    let v = use_all_on(&q, &bufs);
+    drop(bufs);
+    let completer = {
+        let gpu = gpu.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            gpu.complete(0, v);
+        })
+    };
+    drop((alloc, q)); // waits (up to the pressure timeout) for the work
+    completer.join().unwrap();
+    assert_eq!(gpu.live_buffers(), 0, "released once complete");
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
