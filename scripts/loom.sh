@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Model-checks the allocator's shared state with loom (crates/inflight/tests/loom.rs).
+# Model-checks the allocator's shared state with loom (crates/inflight/tests/loom.rs)
+# and the front caches' biased lock (crates/inflight/src/biased.rs).
 # The cfg swaps the core's mutexes and atomics for loom's (src/sync.rs); a
 # separate target directory keeps that build from invalidating the normal one.
 # Lint the models with: RUSTFLAGS="--cfg inflight_loom" CARGO_TARGET_DIR=target/loom \
@@ -9,4 +10,6 @@ cd "$(dirname "$0")/.."
 export RUSTFLAGS="--cfg inflight_loom ${RUSTFLAGS:-}"
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/loom}"
+# The biased lock's own models (src/biased.rs), then the allocator's.
+cargo test -p inflight --release --lib biased::
 exec cargo test -p inflight --release --test loom "$@"

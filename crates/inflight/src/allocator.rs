@@ -39,11 +39,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, DeviceError, DeviceInfo};
+use crate::biased::Section;
 use crate::buffer::{BufferInner, Shell};
 use crate::cache::{Block, ReadyList};
 use crate::config::{fit_bound, round_size, validate_sizing, Config, Limits};
 use crate::error::{Error, Result};
-use crate::front::{Deferred, Fronts, SlotGuard};
+use crate::front::{Deferred, Fronts, Home, SlotState};
 use crate::pending::PendingList;
 use crate::policy::PolicyKind;
 use crate::stats::Stats;
@@ -592,12 +593,13 @@ impl<B: Backend> Shared<B> {
         if self.config.policy.kind() == PolicyKind::Retained {
             self.drain_retained();
         }
-        let home = self.fronts.home();
-        let mut slot = self.fronts.lock(home);
+        let home = self.fronts.me();
+        let mut slot = self.fronts.enter(home);
         slot.add_live(self);
         if let Some(shell) = slot.take(rounded) {
             drop(slot);
-            return Ok(Buffer::reissue(shell, size, queue.id, self.config.scrub));
+            let scrub = self.config.scrub;
+            return Ok(Buffer::reissue(shell, size, queue.id, scrub, home.slot()));
         }
         // The slot's deferred shells go on the pending list under the state
         // lock the miss takes anyway, where promotion and in-order reuse see
@@ -642,14 +644,15 @@ impl<B: Backend> Shared<B> {
         size: u64,
         rounded: u64,
         queue: &Arc<QueueShared<B>>,
-        home: u32,
+        home: Home,
         deferred: Deferred<B>,
     ) -> Result<Buffer<B>> {
-        let r = self.malloc_locked(size, rounded, queue, home, deferred);
+        let r = self.malloc_locked(size, rounded, queue, home.slot(), deferred);
         if r.is_err() {
             // Not counted after all (K1); `self` is an `Arc` the caller
             // holds, so the slot's reference is never the last.
-            drop(self.fronts.lock(home).remove_live(self.fronts.closing()));
+            let keep = self.fronts.enter(home).remove_live(self.fronts.closing());
+            drop(keep);
         }
         r
     }
@@ -989,8 +992,8 @@ impl<B: Backend> Shared<B> {
         }
     }
 
-    /// Frees a block with no use in flight (stamps cleared) to its home
-    /// slot: the fast path, under the slot's lock alone.
+    /// Frees a block with no use in flight (stamps cleared) to the calling
+    /// thread's slot: the fast path, on a thread's own slot without a lock.
     #[inline]
     fn free_idle(&self, shell: Shell<B>) -> Option<Arc<Shared<B>>> {
         // SAFETY: S1: the shell has no handle and is ours (the free path's).
@@ -998,74 +1001,83 @@ impl<B: Backend> Shared<B> {
             let live = unsafe { shell.owned_live() };
             (live.size, live.home)
         };
-        let mut slot = self.fronts.lock(home);
-        slot.frees += 1;
-        let keep = slot.remove_live(self.fronts.closing());
-        if let Err(shell) = slot.try_push(size, shell, self.fronts.cap()) {
-            self.free_evicting(slot, size, shell);
+        let (mut slot, keep) = self.free_through(home);
+        let cap = self.fronts.cap();
+        if let Err(shell) = slot.try_push(size, shell, cap) {
+            let evicted = slot.push(size, shell, cap);
+            drop(slot);
+            self.file_evicted(evicted);
         }
         keep
     }
 
-    /// `free_idle` into a full slot: files `shell` and moves what no longer
-    /// fits (the slot's older half, or `shell` itself) to the ready list.
+    /// Uncounts a freed buffer from its home slot (K1) and enters the
+    /// calling thread's slot, where the block goes. Returns the section and
+    /// the home slot's reference to this allocator if it goes now (the
+    /// caller drops it last, after the section).
+    #[inline]
+    fn free_through(&self, home: u32) -> (Section<'_, SlotState<B>>, Option<Arc<Shared<B>>>) {
+        let me = self.fronts.me();
+        // Another thread's buffer: uncounted there first (no lock may be
+        // taken inside the section).
+        let remote = (me.slot() != home).then(|| self.fronts.uncount_remote(home));
+        let mut slot = self.fronts.enter(me);
+        slot.frees += 1;
+        let keep = match remote {
+            Some(keep) => keep,
+            None => slot.remove_live(self.fronts.closing()),
+        };
+        (slot, keep)
+    }
+
+    /// Moves shells evicted from a full slot (its older half, or a shell
+    /// over the slot's cap) to the ready list.
     #[inline(never)]
-    fn free_evicting(&self, mut slot: SlotGuard<'_, B>, size: u64, shell: Shell<B>) {
-        let evicted = slot.push(size, shell, self.fronts.cap());
-        drop(slot);
-        if !evicted.is_empty() {
-            let mut st = self.state.lock();
-            let mut spare = Vec::new();
-            for shell in evicted {
-                self.file_shell(&mut st, shell, &mut spare);
-            }
-            self.trim_to_cap(st);
-            drop(spare); // after the lock
+    fn file_evicted(&self, evicted: Vec<Shell<B>>) {
+        if evicted.is_empty() {
+            return;
         }
+        let mut st = self.state.lock();
+        let mut spare = Vec::new();
+        for shell in evicted {
+            self.file_shell(&mut st, shell, &mut spare);
+        }
+        self.trim_to_cap(st);
+        drop(spare); // after the lock
     }
 
     /// Frees a block that was bound. Where it goes: if the cached watermarks
-    /// show its every use complete, to its slot like an idle one; else to the
-    /// pending list. The free path never asks the backend: a block whose work
-    /// completed since the last refresh waits on the pending list for the
-    /// next one. Under `Immediate`, to the ready list, its uses ignored.
+    /// show its every use complete, to the slot like an idle one; else to
+    /// the pending list, gathered in the slot first. The free path never
+    /// asks the backend: a block whose work completed since the last
+    /// refresh waits on the pending list for the next one. Under
+    /// `Immediate`, to the ready list, its uses ignored.
     #[inline(never)]
     fn free_bound(&self, shell: Shell<B>) -> Option<Arc<Shared<B>>> {
         // SAFETY: S1: the shell has no handle and is ours (the free path's).
-        let (stamps, home) = unsafe { (shell.owned_stamps(), shell.owned_live().home) };
-        let due = if self.config.policy.kind() == PolicyKind::Immediate {
-            None
-        } else {
-            match self.first_incomplete_cached(stamps) {
-                Some(due) => Some(due),
-                None => {
-                    stamps.clear();
-                    return self.free_idle(shell);
-                }
-            }
+        let (stamps, live) = unsafe { (shell.owned_stamps(), shell.owned_live()) };
+        let (home, size) = (live.home, live.size);
+        if self.config.policy.kind() == PolicyKind::Immediate {
+            let (slot, keep) = self.free_through(home);
+            drop(slot);
+            self.free_to_lists(shell);
+            return keep;
+        }
+        let Some(due) = self.first_incomplete_cached(stamps) else {
+            stamps.clear();
+            return self.free_idle(shell);
         };
-        let mut slot = self.fronts.lock(home);
-        slot.frees += 1;
-        let keep = slot.remove_live(self.fronts.closing());
-        match due {
-            // In flight: gathered in the slot, filed on the pending list in
-            // a batch (see `front.rs`).
-            Some(due) => {
-                // SAFETY: S1, as above.
-                let size = unsafe { shell.owned_live() }.size;
-                if let Some(batch) = slot.defer(due, size, shell) {
-                    drop(slot);
-                    let mut st = self.state.lock();
-                    let mut spare = Vec::new();
-                    self.file_deferred(&mut st, batch, &mut spare);
-                    drop(st);
-                    drop(spare); // after the lock
-                }
-            }
-            None => {
-                drop(slot);
-                self.free_to_lists(shell);
-            }
+        // In flight: gathered in the slot, filed on the pending list in a
+        // batch (see `front.rs`).
+        let (mut slot, keep) = self.free_through(home);
+        let batch = slot.defer(due, size, shell);
+        drop(slot);
+        if let Some(batch) = batch {
+            let mut st = self.state.lock();
+            let mut spare = Vec::new();
+            self.file_deferred(&mut st, batch, &mut spare);
+            drop(st);
+            drop(spare); // after the lock
         }
         keep
     }

@@ -153,9 +153,17 @@ impl<B: Backend> Buffer<B> {
     }
 
     /// Makes an idle filled shell from a front cache a live buffer again:
-    /// the same block, its uses all complete and its stamps cleared.
+    /// the same block, its uses all complete and its stamps cleared, now
+    /// counted by slot `home` (the shell may have been freed into this slot
+    /// by a buffer of another).
     #[inline]
-    pub(crate) fn reissue(shell: Shell<B>, len: u64, queue: QueueId, scrub: bool) -> Self {
+    pub(crate) fn reissue(
+        shell: Shell<B>,
+        len: u64,
+        queue: QueueId,
+        scrub: bool,
+        home: u32,
+    ) -> Self {
         debug_assert_eq!(shell.handles.load(Ordering::Relaxed), 0);
         // SAFETY: S1: the shell came out of a slot, whose lock made the
         // caller its only owner.
@@ -164,6 +172,7 @@ impl<B: Backend> Buffer<B> {
             debug_assert!(live.raw.is_some() && !live.shared.is_null());
             live.len = len;
             live.queue = queue;
+            live.home = home;
         }
         shell.reuse_fence.store(0, Ordering::Relaxed);
         // Zeroed at its first binding (see `Config::scrub`).

@@ -30,22 +30,33 @@
 //! to the rest of the cache limit, so cached bytes stay under it (I4).
 //! Trimming, clearing, limit changes and memory pressure empty the slots.
 //!
-//! # Locking
+//! # Slots and locking
 //!
-//! A slot's lock is a test-and-set spin lock held for a few dozen
-//! instructions; its home thread almost always finds it free. Other threads
-//! take it to give back a buffer allocated there, to drain it, and to read
-//! its counters. Lock order: the allocator's state lock, then one slot lock;
-//! a thread never holds two slot locks.
+//! A thread's index (unique among live threads, reused after a thread
+//! exits) picks its slot. Slot `i` below the owned count belongs to the
+//! thread of index `i`, which enters it as the owner of a biased lock
+//! (`biased.rs`): no atomic read-modify-write, no fence instruction. Threads
+//! of higher index share the remaining slots under their spin locks, as do
+//! all threads where the kernel offers no asymmetric fence.
+//!
+//! Other threads enter an owned slot only to drain it, read its counters or
+//! close it (revoking the owner's bias, one heavy fence for all slots), and
+//! to uncount a buffer of its own they free (its side lock only: the count
+//! goes to `remote_frees`, folded into `live` when the slot closes). Such a
+//! free files the block in the freeing thread's own slot.
+//!
+//! Lock order: the allocator's state lock, then slot locks in index order.
+//! An owner's unlocked section takes no lock, and nothing takes a lock while
+//! inside one (a revoker waits for the section to end).
 
-use std::cell::{Cell, UnsafeCell};
-use std::ops::{Deref, DerefMut};
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use crate::allocator::Shared;
 use crate::backend::Backend;
+use crate::biased::{asymmetric_fences, Biased, Section};
 use crate::buffer::Shell;
-use crate::sync::{spin_wait, AtomicBool, AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use crate::timeline::Stamp;
 
 /// Idle blocks one slot holds at most.
@@ -61,37 +72,66 @@ pub(crate) type Deferred<B> = Vec<(Stamp, Shell<B>)>;
 /// The share of the cache limit all slots together may hold: 1/8.
 const FRONT_SHARE: u64 = 8;
 
-// Process-wide: consecutive threads get consecutive indices, hence distinct
-// slots while there are no more threads than slots.
+/// Slots shared under their spin locks by threads without an owned slot.
+const SHARED_SLOTS: usize = 8;
+
+/// Thread indices: the lowest free one for each new thread, given back
+/// when the thread exits, so that owned slots go to the live threads.
 static NEXT_THREAD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static FREE_INDICES: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
 
-/// No index yet: the thread has not allocated.
-const NO_INDEX: usize = usize::MAX;
+/// A thread's index, held until the thread exits.
+struct ThreadIndex(usize);
 
-thread_local! {
-    // Const-initialised: reading it is one TLS load, with no lazy-init state.
-    static THREAD_INDEX: Cell<usize> = const { Cell::new(NO_INDEX) };
+impl ThreadIndex {
+    fn take() -> Self {
+        let mut free = FREE_INDICES.lock().unwrap_or_else(|e| e.into_inner());
+        match free.iter().enumerate().min_by_key(|(_, i)| **i) {
+            Some((at, _)) => ThreadIndex(free.swap_remove(at)),
+            None => ThreadIndex(NEXT_THREAD.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+        }
+    }
 }
 
-/// The calling thread's index, assigned at its first allocation.
-#[inline]
-fn thread_index() -> usize {
-    THREAD_INDEX.with(|c| {
-        let i = c.get();
-        if i != NO_INDEX {
-            return i;
-        }
-        // Never NO_INDEX again, even after 2^63 threads.
-        let i = NEXT_THREAD.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & (usize::MAX >> 1);
-        c.set(i);
-        i
-    })
+impl Drop for ThreadIndex {
+    fn drop(&mut self) {
+        // The lock orders this thread's last use of its slots before the
+        // next holder's first.
+        FREE_INDICES
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(self.0);
+    }
+}
+
+thread_local! {
+    static THREAD_INDEX: ThreadIndex = ThreadIndex::take();
+}
+
+/// The calling thread's slot, from [`Fronts::me`]; it stays on that thread
+/// (not `Send`), which is what lets [`Fronts::enter`] enter an owned slot
+/// without its lock.
+#[derive(Clone, Copy)]
+pub(crate) struct Home {
+    slot: u32,
+    owned: bool,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Home {
+    /// The slot's index: a buffer allocated here is counted here.
+    #[inline]
+    pub(crate) fn slot(self) -> u32 {
+        self.slot
+    }
 }
 
 /// The slots of one allocator.
 pub(crate) struct Fronts<B: Backend> {
     slots: Box<[Slot<B>]>,
-    mask: usize,
+    /// Slots `0..owned` belong to the threads of those indices; the rest
+    /// are shared under their locks. 0 where slots are never biased.
+    owned: usize,
     /// Whether idle blocks are kept at all (`Config::front_cache`).
     enabled: bool,
     /// Bytes one slot may hold; changes with the cache limit.
@@ -101,24 +141,17 @@ pub(crate) struct Fronts<B: Backend> {
     closing: AtomicBool,
 }
 
-/// One thread's slot, alone on its cache lines. `repr(C)`: the lock and
-/// the fields a hit or an idle free touches share the first cache line.
-#[repr(C, align(128))]
+/// One slot, alone on its cache lines.
+#[repr(align(128))]
 pub(crate) struct Slot<B: Backend> {
-    locked: AtomicBool,
-    state: UnsafeCell<SlotState<B>>,
+    cell: Biased<SlotState<B>>,
+    /// Buffers homed here that other threads freed while the bias stood,
+    /// taken off `live` when the slot closes. Written under the cell's lock.
+    remote_frees: AtomicU64,
 }
 
-// SAFETY: `state` is reached only through a `SlotGuard`, which exists only
-// while `locked` is held by it (Acquire on taking, Release on giving back),
-// or through `&mut Slot`; its contents (shells, an `Arc<Shared>`, counters)
-// are `Send` by the `Backend` trait's bounds.
-unsafe impl<B: Backend> Sync for Slot<B> {}
-// SAFETY: as above.
-unsafe impl<B: Backend> Send for Slot<B> {}
-
-/// What a slot holds, behind its lock. `repr(C)`, hot fields first (see
-/// [`Slot`]).
+/// What a slot holds (in its biased cell). `repr(C)`: the fields a hit or
+/// an idle free touches come first.
 #[repr(C)]
 pub(crate) struct SlotState<B: Backend> {
     /// Idle filled shells with their block sizes, oldest first; never more
@@ -132,7 +165,7 @@ pub(crate) struct SlotState<B: Backend> {
     keepalive: Option<Arc<Shared<B>>>,
     /// Allocations served from `idle`.
     pub(crate) hits: u64,
-    /// Frees of buffers homed here.
+    /// Frees made through this slot (by its thread, of any buffer).
     pub(crate) frees: u64,
     /// Shells freed in flight, to file on the pending list (capacity
     /// [`FRONT_DEFERRED`]).
@@ -271,58 +304,36 @@ impl<B: Backend> SlotState<B> {
     }
 }
 
-/// A held slot lock.
-pub(crate) struct SlotGuard<'a, B: Backend> {
-    slot: &'a Slot<B>,
-}
-
-impl<B: Backend> Deref for SlotGuard<'_, B> {
-    type Target = SlotState<B>;
-    #[inline]
-    fn deref(&self) -> &SlotState<B> {
-        // SAFETY: this guard holds `locked` (see the `Sync` impl).
-        unsafe { &*self.slot.state.get() }
-    }
-}
-
-impl<B: Backend> DerefMut for SlotGuard<'_, B> {
-    #[inline]
-    fn deref_mut(&mut self) -> &mut SlotState<B> {
-        // SAFETY: as in `deref`; `&mut self` makes the access unique.
-        unsafe { &mut *self.slot.state.get() }
-    }
-}
-
-impl<B: Backend> Drop for SlotGuard<'_, B> {
-    #[inline]
-    fn drop(&mut self) {
-        self.slot.locked.store(false, Ordering::Release);
-    }
-}
-
 impl<B: Backend> Fronts<B> {
     /// Slots for this machine: twice the hardware threads, a power of two
-    /// from 4 to 64.
+    /// from 4 to 64, owned where the kernel offers asymmetric fences (not
+    /// under loom, whose threads share std's thread-locals); and
+    /// [`SHARED_SLOTS`] more, shared.
     pub(crate) fn new(enabled: bool, cache_limit: u64) -> Self {
         let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
         let n = (2 * threads).next_power_of_two().clamp(4, 64);
+        let biased = !cfg!(inflight_loom) && asymmetric_fences();
+        let owned = if biased { n } else { 0 };
         let fronts = Fronts {
-            slots: (0..n)
-                .map(|_| Slot {
-                    locked: AtomicBool::new(false),
-                    state: UnsafeCell::new(SlotState {
-                        idle: Vec::with_capacity(FRONT_BLOCKS + 1),
-                        idle_bytes: 0,
-                        live: 0,
-                        keepalive: None,
-                        frees: 0,
-                        hits: 0,
-                        deferred: Vec::with_capacity(FRONT_DEFERRED),
-                        deferred_bytes: 0,
-                    }),
+            slots: (0..n + SHARED_SLOTS)
+                .map(|i| Slot {
+                    cell: Biased::new(
+                        SlotState {
+                            idle: Vec::with_capacity(FRONT_BLOCKS + 1),
+                            idle_bytes: 0,
+                            live: 0,
+                            keepalive: None,
+                            hits: 0,
+                            frees: 0,
+                            deferred: Vec::with_capacity(FRONT_DEFERRED),
+                            deferred_bytes: 0,
+                        },
+                        i < owned,
+                    ),
+                    remote_frees: AtomicU64::new(0),
                 })
                 .collect(),
-            mask: n - 1,
+            owned,
             enabled,
             cap: AtomicU64::new(0),
             closing: AtomicBool::new(false),
@@ -333,25 +344,56 @@ impl<B: Backend> Fronts<B> {
 
     /// The calling thread's slot.
     #[inline]
-    pub(crate) fn home(&self) -> u32 {
-        (thread_index() & self.mask) as u32
+    pub(crate) fn me(&self) -> Home {
+        let shared = |i: usize| self.owned + i % (self.slots.len() - self.owned);
+        let (slot, owned) = match THREAD_INDEX.try_with(|t| t.0) {
+            Ok(i) if i < self.owned => (i, true),
+            Ok(i) => (shared(i), false),
+            // The thread is exiting and its index is gone.
+            Err(_) => (shared(0), false),
+        };
+        Home {
+            slot: slot as u32,
+            owned,
+            _not_send: PhantomData,
+        }
     }
 
-    /// Locks slot `i`, spinning while another thread holds it.
+    /// Enters the calling thread's slot: as its owner without a lock, or
+    /// under the slot's lock. Until the guard drops, take no lock and drop
+    /// no buffer or shell.
     #[inline]
-    pub(crate) fn lock(&self, i: u32) -> SlotGuard<'_, B> {
-        let slot = &self.slots[i as usize];
-        let mut turns = 0;
-        while slot
-            .locked
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            while slot.locked.load(Ordering::Relaxed) {
-                spin_wait(&mut turns);
+    pub(crate) fn enter(&self, home: Home) -> Section<'_, SlotState<B>> {
+        let cell = &self.slots[home.slot as usize].cell;
+        if home.owned {
+            // SAFETY: `home` came from `me` on this thread (it is not
+            // `Send`), and an owned slot's index is this thread's, unique
+            // among live threads: this thread is the cell's only owner. The
+            // callers keep the section free of locks and of buffer drops.
+            unsafe { cell.enter_as_owner() }
+        } else {
+            Section::Locked(cell.lock())
+        }
+    }
+
+    /// Uncounts a buffer homed at `slot` that a thread other than the
+    /// slot's freed. Returns the slot's reference to the allocator if it
+    /// goes now (K1); the caller drops it last.
+    #[must_use]
+    pub(crate) fn uncount_remote(&self, slot: u32) -> Option<Arc<Shared<B>>> {
+        let s = &self.slots[slot as usize];
+        let mut held = s.cell.lock_side();
+        match held.get() {
+            // Shared, or closed: counted exactly under the lock.
+            Some(state) => state.remove_live(&self.closing),
+            // The owner counts without a lock: this free waits in
+            // `remote_frees` until the slot closes (nothing is decided on
+            // the count before that).
+            None => {
+                s.remote_frees.fetch_add(1, Ordering::Relaxed);
+                None
             }
         }
-        SlotGuard { slot }
     }
 
     /// Bytes one slot may hold now.
@@ -382,10 +424,10 @@ impl<B: Backend> Fronts<B> {
         &self.closing
     }
 
-    /// Every slot, one at a time.
+    /// Every slot, the owners shut out (one heavy fence for all).
     pub(crate) fn each(&self, mut f: impl FnMut(&mut SlotState<B>)) {
-        for i in 0..self.slots.len() {
-            f(&mut self.lock(i as u32));
+        for mut held in Biased::lock_all(self.slots.iter().map(|s| &s.cell)) {
+            f(&mut held);
         }
     }
 
@@ -406,18 +448,27 @@ impl<B: Backend> Fronts<B> {
         out
     }
 
-    /// At the last `Allocator` handle's drop: marks the allocator closing and
+    /// At the last `Allocator` handle's drop: marks the allocator closing,
+    /// closes every slot for good (each access then takes its lock, so
+    /// counts are exact), folds remote frees into the live counts, and
     /// returns the references of slots with no live buffer, for the caller
     /// to drop (slots with live buffers let theirs go at their last free).
     #[must_use]
     pub(crate) fn close(&self) -> Vec<Arc<Shared<B>>> {
         self.closing.store(true, Ordering::SeqCst);
         let mut refs = Vec::new();
-        self.each(|s| {
+        for (slot, mut held) in self
+            .slots
+            .iter()
+            .zip(Biased::lock_all(self.slots.iter().map(|s| &s.cell)))
+        {
+            held.close_for_good();
+            let s = held.get().expect("shut out");
+            s.live -= slot.remote_frees.swap(0, Ordering::Relaxed);
             if s.live == 0 {
                 refs.extend(s.keepalive.take());
             }
-        });
+        }
         refs
     }
 
@@ -426,7 +477,7 @@ impl<B: Backend> Fronts<B> {
     pub(crate) fn drain_exclusive(&mut self) -> (Vec<Shell<B>>, Deferred<B>) {
         let (mut idle, mut deferred) = (Vec::new(), Vec::new());
         for slot in self.slots.iter_mut() {
-            let s = slot.state.get_mut();
+            let s = slot.cell.get_mut();
             s.drain(&mut idle);
             deferred.append(&mut s.take_deferred());
         }

@@ -74,6 +74,7 @@
 
 mod allocator;
 pub mod backend;
+mod biased;
 mod buffer;
 pub mod cache;
 mod command;

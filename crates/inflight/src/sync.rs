@@ -20,12 +20,14 @@
 #[cfg(not(inflight_loom))]
 pub(crate) use parking_lot::{Mutex, MutexGuard};
 #[cfg(not(inflight_loom))]
-pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 #[cfg(inflight_loom)]
 pub(crate) use self::model::{Mutex, MutexGuard};
 #[cfg(inflight_loom)]
-pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{
+    fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 
 /// One turn of a spin-wait that found a lock taken: a CPU hint for the
 /// first few turns, then the scheduler (the holder may have been preempted).
