@@ -24,7 +24,11 @@ export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY
 # shellcheck source=scripts/device-lib.sh
 . "$(dirname "$0")/device-lib.sh"
 { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  nproc; grep -m1 "model name" /proc/cpuinfo; uptime; } > "$L/env.log" 2>&1
+  nproc; grep -m1 "model name" /proc/cpuinfo; uptime
+  # Whether membarrier's private expedited barrier registers (x86-64 syscall
+  # 324): without it the front caches fall back to their spin locks.
+  python3 -c "import ctypes; c=ctypes.CDLL(None); print('membarrier query', c.syscall(324,0,0,0), 'register', c.syscall(324,16,0,0))"
+} > "$L/env.log" 2>&1
 cp "$L/env.log" "$S"
 step criterion 200 $B/alloc_bench --bench --warm-up-time 1 --measurement-time "${MEASURE:-3}" "pair|threads|baseline"
 step threads 120 $B/inflight bench --backend sim --sizes 4KiB --pairs 1000000 --threads 1,2,4,8,16 --json "$L/threads.json"

@@ -11,5 +11,5 @@ export RUSTFLAGS="--cfg inflight_loom ${RUSTFLAGS:-}"
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/loom}"
 # The biased lock's own models (src/biased.rs), then the allocator's.
-cargo test -p inflight --release --lib biased::
+cargo test -p inflight --release --lib biased:: -- --nocapture
 exec cargo test -p inflight --release --test loom "$@"

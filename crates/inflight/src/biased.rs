@@ -364,6 +364,18 @@ mod tests {
     type TrackedCell<V> = loom::cell::UnsafeCell<V>;
     use loom::sync::Arc;
 
+    /// Runs `f` under loom and prints how many interleavings it explored.
+    fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let r = runs.clone();
+        loom::model(move || {
+            r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            f();
+        });
+        let n = runs.load(std::sync::atomic::Ordering::Relaxed);
+        println!("loom: {name}: {n} interleavings explored");
+    }
+
     fn add(v: &TrackedCell<u32>, n: u32) {
         // SAFETY: a plain write; loom reports it if it is not ordered after
         // every other access to the cell (a data race).
@@ -380,7 +392,7 @@ mod tests {
     /// access to the tracked cell for a race).
     #[test]
     fn biased_cell_owner_and_revoker_never_overlap() {
-        loom::model(|| {
+        model("biased_cell_owner_and_revoker_never_overlap", || {
             let cell = Arc::new(Biased::new(TrackedCell::new(0u32), true));
             let other = {
                 let cell = cell.clone();
@@ -398,7 +410,7 @@ mod tests {
     /// After `close_for_good`, the owner takes the lock for good.
     #[test]
     fn biased_cell_close_shuts_the_owner_out_for_good() {
-        loom::model(|| {
+        model("biased_cell_close_shuts_the_owner_out_for_good", || {
             let cell = Arc::new(Biased::new(TrackedCell::new(0u32), true));
             let closer = {
                 let cell = cell.clone();
@@ -421,24 +433,27 @@ mod tests {
     /// Two other threads (a side lock and a revoking lock) and the owner.
     #[test]
     fn biased_cell_side_locks_exclude_each_other_not_the_owner() {
-        loom::model(|| {
-            let cell = Arc::new(Biased::new(TrackedCell::new(0u32), true));
-            let side = Arc::new(TrackedCell::new(0u32));
-            let t = {
-                let (cell, side) = (cell.clone(), side.clone());
-                loom::thread::spawn(move || {
-                    let held = cell.lock_side();
-                    add(&side, 1);
-                    drop(held);
-                })
-            };
-            {
-                let mut held = cell.lock();
-                add(held.get().expect("revoked"), 5);
-                add(&side, 1); // under the same lock as the side holder
-            }
-            t.join().unwrap();
-            assert_eq!(read(&side), 2);
-        });
+        model(
+            "biased_cell_side_locks_exclude_each_other_not_the_owner",
+            || {
+                let cell = Arc::new(Biased::new(TrackedCell::new(0u32), true));
+                let side = Arc::new(TrackedCell::new(0u32));
+                let t = {
+                    let (cell, side) = (cell.clone(), side.clone());
+                    loom::thread::spawn(move || {
+                        let held = cell.lock_side();
+                        add(&side, 1);
+                        drop(held);
+                    })
+                };
+                {
+                    let mut held = cell.lock();
+                    add(held.get().expect("revoked"), 5);
+                    add(&side, 1); // under the same lock as the side holder
+                }
+                t.join().unwrap();
+                assert_eq!(read(&side), 2);
+            },
+        );
     }
 }
