@@ -32,7 +32,8 @@ export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY
 cp "$L/env.log" "$S"
 step criterion 200 $B/alloc_bench --bench --warm-up-time 1 --measurement-time "${MEASURE:-3}" "pair|threads|baseline"
 step threads 120 $B/inflight bench --backend sim --sizes 4KiB --pairs 1000000 --threads 1,2,4,8,16 --json "$L/threads.json"
-step bench 300 $B/inflight bench --backend cuda --pairs "${PAIRS:-100000}" --json "$L/bench.json"
+step bench 300 $B/inflight bench --backend cuda --pairs "${PAIRS:-100000}" --repeat "${REPEAT:-3}" \
+  --json "$L/bench.json"
 # Policy rates move ±10% between runs here: `--repeat` runs the policies
 # REPEAT times (default 3), taking turns, and prints medians and paired ratios.
 for seed in 1 2 3; do

@@ -68,6 +68,12 @@ pub struct BenchArgs {
     /// 80 µs a pair): a prefix of the same sequence.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     driver_ops: u64,
+    /// Measure inflight's policies this many times, taking turns (each
+    /// round starts one policy later); each row's median is then over all
+    /// of its rounds' batches. On a host whose speed drifts within a
+    /// process, one round compares moments, not policies.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: u32,
     /// Skip the PyTorch row.
     #[arg(long)]
     no_torch: bool,
@@ -438,6 +444,25 @@ impl<B: Backend> Subject for InflightSubject<B> {
     }
 }
 
+/// One policy's rows over `--repeat` rounds, in the order measured: one row
+/// per sequence, its timing over every round's batches, its other figures
+/// the first round's.
+fn merge_rounds(rows: Vec<Row>) -> Vec<Row> {
+    let mut merged: Vec<Row> = Vec::new();
+    for r in rows {
+        match merged.iter_mut().find(|m| m.sequence == r.sequence) {
+            Some(m) => {
+                let mut ns = std::mem::take(&mut m.timing.ns_batches);
+                ns.extend(r.timing.ns_batches);
+                m.timing = Timing::from_batches(ns);
+                m.batches += r.batches;
+            }
+            None => merged.push(r),
+        }
+    }
+    merged
+}
+
 /// Who ran a row: allocator, backend and device names.
 struct Who<'a>(&'a str, &'a str, &'a str);
 
@@ -604,17 +629,25 @@ pub fn command(a: BenchArgs) -> anyhow::Result<ExitCode> {
             ..SimOptions::default()
         },
     };
-    let mut rows = Vec::new();
     // SAFETY: `Policy::immediate`'s contract (1): releasing in flight is the
     // hazard. Here no GPU work ever uses a buffer (no command buffer is
     // recorded), so releasing or reusing at once is harmless.
     let immediate = unsafe { Policy::immediate() };
-    for policy in [Policy::DEFERRED, Policy::RETAINED, immediate] {
-        let job = InflightJob {
-            plan: &plan,
-            policy,
-        };
-        rows.extend(with_backend(backend, &opts, job)?);
+    let policies = [Policy::DEFERRED, Policy::RETAINED, immediate];
+    let mut rounds: Vec<Vec<Row>> = vec![Vec::new(); policies.len()];
+    for round in 0..a.repeat as usize {
+        for k in 0..policies.len() {
+            let i = (k + round) % policies.len();
+            let job = InflightJob {
+                plan: &plan,
+                policy: policies[i],
+            };
+            rounds[i].extend(with_backend(backend, &opts, job)?);
+        }
+    }
+    let mut rows = Vec::new();
+    for policy_rows in rounds {
+        rows.extend(merge_rounds(policy_rows));
     }
     match backend {
         BackendName::Sim => {
@@ -659,6 +692,12 @@ pub fn command(a: BenchArgs) -> anyhow::Result<ExitCode> {
             println!("{l}");
         }
     } else {
+        if a.repeat > 1 {
+            note(&format!(
+                "inflight's rows: {} rounds, the policies taking turns; each median is over all rounds' batches",
+                a.repeat
+            ));
+        }
         print_table(&rows, &plan, backend);
         threads::print(&scaling);
     }

@@ -321,3 +321,91 @@ fn bench_threads_reports_one_scaling_row_per_thread_count() {
     }
     assert_eq!(scaling[0]["speedup_vs_one_thread"].as_f64(), Some(1.0));
 }
+
+#[test]
+fn bench_repeat_merges_each_policys_rounds_into_one_row() {
+    let out = inflight(&[
+        "bench",
+        "--backend",
+        "sim",
+        "--pairs",
+        "1000",
+        "--steps",
+        "128",
+        "--batches",
+        "2",
+        "--sizes",
+        "4KiB",
+        "--repeat",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = json_lines(&out);
+    assert_eq!(rows.len(), 6, "one row per policy and sequence");
+    for r in &rows {
+        assert_eq!(r["batches"], 6, "{r}");
+        assert_eq!(r["ns_batches"].as_array().unwrap().len(), 6, "{r}");
+    }
+}
+
+#[test]
+fn repro_repeat_takes_turns_and_summarises_medians_and_paired_ratios() {
+    let out = inflight(&[
+        "repro",
+        "--policy",
+        "all",
+        "--allocations",
+        "8000",
+        "--repeat",
+        "2",
+        "--quiet",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("repetition ").count(), 2, "{text}");
+    assert!(
+        text.contains("over 2 repetitions: median (min..max)"),
+        "{text}"
+    );
+    for line in [
+        "deferred / immediate rate",
+        "deferred / retained  rate",
+        "µs/round: malloc",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from {text}");
+    }
+    // JSON: every run, with its repetition.
+    let out = inflight(&[
+        "repro",
+        "--policy",
+        "all",
+        "--allocations",
+        "8000",
+        "--repeat",
+        "2",
+        "--json",
+    ]);
+    let reports = json_lines(&out);
+    assert_eq!(reports.len(), 6);
+    let reps: Vec<u64> = reports
+        .iter()
+        .map(|r| r["repetition"].as_u64().unwrap())
+        .collect();
+    assert_eq!(reps, [0, 0, 0, 1, 1, 1]);
+    // The second repetition starts one policy later.
+    assert_eq!(reports[3]["policy"], "retained");
+    assert!(reports
+        .iter()
+        .all(|r| r["phases"]["malloc_us"].as_f64().unwrap() > 0.0));
+}
