@@ -344,10 +344,15 @@ mod membarrier {
         offered >= 0 && offered & needed == needed && call(REGISTER_PRIVATE_EXPEDITED) == 0
     }
 
-    /// The barrier. It cannot fail once registered; if it ever did, a
+    /// The barrier. It cannot fail once registered, except in a process
+    /// forked from the one that registered (the kernel keeps registrations
+    /// per address space), which registers again. If it still failed, a
     /// biased cell could be entered twice, so the process stops instead.
     pub(super) fn private_expedited() {
-        if call(PRIVATE_EXPEDITED) != 0 {
+        if call(PRIVATE_EXPEDITED) == 0 {
+            return;
+        }
+        if call(REGISTER_PRIVATE_EXPEDITED) != 0 || call(PRIVATE_EXPEDITED) != 0 {
             eprintln!(
                 "inflight: membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) failed after registration: {}",
                 std::io::Error::last_os_error()
