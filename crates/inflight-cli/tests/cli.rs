@@ -10,6 +10,16 @@ fn inflight(args: &[&str]) -> std::process::Output {
         .expect("the binary runs")
 }
 
+/// Exit status 0, or the test fails showing stderr.
+fn assert_succeeded(out: &std::process::Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
@@ -29,12 +39,7 @@ fn repro_all_policies_reports_each_with_the_documented_fields() {
         "--seed",
         "3",
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let reports = json_lines(&out);
     let names: Vec<&str> = reports
         .iter()
@@ -130,12 +135,7 @@ fn bench_on_the_simulated_gpu_reports_every_inflight_row() {
         "3",
         "--json",
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let rows = json_lines(&out);
     let mut seen = Vec::new();
     for r in &rows {
@@ -298,12 +298,7 @@ fn bench_threads_reports_one_scaling_row_per_thread_count() {
         "1,2",
         "--json",
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let scaling: Vec<serde_json::Value> = json_lines(&out)
         .into_iter()
         .filter(|r| !r["threads"].is_null())
@@ -340,12 +335,7 @@ fn bench_repeat_merges_each_policys_rounds_into_one_row() {
         "3",
         "--json",
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let rows = json_lines(&out);
     assert_eq!(rows.len(), 6, "one row per policy and sequence");
     for r in &rows {
@@ -356,22 +346,21 @@ fn bench_repeat_merges_each_policys_rounds_into_one_row() {
 
 #[test]
 fn repro_repeat_takes_turns_and_summarises_medians_and_paired_ratios() {
-    let out = inflight(&[
-        "repro",
-        "--policy",
-        "all",
-        "--allocations",
-        "8000",
-        "--repeat",
-        "2",
-        "--quiet",
-    ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let run = |last: &str| {
+        let args = [
+            "repro",
+            "--policy",
+            "all",
+            "--allocations",
+            "8000",
+            "--repeat",
+            "2",
+        ];
+        let out = inflight(&[&args[..], &[last]].concat());
+        assert_succeeded(&out);
+        out
+    };
+    let out = run("--quiet");
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("repetition ").count(), 2, "{text}");
     assert!(
@@ -386,17 +375,7 @@ fn repro_repeat_takes_turns_and_summarises_medians_and_paired_ratios() {
         assert!(text.contains(line), "{line:?} missing from {text}");
     }
     // JSON: every run, with its repetition.
-    let out = inflight(&[
-        "repro",
-        "--policy",
-        "all",
-        "--allocations",
-        "8000",
-        "--repeat",
-        "2",
-        "--json",
-    ]);
-    let reports = json_lines(&out);
+    let reports = json_lines(&run("--json"));
     assert_eq!(reports.len(), 6);
     let reps: Vec<u64> = reports
         .iter()
