@@ -14,10 +14,12 @@
 //! ## A tour, in the order data flows
 //!
 //! 1. **Buffer** ([`Buffer`]): an RAII handle from [`Allocator::malloc`].
-//!    Dropping the last clone frees its block into the cache: an idle block
-//!    into the front cache of the thread that allocated it (a per-thread
-//!    slot; that thread's next allocation of its size class takes it back
-//!    without a shared lock), one still in flight into the pending list.
+//!    Dropping the last clone frees its block into the cache through the
+//!    freeing thread's front cache (a per-thread slot, which its thread
+//!    enters with no atomic read-modify-write where the kernel offers
+//!    asymmetric fences): an idle block waits there for that thread's next
+//!    allocation of its size class; one still in flight joins a batch bound
+//!    for the pending list.
 //! 2. **Command buffer** ([`CommandBuffer`]): records operations and the
 //!    buffers they bind, holding them until [`CommandBuffer::commit`], which
 //!    assigns the queue's next timeline value and stamps each bound buffer.
