@@ -1,6 +1,8 @@
 //! Allocation fast-path benchmarks (criterion): `cargo bench -p inflight`.
 //!
 //! - `pair/cache_hit/{1KiB,1MiB,64MiB}`: one malloc + drop on a warm cache.
+//! - `pair/cache_hit_locked_slots/1MiB`: the same with the front caches'
+//!   slots spin locks (`Config::biased_front_cache: false`), for scale.
 //! - `pair/mixed`: 64 live buffers, log-uniform 1 KiB–64 MiB, one replaced a step.
 //! - `threads/cache_hit/N`: the cache-hit pair from N threads at once; the
 //!   reported time is per pair in aggregate (wall time / all pairs).
@@ -23,12 +25,16 @@ use inflight::backend::sim::{Backing, SimConfig, SimGpu};
 use inflight::{Allocator, Buffer, Config, Policy};
 
 fn sim_allocator() -> Allocator<SimGpu> {
+    sim_allocator_with(Config::default())
+}
+
+fn sim_allocator_with(config: Config) -> Allocator<SimGpu> {
     let gpu = SimGpu::new(SimConfig {
         backing: Backing::Accounting,
         memory_capacity: 1 << 40,
         ..SimConfig::default()
     });
-    Allocator::new(gpu, Config::default()).unwrap()
+    Allocator::new(gpu, config).unwrap()
 }
 
 fn pairs(c: &mut Criterion) {
@@ -42,6 +48,17 @@ fn pairs(c: &mut Criterion) {
             b.iter(|| drop(black_box(alloc.malloc(size, &q).unwrap())))
         });
     }
+    // The same hit with every slot a spin lock (`biased_front_cache: false`):
+    // the baseline for the biased lock, in the same run.
+    let alloc = sim_allocator_with(Config {
+        biased_front_cache: false,
+        ..Config::default()
+    });
+    let q = alloc.create_queue().unwrap();
+    drop(alloc.malloc(1 << 20, &q).unwrap());
+    g.bench_function("cache_hit_locked_slots/1MiB", |b| {
+        b.iter(|| drop(black_box(alloc.malloc(1 << 20, &q).unwrap())))
+    });
     // Mixed: 64 live buffers, sizes log-uniform 1 KiB–64 MiB, one replaced per step.
     let alloc = sim_allocator();
     let q = alloc.create_queue().unwrap();

@@ -356,7 +356,7 @@ impl<B: Backend> Allocator<B> {
             )));
         }
         let limits = Limits::resolve(&config, info.memory_capacity)?;
-        let fronts = Fronts::new(config.front_cache, limits.cache);
+        let fronts = Fronts::new(config.front_cache, config.biased_front_cache, limits.cache);
         let ready_cap = limits.cache - fronts.reserve();
         Ok(Allocator {
             shared: Arc::new(Shared {

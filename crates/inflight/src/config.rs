@@ -72,13 +72,23 @@ pub struct Config {
     /// the driver's (zeroed on the simulated GPU). Off by default.
     pub scrub: bool,
     /// Per-thread front caches (on by default): each thread keeps a few idle
-    /// blocks it allocated (never bound since they were last idle, or every
+    /// blocks it freed (never bound since they were last idle, or every
     /// recorded use complete when freed), so a free followed by an
-    /// allocation of the same size class on one thread takes no shared lock. Together they hold at most an eighth of the cache
-    /// limit; trimming, clearing, limit changes and memory pressure empty
-    /// them. With them on, `Stats::peak_active_bytes` may exceed the true
-    /// peak by at most the bytes they held at that moment; off, it is exact.
+    /// allocation of the same size class on one thread takes no shared
+    /// lock. Together they hold at most an eighth of the cache limit;
+    /// trimming, clearing, limit changes and memory pressure empty them.
+    /// With them on, `Stats::peak_active_bytes` may exceed the true peak by
+    /// at most the bytes they held at that moment; off, it is exact.
     pub front_cache: bool,
+    /// Whether a thread enters its own front-cache slot as the owner of a
+    /// biased lock (on by default): with no atomic read-modify-write, while
+    /// other threads (trims, clears, statistics, memory pressure, the last
+    /// `Allocator` drop) revoke it with `membarrier(2)`, a barrier that
+    /// interrupts every CPU running the process. Off, or where the kernel
+    /// does not offer the barrier (anything but Linux, old kernels,
+    /// sandboxes that filter it), each slot is a spin lock: an uncontended
+    /// atomic pair per allocation and per free, and no interrupts.
+    pub biased_front_cache: bool,
     /// The in-order rule (on by default, `Deferred` only): on a queue whose
     /// backend orders memory, a block still in flight on that queue alone
     /// may go to a new buffer for that queue, its new work queued behind the
@@ -103,6 +113,7 @@ impl Default for Config {
             pressure_timeout: DEFAULT_PRESSURE_TIMEOUT,
             scrub: false,
             front_cache: true,
+            biased_front_cache: true,
             in_order_reuse: true,
         }
     }

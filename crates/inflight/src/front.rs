@@ -306,13 +306,13 @@ impl<B: Backend> SlotState<B> {
 
 impl<B: Backend> Fronts<B> {
     /// Slots for this machine: twice the hardware threads, a power of two
-    /// from 4 to 64, owned where the kernel offers asymmetric fences (not
-    /// under loom, whose threads share std's thread-locals); and
-    /// [`SHARED_SLOTS`] more, shared.
-    pub(crate) fn new(enabled: bool, cache_limit: u64) -> Self {
+    /// from 4 to 64, owned if `biased` (`Config::biased_front_cache`) and
+    /// the kernel offers asymmetric fences (never under loom, whose threads
+    /// share std's thread-locals); and [`SHARED_SLOTS`] more, shared.
+    pub(crate) fn new(enabled: bool, biased: bool, cache_limit: u64) -> Self {
         let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
         let n = (2 * threads).next_power_of_two().clamp(4, 64);
-        let biased = !cfg!(inflight_loom) && asymmetric_fences();
+        let biased = biased && !cfg!(inflight_loom) && asymmetric_fences();
         let owned = if biased { n } else { 0 };
         let fronts = Fronts {
             slots: (0..n + SHARED_SLOTS)

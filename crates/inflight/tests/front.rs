@@ -226,7 +226,19 @@ fn buffers_outlive_the_allocator_on_other_threads() {
 
 #[test]
 fn many_threads_trading_buffers_lose_nothing() {
-    let (gpu, alloc, _) = setup(config());
+    threads_trading_buffers(config());
+}
+
+#[test]
+fn many_threads_trading_buffers_lose_nothing_with_locked_slots() {
+    threads_trading_buffers(Config {
+        biased_front_cache: false,
+        ..config()
+    });
+}
+
+fn threads_trading_buffers(config: Config) {
+    let (gpu, alloc, _) = setup(config);
     let threads = 8;
     let queues: Vec<_> = (0..threads)
         .map(|_| alloc.create_queue().unwrap())
