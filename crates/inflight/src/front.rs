@@ -1,15 +1,15 @@
 //! Per-thread front caches: the allocation fast path, and what keeps the
 //! allocator alive while buffers are.
 //!
-//! An allocator has a fixed array of *slots*, one cache line apart; a thread
-//! uses slot `thread index mod slots` (its *home*). A slot holds:
+//! An allocator has a fixed array of *slots*, on cache lines of their own; a
+//! thread uses one (its *home*, see *Slots and locking* below). A slot holds:
 //!
 //! - up to [`FRONT_BLOCKS`] idle **filled shells**: buffer shells that still
 //!   hold their block, whose every recorded use had completed when they were
 //!   freed, so any queue may take them (I2 needs no check). A free lands its
-//!   idle block in the slot where the buffer was allocated; an allocation of
-//!   the same rounded size on that thread takes it back. Each is one
-//!   uncontended spin-lock acquisition and no shared cache line written.
+//!   idle block in the freeing thread's slot; an allocation of the same
+//!   rounded size on that thread takes it back. On a thread's own slot each
+//!   is a few plain loads and stores, and no shared cache line written.
 //! - the count of **live buffers** allocated through it and, while that count
 //!   is above zero (and always until the last [`crate::Allocator`] handle is
 //!   dropped), one strong reference to the allocator's shared state. A buffer
