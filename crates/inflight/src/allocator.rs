@@ -8,31 +8,34 @@
 //!
 //! # Paths
 //!
-//! - **free** (the last handle of a buffer is dropped): never bound, or
-//!   every stamp passed by the cached watermarks → the front cache of the
-//!   slot the buffer was allocated through (no state lock), its older half
-//!   going to the ready list when it is full; else → pending, filed under
-//!   its first incomplete stamp. Then ready bytes are
-//!   trimmed to their share of the cache limit, oldest first. (Under
-//!   `Immediate`, a block that was ever bound skips the front cache and goes
-//!   to the ready list, its stamps ignored: that is the defect.)
+//! - **free** (the last handle of a buffer is dropped): the buffer's home
+//!   slot counts it gone (K1); never bound, or every stamp passed by the
+//!   cached watermarks → the freeing thread's front cache (no state lock),
+//!   its older half going to the ready list when it is full; else gathered
+//!   in that front cache as deferred, then filed on the pending list under
+//!   its first incomplete stamp, 32 at a time or at the thread's next miss.
+//!   Ready bytes are trimmed to their share of the cache limit, oldest
+//!   first. (Under `Immediate`, a block that was ever bound skips the front
+//!   cache and goes to the ready list, its stamps ignored: that is the
+//!   defect.)
 //! - **malloc**: a block of the rounded size (its size class) from the
-//!   calling thread's front cache, under its slot lock only. Else, under the
-//!   state lock: best fit from ready; else promote due pending blocks (by
-//!   the cached watermarks, then asking the backend) and try again; else, on
-//!   a queue that orders memory, a pending block whose only stamp is on that
-//!   queue; else a device allocation: drain the front caches, trim to the GC
-//!   limit, trim to the memory limit, ask the device (the state lock let go),
-//!   wait (boundedly) for the oldest in-flight stamp, and finally fail with
-//!   [`Error::OutOfMemory`].
+//!   calling thread's front cache, with no shared lock. Else, under the
+//!   state lock: file the thread's deferred shells; best fit from ready;
+//!   else promote due pending blocks by the cached watermarks, then again
+//!   after asking the backend (the state lock let go), and try again; else,
+//!   on a queue that orders memory, a pending block whose only stamp is on
+//!   that queue; else a device allocation: drain the front caches, trim to
+//!   the GC limit, trim to the memory limit, ask the device (the state lock
+//!   let go), wait (boundedly) for the oldest in-flight stamp, and finally
+//!   fail with [`Error::OutOfMemory`].
 //!
 //! # Lock order
 //!
-//! `State` (allocator) → a front-cache slot → `SubmitState` (queue) → stamps
-//! (buffer). Dropping a buffer takes a slot lock and may take `State`, so
-//! nothing may drop a buffer handle while holding a queue's submit lock, a
-//! slot lock or the state lock: handles are collected and dropped after
-//! those locks are released.
+//! `State` (allocator) → front-cache slots (in index order) → `SubmitState`
+//! (queue) → stamps (buffer). Dropping a buffer enters a slot and may take
+//! `State`, so nothing may drop a buffer handle while holding a queue's
+//! submit lock, a slot or the state lock: handles are collected and dropped
+//! after those locks are released.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, OnceLock};
