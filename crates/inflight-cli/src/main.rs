@@ -718,6 +718,18 @@ fn print_table(reports: &[Report], w: &Workload) {
             "  wait + check",
             Box::new(|r| format!("{:.1}", r.phases.wait_us)),
         ),
+        (
+            "  in device allocation",
+            Box::new(|r| format!("{:.1}", r.phases.device_allocation_us)),
+        ),
+        (
+            "  in device release",
+            Box::new(|r| format!("{:.1}", r.phases.device_release_us)),
+        ),
+        (
+            "  in completion queries",
+            Box::new(|r| format!("{:.1}", r.phases.completion_query_us)),
+        ),
     ];
     print_columns(reports.iter().map(|r| r.policy.to_string()), reports, &rows);
     if reports.iter().any(|r| r.faults.is_some()) {

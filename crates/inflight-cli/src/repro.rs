@@ -219,14 +219,19 @@ impl PhaseClock {
         now
     }
 
-    /// Microseconds per round, by phase, over `rounds` rounds.
-    fn per_round(&self, rounds: u64) -> Phases {
-        let us = |c: &AtomicU64| c.load(Ordering::Relaxed) as f64 / 1e3 / rounds.max(1) as f64;
+    /// Microseconds per round, by phase, over `rounds` rounds, with the
+    /// allocator's backend time from `stats`.
+    fn per_round(&self, rounds: u64, stats: &Stats) -> Phases {
+        let per = |ns: u64| ns as f64 / 1e3 / rounds.max(1) as f64;
+        let us = |c: &AtomicU64| per(c.load(Ordering::Relaxed));
         Phases {
             malloc_us: us(&self.malloc_ns),
             commit_us: us(&self.commit_ns),
             free_us: us(&self.free_ns),
             wait_us: us(&self.wait_ns),
+            device_allocation_us: per(stats.device_allocation_ns),
+            device_release_us: per(stats.device_release_ns),
+            completion_query_us: per(stats.completion_query_ns),
         }
     }
 }
@@ -239,6 +244,11 @@ pub struct Phases {
     pub commit_us: f64,
     pub free_us: f64,
     pub wait_us: f64,
+    /// Of all phases: in the backend's device allocations, device releases
+    /// and completion queries (`Stats::device_allocation_ns` and the rest).
+    pub device_allocation_us: f64,
+    pub device_release_us: f64,
+    pub completion_query_us: f64,
 }
 
 /// A backend's validation layer, as the harness sees it.
@@ -439,7 +449,7 @@ pub fn run<B: Backend>(
         trims: stats.trims,
         errors: errors.into_inner(),
         stats_balanced: stats.balanced(),
-        phases: live.phases.per_round(rounds),
+        phases: live.phases.per_round(rounds, &stats),
         stats,
         violation_messages: validator.messages().into_iter().take(5).collect(),
         faults,

@@ -136,6 +136,9 @@ pub(crate) struct Shared<B: Backend> {
     reuse_device_waits: AtomicU64,
     /// ... and those the host had to wait for.
     reuse_host_waits: AtomicU64,
+    /// Host time in backend calls (see `Stats::device_allocation_ns` and
+    /// the two after it): only the slow calls are timed.
+    backend_time: BackendTime,
     /// Live `Allocator` handles (the last one drains `Retained` references).
     allocator_handles: AtomicUsize,
     // Declared last: dropped after the queues and blocks that need it.
@@ -144,6 +147,38 @@ pub(crate) struct Shared<B: Backend> {
 
 /// The state lock, held.
 type StateGuard<'a, B> = MutexGuard<'a, State<B>>;
+
+/// Nanoseconds spent in the backend's slow calls, summed over threads.
+/// Statistics only, ordering nothing: std's atomics even under loom, so that
+/// they add no scheduling points to the models.
+#[derive(Default)]
+struct BackendTime {
+    allocate: std::sync::atomic::AtomicU64,
+    release: std::sync::atomic::AtomicU64,
+    completed: std::sync::atomic::AtomicU64,
+}
+
+impl BackendTime {
+    /// Runs `f`, adding its duration to `counter`.
+    #[inline]
+    fn timed<R>(counter: &std::sync::atomic::AtomicU64, f: impl FnOnce() -> R) -> R {
+        let t = Instant::now();
+        let r = f();
+        let ns = t.elapsed().as_nanos() as u64;
+        counter.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    /// The three sums.
+    fn load(&self) -> (u64, u64, u64) {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        (
+            get(&self.allocate),
+            get(&self.release),
+            get(&self.completed),
+        )
+    }
+}
 
 /// `T` alone on its cache lines (128 bytes: two lines, the unit the
 /// adjacent-line prefetcher moves), as crossbeam's `CachePadded`.
@@ -379,6 +414,7 @@ impl<B: Backend> Allocator<B> {
                 queues: QueueRegistry::new(),
                 reuse_device_waits: AtomicU64::new(0),
                 reuse_host_waits: AtomicU64::new(0),
+                backend_time: BackendTime::default(),
                 allocator_handles: AtomicUsize::new(1),
                 backend,
             }),
@@ -571,7 +607,10 @@ impl<B: Backend> Shared<B> {
     /// its next call; a failed submission still advances the watermark (its
     /// work is over).
     pub(crate) fn refresh(&self, q: &QueueShared<B>) -> u64 {
-        let completed = match self.backend.completed(&q.raw) {
+        let asked = BackendTime::timed(&self.backend_time.completed, || {
+            self.backend.completed(&q.raw)
+        });
+        let completed = match asked {
             Ok(v) => q.watermark.advance(v),
             Err(e) => {
                 q.record_fault(e);
@@ -800,7 +839,9 @@ impl<B: Backend> Shared<B> {
                 // bytes claimed meanwhile so that no other allocation counts
                 // on them (a snapshot taken during it sees them reserved).
                 st.stats.reserved_bytes += size;
-                let made = MutexGuard::unlocked(&mut st, || self.backend.allocate(size));
+                let made = MutexGuard::unlocked(&mut st, || {
+                    BackendTime::timed(&self.backend_time.allocate, || self.backend.allocate(size))
+                });
                 st.stats.reserved_bytes -= size;
                 match made {
                     Ok(raw) => {
@@ -1172,6 +1213,11 @@ impl<B: Backend> Shared<B> {
         });
         s.reuse_device_waits = self.reuse_device_waits.load(Ordering::Relaxed);
         s.reuse_host_waits = self.reuse_host_waits.load(Ordering::Relaxed);
+        (
+            s.device_allocation_ns,
+            s.device_release_ns,
+            s.completion_query_ns,
+        ) = self.backend_time.load();
         s
     }
 
@@ -1182,15 +1228,18 @@ impl<B: Backend> Shared<B> {
             return 0;
         }
         let mut bytes = 0;
-        for b in blocks {
-            bytes += b.size;
-            // SAFETY: (1) every block came from `self.backend.allocate`.
-            // (2) It came off the ready list, or was promoted with every stamp
-            // passed: no submission that recorded a use is incomplete. The
-            // exception is the `Immediate` policy, whose `unsafe` constructor
-            // makes the caller accept releasing in flight.
-            unsafe { self.backend.release(b.raw) };
-        }
+        BackendTime::timed(&self.backend_time.release, || {
+            for b in blocks {
+                bytes += b.size;
+                // SAFETY: (1) every block came from `self.backend.allocate`.
+                // (2) It came off the ready list, or was promoted with every
+                // stamp passed: no submission that recorded a use is
+                // incomplete. The exception is the `Immediate` policy, whose
+                // `unsafe` constructor makes the caller accept releasing in
+                // flight.
+                unsafe { self.backend.release(b.raw) };
+            }
+        });
         bytes
     }
 

@@ -61,6 +61,14 @@ pub struct Stats {
     pub reuse_device_waits: u64,
     /// Such binds for which the host had to wait instead.
     pub reuse_host_waits: u64,
+    /// Host time in the backend's device allocations, summed over threads
+    /// (nanoseconds).
+    pub device_allocation_ns: u64,
+    /// Host time in the backend's device releases, summed over threads.
+    pub device_release_ns: u64,
+    /// Host time asking the backend how far queues got (`completed`),
+    /// summed over threads.
+    pub completion_query_ns: u64,
 }
 
 impl Stats {
