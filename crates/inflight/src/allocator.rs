@@ -1107,35 +1107,43 @@ impl<B: Backend> Shared<B> {
             self.free_to_lists(shell);
             return keep;
         }
-        let Some(due) = self.first_incomplete_cached(stamps) else {
+        if self.first_incomplete_cached(stamps).is_none() {
             stamps.clear();
             return self.free_idle(shell);
-        };
-        // In flight: gathered in the slot, filed on the pending list in a
-        // batch (see `front.rs`).
+        }
+        // In flight: gathered in the slot, filed in a batch (see `front.rs`).
         let (mut slot, keep) = self.free_through(home);
-        let batch = slot.defer(due, size, shell);
+        let batch = slot.defer(size, shell);
         drop(slot);
         if let Some(batch) = batch {
             let mut st = self.state.lock();
             let mut spare = Vec::new();
             self.file_deferred(&mut st, batch, &mut spare);
-            drop(st);
+            self.trim_to_cap(st);
             drop(spare); // after the lock
         }
         keep
     }
 
-    /// Files a batch of shells freed in flight (from a slot) on the pending
-    /// list, each under its first incomplete stamp.
+    /// Files a batch of shells freed in flight (from a slot): on the pending
+    /// list under its first incomplete stamp, or, if the cached watermarks
+    /// show that its work has completed since (the GPU is often ahead), on
+    /// the ready list at once, with no round trip through the pending list.
+    /// The caller trims the ready list after.
     fn file_deferred(&self, st: &mut State<B>, batch: Deferred<B>, spare: &mut Vec<Shell<B>>) {
-        for (due, shell) in batch {
+        for shell in batch {
             // SAFETY: S1: a shell in a slot has no handle and is ours.
-            let block = unsafe { shell.unfill() };
+            let mut block = unsafe { shell.unfill() };
             st.stats.active_bytes -= block.size;
             st.stats.active_count -= 1;
             st.stats.deferred_frees += 1;
-            st.pending.insert(block, due);
+            match self.first_incomplete_cached(&block.stamps) {
+                Some(due) => st.pending.insert(block, due),
+                None => {
+                    block.stamps.clear();
+                    st.ready.insert(block);
+                }
+            }
             st.park(shell, spare);
         }
     }
@@ -1288,7 +1296,7 @@ impl<B: Backend> Drop for Shared<B> {
             blocks.push(b);
         }
         let mut pending = st.pending.take_all();
-        for (_, shell) in deferred {
+        for shell in deferred {
             // SAFETY: S1: a deferred shell in a slot is the allocator's.
             pending.push(unsafe { shell.unfill() });
         }

@@ -16,13 +16,14 @@
 //!   thus keeps its allocator alive (rule K1: a live buffer's home slot holds
 //!   a strong reference) without touching the shared reference count.
 //! - up to [`FRONT_DEFERRED`] **deferred shells**: buffers freed while their
-//!   work was in flight, each with its first incomplete stamp. They are
-//!   pending blocks not yet filed on the allocator's pending list: never
-//!   handed out or released from here, only filed, many under one state
-//!   lock: when the batch is full, at the slot thread's next front-cache
-//!   miss (which takes the state lock anyway), and by every drain. So a
-//!   free in flight, the common case under `Deferred`, usually takes no
-//!   shared lock either.
+//!   work was in flight (their stamps kept). They are pending blocks not yet
+//!   filed: never handed out or released from here, only filed, many under
+//!   one state lock: when the batch is full, at the slot thread's next
+//!   front-cache miss (which takes the state lock anyway), and by every
+//!   drain. Filing puts each on the pending list, or on the ready list if
+//!   the cached watermarks show its work completed meanwhile. So a free in
+//!   flight, the common case under `Deferred`, usually takes no shared lock
+//!   either.
 //! - counters (frees, front hits), summed into each statistics snapshot.
 //!
 //! Together the slots hold at most `slots × cap` bytes, where `cap` is an
@@ -57,7 +58,6 @@ use crate::backend::Backend;
 use crate::biased::{asymmetric_fences, Biased, Section};
 use crate::buffer::Shell;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
-use crate::timeline::Stamp;
 
 /// Idle blocks one slot holds at most.
 pub(crate) const FRONT_BLOCKS: usize = 16;
@@ -65,9 +65,8 @@ pub(crate) const FRONT_BLOCKS: usize = 16;
 /// Deferred shells one slot gathers before filing them as a batch.
 pub(crate) const FRONT_DEFERRED: usize = 32;
 
-/// Shells freed in flight with their first incomplete stamp (see the module
-/// documentation).
-pub(crate) type Deferred<B> = Vec<(Stamp, Shell<B>)>;
+/// Shells freed in flight (see the module documentation).
+pub(crate) type Deferred<B> = Vec<Shell<B>>;
 
 /// The share of the cache limit all slots together may hold: 1/8.
 const FRONT_SHARE: u64 = 8;
@@ -284,11 +283,11 @@ impl<B: Backend> SlotState<B> {
         self.deferred.len() as u64
     }
 
-    /// Gathers a shell of `size` bytes freed while `due` was in flight.
+    /// Gathers a shell of `size` bytes freed while its work was in flight.
     /// Returns the batch to file when it is full.
     #[inline]
-    pub(crate) fn defer(&mut self, due: Stamp, size: u64, shell: Shell<B>) -> Option<Deferred<B>> {
-        self.deferred.push((due, shell));
+    pub(crate) fn defer(&mut self, size: u64, shell: Shell<B>) -> Option<Deferred<B>> {
+        self.deferred.push(shell);
         self.deferred_bytes += size;
         (self.deferred.len() >= FRONT_DEFERRED).then(|| self.take_deferred())
     }
