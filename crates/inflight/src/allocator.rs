@@ -47,7 +47,7 @@ use crate::buffer::{BufferInner, Shell};
 use crate::cache::{Block, ReadyList};
 use crate::config::{fit_bound, round_size, validate_sizing, Config, Limits};
 use crate::error::{Error, Result};
-use crate::front::{Deferred, Fronts, Home, SlotState};
+use crate::front::{Deferred, Fronts, Home, SlotState, SlotTotals};
 use crate::pending::PendingList;
 use crate::policy::PolicyKind;
 use crate::stats::Stats;
@@ -472,10 +472,16 @@ impl<B: Backend> Allocator<B> {
         s.drain_retained();
         s.refresh_all();
         let mut st = s.state.lock();
+        // One visit to the slots (one heavy fence): their deferred shells,
+        // filed so that promotion sees them, and their figures.
+        let mut deferred = Vec::new();
+        let slots = s
+            .fronts
+            .totals(|slot| deferred.append(&mut slot.take_deferred()));
         let mut spare = Vec::new();
-        s.file_deferred(&mut st, s.fronts.take_all_deferred(), &mut spare);
+        s.file_deferred(&mut st, deferred, &mut spare);
         let release = s.promote(&mut st);
-        let snap = s.snapshot(&st);
+        let snap = s.snapshot_with(&st, &slots);
         drop(st);
         s.release_blocks(release);
         snap
@@ -1198,27 +1204,27 @@ impl<B: Backend> Shared<B> {
         self.file_deferred(st, deferred, &mut spare);
     }
 
-    /// A statistics snapshot: the state's figures with the slots' added
-    /// (their idle blocks as ready, their deferred ones as pending, their
-    /// counters summed).
+    /// A statistics snapshot: the state's figures with the slots' added.
     fn snapshot(&self, st: &State<B>) -> Stats {
+        self.snapshot_with(st, &self.fronts.totals(|_| {}))
+    }
+
+    /// The state's figures with the slots' `t` added: their idle blocks as
+    /// ready, their deferred ones as pending, their counters summed.
+    fn snapshot_with(&self, st: &State<B>, t: &SlotTotals) -> Stats {
         let mut s = st.snapshot();
-        self.fronts.each(|slot| {
-            s.ready_bytes += slot.idle_bytes;
-            s.ready_count += slot.idle_count();
-            s.pending_bytes += slot.deferred_bytes;
-            s.pending_count += slot.deferred_count();
-            s.deferred_frees += slot.deferred_count();
-            let (bytes, count) = (
-                slot.idle_bytes + slot.deferred_bytes,
-                slot.idle_count() + slot.deferred_count(),
-            );
-            s.active_bytes = s.active_bytes.saturating_sub(bytes);
-            s.active_count = s.active_count.saturating_sub(count);
-            s.frees += slot.frees;
-            s.allocations += slot.hits;
-            s.cache_hits += slot.hits;
-        });
+        s.ready_bytes += t.idle_bytes;
+        s.ready_count += t.idle_count;
+        s.pending_bytes += t.deferred_bytes;
+        s.pending_count += t.deferred_count;
+        s.deferred_frees += t.deferred_count;
+        let bytes = t.idle_bytes + t.deferred_bytes;
+        let count = t.idle_count + t.deferred_count;
+        s.active_bytes = s.active_bytes.saturating_sub(bytes);
+        s.active_count = s.active_count.saturating_sub(count);
+        s.frees += t.frees;
+        s.allocations += t.hits;
+        s.cache_hits += t.hits;
         s.reuse_device_waits = self.reuse_device_waits.load(Ordering::Relaxed);
         s.reuse_host_waits = self.reuse_host_waits.load(Ordering::Relaxed);
         (

@@ -140,6 +140,17 @@ pub(crate) struct Fronts<B: Backend> {
     closing: AtomicBool,
 }
 
+/// The slots' figures summed, for a statistics snapshot.
+#[derive(Default)]
+pub(crate) struct SlotTotals {
+    pub(crate) idle_bytes: u64,
+    pub(crate) idle_count: u64,
+    pub(crate) deferred_bytes: u64,
+    pub(crate) deferred_count: u64,
+    pub(crate) frees: u64,
+    pub(crate) hits: u64,
+}
+
 /// One slot, alone on its cache lines.
 #[repr(align(128))]
 pub(crate) struct Slot<B: Backend> {
@@ -157,25 +168,25 @@ pub(crate) struct SlotState<B: Backend> {
     /// than [`FRONT_BLOCKS`] between operations (its capacity is one more).
     idle: Vec<(u64, Shell<B>)>,
     /// The sum of their sizes.
-    pub(crate) idle_bytes: u64,
+    idle_bytes: u64,
     /// Live buffers whose home this slot is.
     live: u64,
     /// Held while `live > 0`, and until closing (rule K1).
     keepalive: Option<Arc<Shared<B>>>,
     /// Allocations served from `idle`.
-    pub(crate) hits: u64,
+    hits: u64,
     /// Frees made through this slot (by its thread, of any buffer).
     pub(crate) frees: u64,
     /// Shells freed in flight, to file on the pending list (capacity
     /// [`FRONT_DEFERRED`]).
     deferred: Deferred<B>,
     /// The sum of their block sizes.
-    pub(crate) deferred_bytes: u64,
+    deferred_bytes: u64,
 }
 
 impl<B: Backend> SlotState<B> {
     /// Idle blocks held.
-    pub(crate) fn idle_count(&self) -> u64 {
+    fn idle_count(&self) -> u64 {
         self.idle.len() as u64
     }
 
@@ -279,7 +290,7 @@ impl<B: Backend> SlotState<B> {
     }
 
     /// Deferred shells held.
-    pub(crate) fn deferred_count(&self) -> u64 {
+    fn deferred_count(&self) -> u64 {
         self.deferred.len() as u64
     }
 
@@ -430,6 +441,21 @@ impl<B: Backend> Fronts<B> {
         }
     }
 
+    /// Runs `f` on every slot, then sums the slots' figures (one visit).
+    pub(crate) fn totals(&self, mut f: impl FnMut(&mut SlotState<B>)) -> SlotTotals {
+        let mut t = SlotTotals::default();
+        self.each(|s| {
+            f(s);
+            t.idle_bytes += s.idle_bytes;
+            t.idle_count += s.idle_count();
+            t.deferred_bytes += s.deferred_bytes;
+            t.deferred_count += s.deferred_count();
+            t.frees += s.frees;
+            t.hits += s.hits;
+        });
+        t
+    }
+
     /// Takes every idle shell and every deferred one from every slot.
     pub(crate) fn drain_all(&self) -> (Vec<Shell<B>>, Deferred<B>) {
         let (mut idle, mut deferred) = (Vec::new(), Vec::new());
@@ -438,13 +464,6 @@ impl<B: Backend> Fronts<B> {
             deferred.append(&mut s.take_deferred());
         });
         (idle, deferred)
-    }
-
-    /// Takes every slot's deferred shells.
-    pub(crate) fn take_all_deferred(&self) -> Deferred<B> {
-        let mut out = Vec::new();
-        self.each(|s| out.append(&mut s.take_deferred()));
-        out
     }
 
     /// At the last `Allocator` handle's drop: marks the allocator closing,
