@@ -388,17 +388,13 @@ fn print_repeat_summary(reports: &[Report], policies: &[Policy]) {
         .max()
         .map_or(0, |m| m + 1);
     println!("over {reps} repetitions: median (min..max)");
-    let spread = |mut v: Vec<f64>, f: &dyn Fn(f64) -> String| -> String {
+    // The median and range, as the bench takes them over its batches.
+    let spread = |v: Vec<f64>, f: &dyn Fn(f64) -> String| -> String {
         if v.is_empty() {
             return "-".into();
         }
-        v.sort_by(f64::total_cmp);
-        let mid = if v.len() % 2 == 1 {
-            v[v.len() / 2]
-        } else {
-            (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
-        };
-        format!("{} ({}..{})", f(mid), f(v[0]), f(v[v.len() - 1]))
+        let t = bench::Timing::from_batches(v);
+        format!("{} ({}..{})", f(t.ns_per_pair), f(t.ns_min), f(t.ns_max))
     };
     let of = |p: PolicyKind| reports.iter().filter(move |r| r.policy == p);
     for p in policies {

@@ -284,9 +284,15 @@ impl<B: Backend> SlotState<B> {
     }
 
     /// Takes every idle shell.
-    pub(crate) fn drain(&mut self, out: &mut Vec<Shell<B>>) {
+    fn drain(&mut self, out: &mut Vec<Shell<B>>) {
         out.extend(self.idle.drain(..).map(|(_, s)| s));
         self.idle_bytes = 0;
+    }
+
+    /// Takes every idle shell and every deferred one.
+    fn empty_into(&mut self, idle: &mut Vec<Shell<B>>, deferred: &mut Deferred<B>) {
+        self.drain(idle);
+        deferred.append(&mut self.take_deferred());
     }
 
     /// Deferred shells held.
@@ -459,10 +465,7 @@ impl<B: Backend> Fronts<B> {
     /// Takes every idle shell and every deferred one from every slot.
     pub(crate) fn drain_all(&self) -> (Vec<Shell<B>>, Deferred<B>) {
         let (mut idle, mut deferred) = (Vec::new(), Vec::new());
-        self.each(|s| {
-            s.drain(&mut idle);
-            deferred.append(&mut s.take_deferred());
-        });
+        self.each(|s| s.empty_into(&mut idle, &mut deferred));
         (idle, deferred)
     }
 
@@ -495,9 +498,7 @@ impl<B: Backend> Fronts<B> {
     pub(crate) fn drain_exclusive(&mut self) -> (Vec<Shell<B>>, Deferred<B>) {
         let (mut idle, mut deferred) = (Vec::new(), Vec::new());
         for slot in self.slots.iter_mut() {
-            let s = slot.cell.get_mut();
-            s.drain(&mut idle);
-            deferred.append(&mut s.take_deferred());
+            slot.cell.get_mut().empty_into(&mut idle, &mut deferred);
         }
         (idle, deferred)
     }
