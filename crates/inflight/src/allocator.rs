@@ -726,9 +726,8 @@ impl<B: Backend> Shared<B> {
         // completed blocks then meet the cache limit sooner, and on CUDA the
         // hit rate fell from 72% to 70% and deferred's rate with it; H100
         // run 16, docs/BENCHMARKS.md.) The backend is asked without the
-        // state lock: on CUDA a query waits behind other threads' driver
-        // calls, and under the lock every allocation and bound free would
-        // wait with it (H100 run 19).
+        // state lock: on CUDA a query can wait behind other threads' driver
+        // calls, and no other allocation or free need wait with it.
         let bound = fit_bound(rounded, &self.config);
         let mut hit = st.ready.take_best_fit(rounded, bound);
         let mut release = Vec::new();
