@@ -619,6 +619,11 @@ fn print_columns<R>(
         print!("{p:>16}");
     }
     println!();
+    print_rows(reports, rows);
+}
+
+/// Each row's label and its cell for every report.
+fn print_rows<R>(reports: &[R], rows: &[(&str, Cell<R>)]) {
     for (name, f) in rows {
         print!("{name:<22}");
         for r in reports {
@@ -626,6 +631,12 @@ fn print_columns<R>(
         }
         println!();
     }
+}
+
+/// A cell of the injected-faults rows: `f` of the report's faults, `-`
+/// where none were injected.
+fn fault_cell(f: fn(&repro::FaultReport) -> String) -> Cell<Report> {
+    Box::new(move |r| r.faults.as_ref().map_or("-".into(), f))
 }
 
 fn print_table(reports: &[Report], w: &Workload) {
@@ -733,71 +744,43 @@ fn print_table(reports: &[Report], w: &Workload) {
         let fault_rows: Vec<(&str, Cell<Report>)> = vec![
             (
                 "refused allocations",
-                Box::new(|r| {
-                    r.faults.as_ref().map_or("-".into(), |f| {
-                        format!(
-                            "{} / {}",
-                            f.injected.alloc_failures, f.alloc_failures_observed
-                        )
-                    })
+                fault_cell(|f| {
+                    let (i, o) = (f.injected.alloc_failures, f.alloc_failures_observed);
+                    format!("{i} / {o}")
                 }),
             ),
             (
                 "  of which OOM errors",
-                Box::new(|r| {
-                    r.faults
-                        .as_ref()
-                        .map_or("-".into(), |f| f.alloc_errors_returned.to_string())
-                }),
+                fault_cell(|f| f.alloc_errors_returned.to_string()),
             ),
             (
                 "failed submissions",
-                Box::new(|r| {
-                    r.faults.as_ref().map_or("-".into(), |f| {
-                        format!(
-                            "{} / {}",
-                            f.injected.submission_failures, f.submission_failures_observed
-                        )
-                    })
+                fault_cell(|f| {
+                    let i = f.injected.submission_failures;
+                    format!("{i} / {}", f.submission_failures_observed)
                 }),
             ),
             (
                 "  reported on queue",
-                Box::new(|r| {
-                    r.faults
-                        .as_ref()
-                        .map_or("-".into(), |f| f.queue_reports.to_string())
-                }),
+                fault_cell(|f| f.queue_reports.to_string()),
             ),
             (
                 "device lost",
-                Box::new(|r| {
-                    r.faults.as_ref().map_or("-".into(), |f| {
-                        let yn = |b: bool| if b { "yes" } else { "no" };
-                        format!(
-                            "{} / {}",
-                            yn(f.injected.device_lost),
-                            yn(f.device_lost_observed)
-                        )
-                    })
+                fault_cell(|f| {
+                    let yn = |b: bool| if b { "yes" } else { "no" };
+                    format!(
+                        "{} / {}",
+                        yn(f.injected.device_lost),
+                        yn(f.device_lost_observed)
+                    )
                 }),
             ),
             (
                 "every fault reported",
-                Box::new(|r| {
-                    r.faults.as_ref().map_or("-".into(), |f| {
-                        if f.all_reported { "yes" } else { "NO" }.to_string()
-                    })
-                }),
+                fault_cell(|f| if f.all_reported { "yes" } else { "NO" }.to_string()),
             ),
         ];
-        for (name, f) in &fault_rows {
-            print!("{name:<22}");
-            for r in reports {
-                print!("{:>16}", f(r));
-            }
-            println!();
-        }
+        print_rows(reports, &fault_rows);
     }
     for r in reports {
         if let Some(t) = &r.trend {
