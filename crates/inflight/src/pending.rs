@@ -16,34 +16,40 @@
 //! after the old (I2). The allocator checks the declaration; this list keeps
 //! the size index only for single-stamp blocks.
 //!
-//! # Ordering
+//! # Ordering and layout
 //!
-//! Blocks are filed per queue by (stamp value, block id), so the due ones are a
-//! prefix that `split_off` cuts in O(log n).
+//! Blocks live in a slab. Each queue indexes its blocks by (stamp value,
+//! block id), so the due ones are a prefix that `split_off` cuts in
+//! O(log n); and its single-stamp blocks by (size, stamp value, block id),
+//! for in-order reuse. The indexes hold slab positions, not blocks: their
+//! nodes stay small, and filing or taking a block moves a few words instead
+//! of the block (the pending list is worked under the allocator's state
+//! lock, at every filing and miss).
 
 use std::collections::BTreeMap;
 
 use crate::cache::Block;
 use crate::timeline::{QueueId, Stamp};
 
-struct QueuePending<R> {
-    by_value: BTreeMap<(u64, u64), Block<R>>,
-    /// (size, block id) → stamp value, for blocks whose only stamp is here.
-    by_size: BTreeMap<(u64, u64), u64>,
-}
+/// A block's position in the slab.
+type Slot = u32;
 
-impl<R> Default for QueuePending<R> {
-    fn default() -> Self {
-        QueuePending {
-            by_value: BTreeMap::new(),
-            by_size: BTreeMap::new(),
-        }
-    }
+#[derive(Default)]
+struct QueuePending {
+    /// (stamp value, block id) → slab position.
+    by_value: BTreeMap<(u64, u64), Slot>,
+    /// (size, stamp value, block id) → slab position, for blocks whose only
+    /// stamp is here: of one size, the oldest use comes first.
+    by_size: BTreeMap<(u64, u64, u64), Slot>,
 }
 
 /// Freed blocks waiting for their stamps to complete, filed by stamp.
 pub struct PendingList<R> {
-    queues: Vec<QueuePending<R>>,
+    queues: Vec<QueuePending>,
+    /// Every filed block, at the position its queue's index names.
+    slab: Vec<Option<Block<R>>>,
+    /// Empty slab positions, reused before the slab grows.
+    free: Vec<Slot>,
     bytes: u64,
     len: usize,
 }
@@ -52,6 +58,8 @@ impl<R> Default for PendingList<R> {
     fn default() -> Self {
         PendingList {
             queues: Vec::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
             bytes: 0,
             len: 0,
         }
@@ -69,53 +77,57 @@ impl<R> PendingList<R> {
         if self.queues.len() <= q {
             self.queues.resize_with(q + 1, Default::default);
         }
-        let slot = &mut self.queues[q];
-        if block.stamps.single() == Some(at) {
-            slot.by_size.insert((block.size, block.id), at.value);
+        let (size, id) = (block.size, block.id);
+        let single = block.stamps.single() == Some(at);
+        let slot = self.put(block);
+        let index = &mut self.queues[q];
+        if single {
+            index.by_size.insert((size, at.value, id), slot);
         }
-        self.bytes += block.size;
+        index.by_value.insert((at.value, id), slot);
+        self.bytes += size;
         self.len += 1;
-        slot.by_value.insert((at.value, block.id), block);
     }
 
     /// Takes every block filed under `queue` with a stamp value `<= completed`.
     #[must_use]
     pub fn take_due(&mut self, queue: QueueId, completed: u64) -> Vec<Block<R>> {
-        let Some(slot) = self.queues.get_mut(queue as usize) else {
+        let Some(index) = self.queues.get_mut(queue as usize) else {
             return Vec::new();
         };
-        let Some((&(first, _), _)) = slot.by_value.first_key_value() else {
+        let Some((&(first, _), _)) = index.by_value.first_key_value() else {
             return Vec::new();
         };
         if first > completed {
             return Vec::new();
         }
-        let later = slot.by_value.split_off(&(completed.saturating_add(1), 0));
-        let due = std::mem::replace(&mut slot.by_value, later);
+        let later = index.by_value.split_off(&(completed.saturating_add(1), 0));
+        let due = std::mem::replace(&mut index.by_value, later);
         let mut out = Vec::with_capacity(due.len());
-        for (_, block) in due {
-            slot.by_size.remove(&(block.size, block.id));
-            self.bytes -= block.size;
-            self.len -= 1;
+        for ((value, id), slot) in due {
+            let block = self.take(slot);
+            self.queues[queue as usize]
+                .by_size
+                .remove(&(block.size, value, id));
             out.push(block);
         }
         out
     }
 
     /// Takes the smallest block with `size <= block.size < bound` whose only
-    /// stamp is on `queue`. The caller must have checked that `queue` orders
-    /// memory (see the module's reuse rule).
+    /// stamp is on `queue`, of that size the one with the oldest stamp (the
+    /// likeliest to have completed, so that binding it on another queue
+    /// waits least). The caller must have checked that `queue` orders memory
+    /// (see the module's reuse rule).
     pub fn take_in_order(&mut self, queue: QueueId, size: u64, bound: u64) -> Option<Block<R>> {
-        let slot = self.queues.get_mut(queue as usize)?;
-        let (&(found, id), &value) = slot.by_size.range((size, 0)..).next()?;
+        let index = self.queues.get_mut(queue as usize)?;
+        let (&(found, value, id), &slot) = index.by_size.range((size, 0, 0)..).next()?;
         if found >= bound {
             return None;
         }
-        slot.by_size.remove(&(found, id));
-        let block = slot.by_value.remove(&(value, id))?;
-        self.bytes -= block.size;
-        self.len -= 1;
-        Some(block)
+        index.by_size.remove(&(found, value, id));
+        index.by_value.remove(&(value, id));
+        Some(self.take(slot))
     }
 
     /// The lowest-valued stamp a block is filed under, over all queues: the
@@ -124,8 +136,9 @@ impl<R> PendingList<R> {
         self.queues
             .iter()
             .enumerate()
-            .filter_map(|(q, slot)| {
-                slot.by_value
+            .filter_map(|(q, index)| {
+                index
+                    .by_value
                     .first_key_value()
                     .map(|(&(value, _), _)| Stamp {
                         queue: q as QueueId,
@@ -144,29 +157,30 @@ impl<R> PendingList<R> {
     pub fn has_queue(&self, queue: QueueId) -> bool {
         self.queues
             .get(queue as usize)
-            .is_some_and(|s| !s.by_value.is_empty())
+            .is_some_and(|index| !index.by_value.is_empty())
     }
 
     /// Marks every block to be released, not cached, once idle.
     pub fn mark_all_for_release(&mut self) {
-        for slot in &mut self.queues {
-            for block in slot.by_value.values_mut() {
-                block.release_when_idle = true;
-            }
+        for block in self.slab.iter_mut().flatten() {
+            block.release_when_idle = true;
         }
     }
 
     /// Takes every block out, due or not (for teardown).
     #[must_use]
     pub fn take_all(&mut self) -> Vec<Block<R>> {
-        let mut out = Vec::with_capacity(self.len);
-        for slot in &mut self.queues {
-            slot.by_size.clear();
-            out.extend(std::mem::take(&mut slot.by_value).into_values());
+        for index in &mut self.queues {
+            index.by_size.clear();
+            index.by_value.clear();
         }
+        self.free.clear();
         self.bytes = 0;
         self.len = 0;
-        out
+        std::mem::take(&mut self.slab)
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// Total bytes held.
@@ -182,6 +196,32 @@ impl<R> PendingList<R> {
     /// Whether no block is held.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Stores `block` in the slab.
+    fn put(&mut self, block: Block<R>) -> Slot {
+        match self.free.pop() {
+            Some(slot) => {
+                debug_assert!(self.slab[slot as usize].is_none());
+                self.slab[slot as usize] = Some(block);
+                slot
+            }
+            None => {
+                self.slab.push(Some(block));
+                (self.slab.len() - 1) as Slot
+            }
+        }
+    }
+
+    /// Takes the block at `slot` (which an index named), with its bytes.
+    fn take(&mut self, slot: Slot) -> Block<R> {
+        let block = self.slab[slot as usize]
+            .take()
+            .expect("an index names a filled slab slot");
+        self.free.push(slot);
+        self.bytes -= block.size;
+        self.len -= 1;
+        block
     }
 }
 
@@ -201,6 +241,107 @@ mod tests {
             id,
             stamps: s,
             release_when_idle: false,
+        }
+    }
+
+    /// xorshift64: deterministic, no dependencies.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// A filed block as the model sees it.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    struct Filed {
+        queue: QueueId,
+        value: u64,
+        size: u64,
+        id: u64,
+        single: bool,
+    }
+
+    #[test]
+    fn agrees_with_a_reference_model() {
+        for seed in [0x2545_F491_4F6C_DD1D_u64, 0x9E37_79B9_7F4A_7C15, 7] {
+            let mut rng = Rng(seed);
+            let mut p = PendingList::default();
+            let mut model: Vec<Filed> = Vec::new();
+            let mut next_id = 0u64;
+            for step in 0..6000 {
+                // Growing and shrinking phases, so slab positions are reused.
+                let insert_pct = if (step / 700) % 2 == 0 { 55 } else { 30 };
+                let roll = rng.below(100);
+                let queue = rng.below(3) as QueueId;
+                if roll < insert_pct {
+                    next_id += 1;
+                    let (value, size) = (1 + rng.below(300), 4 * (1 + rng.below(40)));
+                    let mut stamps = vec![(queue, value)];
+                    if rng.below(4) == 0 {
+                        stamps.push(((queue + 1) % 3, 1 + rng.below(300)));
+                    }
+                    p.insert(block(size, next_id, &stamps), Stamp { queue, value });
+                    model.push(Filed {
+                        queue,
+                        value,
+                        size,
+                        id: next_id,
+                        single: stamps.len() == 1,
+                    });
+                } else if roll < 75 {
+                    let completed = rng.below(320);
+                    let mut want: Vec<Filed> = model
+                        .iter()
+                        .filter(|f| f.queue == queue && f.value <= completed)
+                        .copied()
+                        .collect();
+                    want.sort_by_key(|f| (f.value, f.id));
+                    model.retain(|f| !(f.queue == queue && f.value <= completed));
+                    let got: Vec<u64> = p.take_due(queue, completed).iter().map(|b| b.id).collect();
+                    let want: Vec<u64> = want.iter().map(|f| f.id).collect();
+                    assert_eq!(got, want, "seed {seed:#x} step {step}: take_due");
+                } else if roll < 95 {
+                    let size = 4 * (1 + rng.below(40));
+                    let span = [1, 8, 60][rng.below(3) as usize];
+                    let bound = size + 1 + 4 * rng.below(span);
+                    let want = model
+                        .iter()
+                        .filter(|f| f.queue == queue && f.single)
+                        .filter(|f| f.size >= size && f.size < bound)
+                        .min_by_key(|f| (f.size, f.value, f.id))
+                        .copied();
+                    model.retain(|f| Some(*f) != want);
+                    let got = p.take_in_order(queue, size, bound).map(|b| b.id);
+                    assert_eq!(got, want.map(|f| f.id), "seed {seed:#x} step {step}");
+                } else {
+                    let want = (0..3)
+                        .filter_map(|q| {
+                            let value = model
+                                .iter()
+                                .filter(|f| f.queue == q)
+                                .map(|f| f.value)
+                                .min()?;
+                            Some(Stamp { queue: q, value })
+                        })
+                        .min_by_key(|s| s.value);
+                    assert_eq!(p.oldest(), want, "seed {seed:#x} step {step}: oldest");
+                }
+                assert_eq!(p.len(), model.len());
+                assert_eq!(p.bytes(), model.iter().map(|f| f.size).sum::<u64>());
+                for q in 0..3 {
+                    assert_eq!(p.has_queue(q), model.iter().any(|f| f.queue == q));
+                }
+            }
+            p.mark_all_for_release();
+            let rest = p.take_all();
+            assert_eq!(rest.len(), model.len());
+            assert!(rest.iter().all(|b| b.release_when_idle));
+            assert!(p.is_empty() && p.bytes() == 0);
         }
     }
 
