@@ -426,3 +426,40 @@ fn frees_on_other_threads_before_the_allocator_goes_are_counted_at_its_close() {
     }
     unreachable!();
 }
+
+#[test]
+fn a_batch_filed_as_ready_is_trimmed_to_the_cache_limit_before_the_device_grows() {
+    let config = Config {
+        cache_limit: Some(256 << 10),
+        ..config()
+    };
+    let (gpu, alloc, q) = setup(config);
+    let bufs: Vec<_> = (0..10)
+        .map(|_| alloc.malloc(64 << 10, &q).unwrap())
+        .collect();
+    let mut cb = q.command_buffer().unwrap();
+    for b in &bufs {
+        cb.fill(b, 1).unwrap();
+    }
+    let ticket = cb.commit().unwrap();
+    drop(bufs); // in flight: gathered in this thread's slot, not filed
+    gpu.complete(0, ticket.value());
+    // Waiting moves the cached watermark; the batch is still unfiled, so
+    // the next miss files all ten as ready at once.
+    assert!(ticket.wait(Duration::from_secs(1)).unwrap());
+    let before = gpu.allocated_bytes();
+    assert_eq!(before, 640 << 10);
+    let big = alloc.malloc(128 << 10, &q).unwrap();
+    // 640 KiB filed as ready is over the cache limit: the surplus goes back
+    // to the device before the device is asked for more.
+    assert!(
+        gpu.peak_allocated_bytes() <= before,
+        "the device grew to {} KiB with {} KiB cached",
+        gpu.peak_allocated_bytes() >> 10,
+        before >> 10
+    );
+    let s = balanced(alloc.stats());
+    assert!(s.ready_bytes <= 256 << 10, "{s:?}");
+    drop(big);
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}

@@ -41,6 +41,8 @@ struct Inner {
 struct State {
     next_buffer: u64,
     allocated: u64,
+    /// The highest `allocated` so far.
+    peak_allocated: u64,
     /// Live raw buffers: id → uses (queue, value) still recorded, and the
     /// owner epoch of each use.
     buffers: HashMap<u64, RawState>,
@@ -152,6 +154,11 @@ impl ManualGpu {
         self.inner.state.lock().allocated
     }
 
+    /// The most raw bytes ever allocated at once.
+    pub fn peak_allocated_bytes(&self) -> u64 {
+        self.inner.state.lock().peak_allocated
+    }
+
     /// Raw buffers alive now.
     pub fn live_buffers(&self) -> usize {
         self.inner.state.lock().buffers.len()
@@ -212,6 +219,7 @@ impl Backend for ManualGpu {
         st.next_buffer += 1;
         let id = st.next_buffer;
         st.allocated += bytes;
+        st.peak_allocated = st.peak_allocated.max(st.allocated);
         st.buffers.insert(
             id,
             RawState {
