@@ -133,6 +133,9 @@ impl Jitter {
     }
 }
 
+/// How long a device-side wait spins before it sleeps (see the executor).
+const WAIT_SPIN: Duration = Duration::from_micros(200);
+
 /// Sleep only when this far ahead of the deadline: shorter sleeps cost more
 /// than they simulate.
 const MIN_SLEEP: Duration = Duration::from_micros(50);
@@ -171,7 +174,18 @@ impl Executor {
                     for op in job.ops.iter().take(fault.unwrap_or(n_ops)) {
                         if let Op::Wait { timeline, value } = op {
                             // Idle until the other queue gets there: the
-                            // wait costs no simulated work.
+                            // wait costs no simulated work. A GPU's queue
+                            // resumes as soon as the signal lands; a thread
+                            // woken from a condition variable resumes tens
+                            // of microseconds later, time this queue would
+                            // lose to each wait. So spin a while first,
+                            // yielding (a small host runs the other queue).
+                            let spin_until = Instant::now() + WAIT_SPIN;
+                            while timeline.completed.load(Ordering::Acquire) < *value
+                                && Instant::now() < spin_until
+                            {
+                                std::thread::yield_now();
+                            }
                             while !timeline.wait(*value, Duration::from_millis(10), &g) {
                                 if g.is_lost() {
                                     break;
