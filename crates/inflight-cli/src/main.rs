@@ -141,6 +141,10 @@ struct ReproArgs {
     /// in-order queue (`Config::in_order_reuse = false`).
     #[arg(long)]
     no_in_order_reuse: bool,
+    /// Keep no idle blocks in per-thread front caches: every allocation and
+    /// free goes through the shared lists (`Config::front_cache = false`).
+    #[arg(long)]
+    no_front_cache: bool,
     /// Size classes per doubling (`Config::size_classes`; 0: whole pages).
     #[arg(long, default_value_t = inflight::DEFAULT_SIZE_CLASSES, value_parser = parse_size_classes)]
     size_classes: u64,
@@ -292,6 +296,7 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
         print_trend: a.trend,
         scrub: a.scrub,
         in_order_reuse: !a.no_in_order_reuse,
+        front_cache: !a.no_front_cache,
         size_classes: a.size_classes,
         ..Workload::default()
     };

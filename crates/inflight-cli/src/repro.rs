@@ -77,6 +77,8 @@ pub struct Workload {
     pub scrub: bool,
     /// `Config::in_order_reuse`.
     pub in_order_reuse: bool,
+    /// `Config::front_cache`.
+    pub front_cache: bool,
     /// `Config::size_classes`.
     pub size_classes: u64,
 }
@@ -102,6 +104,7 @@ impl Default for Workload {
             print_trend: false,
             scrub: false,
             in_order_reuse: true,
+            front_cache: true,
             size_classes: inflight::DEFAULT_SIZE_CLASSES,
         }
     }
@@ -302,6 +305,7 @@ pub fn run<B: Backend>(
         gc_limit: Some(memory_limit / 20 * 19),
         scrub: w.scrub,
         in_order_reuse: w.in_order_reuse,
+        front_cache: w.front_cache,
         size_classes: w.size_classes,
         ..Config::default()
     };
