@@ -142,10 +142,6 @@ pub(crate) struct Shared<B: Backend> {
     backend_time: BackendTime,
     /// Live `Allocator` handles (the last one drains `Retained` references).
     allocator_handles: AtomicUsize,
-    /// Whether the pending list held blocks when the state lock was last let
-    /// go by an allocation or a filing: a hint (stale either way at worst
-    /// costs a query or defers it), so std's atomic even under loom.
-    pending_hint: std::sync::atomic::AtomicBool,
     // Declared last: dropped after the queues and blocks that need it.
     pub(crate) backend: B,
 }
@@ -421,7 +417,6 @@ impl<B: Backend> Allocator<B> {
                 reuse_host_waits: AtomicU64::new(0),
                 backend_time: BackendTime::default(),
                 allocator_handles: AtomicUsize::new(1),
-                pending_hint: std::sync::atomic::AtomicBool::new(false),
                 backend,
             }),
         })
@@ -723,35 +718,23 @@ impl<B: Backend> Shared<B> {
         deferred: Deferred<B>,
     ) -> Result<Buffer<B>> {
         let policy = self.config.policy.kind();
-        // Where this miss will file shells freed in flight, or may promote
-        // pending blocks, ask the backend how far the queues got first,
-        // without the state lock: filing and promotion then see fresh
-        // watermarks, and the lock is taken once. (Else the question waits
-        // for a ready-list miss, and the lock is let go for it.)
-        let refreshed =
-            !deferred.is_empty() || self.pending_hint.load(std::sync::atomic::Ordering::Relaxed);
-        if refreshed {
-            self.refresh_all();
-        }
         let mut st = self.state.lock();
         let mut spare = Vec::new();
         self.file_deferred(&mut st, deferred, &mut spare);
         // Promotion only when the ready list has nothing that fits: by the
-        // watermarks (asked above, or cached); then, on a queue that orders
-        // memory, a pending block whose only stamp is on it; then, if the
-        // backend was not asked above, after asking it. (Promoting at every
-        // allocation was measured: completed blocks then meet the cache
-        // limit sooner, and on CUDA the hit rate fell from 72% to 70% and
-        // deferred's rate with it; H100 run 16, docs/BENCHMARKS.md.) The
-        // backend is never asked under the state lock: on CUDA a query can
-        // wait behind other threads' driver calls, and every allocation and
-        // free would wait with it (asked under the lock, deferred fell from
-        // 1.05 to 0.95 of immediate's rate on CUDA, run 36). In-order reuse
-        // comes before the late question because it needs no answer: the
+        // cached watermarks first; then, on a queue that orders memory, a
+        // pending block whose only stamp is on it; then after asking the
+        // backend how far the queues got. (Promoting at every allocation was
+        // measured: completed blocks then meet the cache limit sooner, and on
+        // CUDA the hit rate fell from 72% to 70% and deferred's rate with it;
+        // H100 run 16, docs/BENCHMARKS.md.) The backend is asked without the
+        // state lock: on CUDA a query can wait behind other threads' driver
+        // calls, and no other allocation or free need wait with it. In-order
+        // reuse comes before that question because it needs no answer: the
         // queue runs the new work after the old whether or not the old is
-        // done, and the lock is not let go and taken again (with the
-        // question first, deferred ran at 0.87-0.89 of retained's rate on
-        // the 16-core simulator; with it after, 0.95-0.96; run 36).
+        // done, and the lock is not let go and taken again. (With the
+        // question first, deferred ran at 0.87-0.89 of retained's rate on the
+        // 16-core simulator; with it after, 0.95-0.96; H100 host, run 36.)
         let bound = fit_bound(rounded, &self.config);
         let mut hit = st.ready.take_best_fit(rounded, bound);
         let mut release = Vec::new();
@@ -771,7 +754,7 @@ impl<B: Backend> Shared<B> {
                 fence = b.stamps.single().map_or(0, |s| s.value);
             }
         }
-        if hit.is_none() && !st.pending.is_empty() && !refreshed {
+        if hit.is_none() && !st.pending.is_empty() {
             MutexGuard::unlocked(&mut st, || self.refresh_all());
             release.extend(self.promote(&mut st));
             hit = st.ready.take_best_fit(rounded, bound);
@@ -809,7 +792,6 @@ impl<B: Backend> Shared<B> {
         st.stats.active_count += 1;
         st.stats.peak_active_bytes = st.stats.peak_active_bytes.max(st.stats.active_bytes);
         let shell = st.spares.pop();
-        self.note_pending(&st);
         drop(st);
         drop(spare); // after the lock
         if !release.is_empty() {
@@ -1040,13 +1022,6 @@ impl<B: Backend> Shared<B> {
         release
     }
 
-    /// Records whether the pending list holds blocks (see `pending_hint`).
-    #[inline]
-    fn note_pending(&self, st: &State<B>) {
-        self.pending_hint
-            .store(!st.pending.is_empty(), std::sync::atomic::Ordering::Relaxed);
-    }
-
     /// Asks the backend how far every queue got (no allocator lock needed:
     /// watermarks only move forward).
     fn refresh_all(&self) {
@@ -1160,7 +1135,6 @@ impl<B: Backend> Shared<B> {
             let mut st = self.state.lock();
             let mut spare = Vec::new();
             self.file_deferred(&mut st, batch, &mut spare);
-            self.note_pending(&st);
             self.trim_to_cap(st);
             drop(spare); // after the lock
         }
