@@ -149,6 +149,11 @@ pub(crate) struct Shared<B: Backend> {
 /// The state lock, held.
 type StateGuard<'a, B> = MutexGuard<'a, State<B>>;
 
+/// What `Shared::free_through` gives: the freeing thread's slot, entered;
+/// the home slot's reference to the allocator if it goes now (K1); and the
+/// freeing thread's `Home`.
+type FreeThrough<'a, B> = (Section<'a, SlotState<B>>, Option<Arc<Shared<B>>>, Home);
+
 /// Nanoseconds spent in the backend's slow calls, summed over threads.
 /// Statistics only, ordering nothing: std's atomics even under loom, so that
 /// they add no scheduling points to the models.
@@ -1061,22 +1066,25 @@ impl<B: Backend> Shared<B> {
             let live = unsafe { shell.owned_live() };
             (live.size, live.home)
         };
-        let (mut slot, keep) = self.free_through(home);
-        let cap = self.fronts.cap();
+        let (mut slot, keep, me) = self.free_through(home);
+        let cap = self.fronts.cap_for(me);
         if let Err(shell) = slot.try_push(size, shell, cap) {
             let evicted = slot.push(size, shell, cap);
             drop(slot);
-            self.file_evicted(evicted);
+            // A slot takes its share of the cache limit at its first idle
+            // block that fits (see `Fronts::claim`).
+            let claim = (cap == 0 && size <= self.fronts.cap()).then_some(me);
+            self.file_evicted(evicted, claim);
         }
         keep
     }
 
     /// Uncounts a freed buffer from its home slot (K1) and enters the
-    /// calling thread's slot, where the block goes. Returns the section and
-    /// the home slot's reference to this allocator if it goes now (the
-    /// caller drops it last, after the section).
+    /// calling thread's slot, where the block goes. Returns the section, the
+    /// home slot's reference to this allocator if it goes now (the caller
+    /// drops it last, after the section), and the calling thread's home.
     #[inline]
-    fn free_through(&self, home: u32) -> (Section<'_, SlotState<B>>, Option<Arc<Shared<B>>>) {
+    fn free_through(&self, home: u32) -> FreeThrough<'_, B> {
         let me = self.fronts.me();
         // Another thread's buffer: uncounted there first (no lock may be
         // taken inside the section).
@@ -1087,13 +1095,14 @@ impl<B: Backend> Shared<B> {
             Some(keep) => keep,
             None => slot.remove_live(self.fronts.closing()),
         };
-        (slot, keep)
+        (slot, keep, me)
     }
 
     /// Moves shells evicted from a full slot (its older half, or a shell
-    /// over the slot's cap) to the ready list.
+    /// over the slot's cap) to the ready list; claims slot `claim`'s share
+    /// of the cache limit, if given, taking it from the ready list's.
     #[inline(never)]
-    fn file_evicted(&self, evicted: Vec<Shell<B>>) {
+    fn file_evicted(&self, evicted: Vec<Shell<B>>, claim: Option<Home>) {
         if evicted.is_empty() {
             return;
         }
@@ -1101,6 +1110,11 @@ impl<B: Backend> Shared<B> {
         let mut spare = Vec::new();
         for shell in evicted {
             self.file_shell(&mut st, shell, &mut spare);
+        }
+        if let Some(me) = claim {
+            if self.fronts.claim(me) {
+                st.ready_cap = st.limits.cache - self.fronts.reserve();
+            }
         }
         self.trim_to_cap(st);
         drop(spare); // after the lock
@@ -1118,7 +1132,7 @@ impl<B: Backend> Shared<B> {
         let (stamps, live) = unsafe { (shell.owned_stamps(), shell.owned_live()) };
         let (home, size) = (live.home, live.size);
         if self.config.policy.kind() == PolicyKind::Immediate {
-            let (slot, keep) = self.free_through(home);
+            let (slot, keep, _) = self.free_through(home);
             drop(slot);
             self.free_to_lists(shell);
             return keep;
@@ -1128,7 +1142,7 @@ impl<B: Backend> Shared<B> {
             return self.free_idle(shell);
         }
         // In flight: gathered in the slot, filed in a batch (see `front.rs`).
-        let (mut slot, keep) = self.free_through(home);
+        let (mut slot, keep, _) = self.free_through(home);
         let batch = slot.defer(size, shell);
         drop(slot);
         if let Some(batch) = batch {

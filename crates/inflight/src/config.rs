@@ -75,8 +75,10 @@ pub struct Config {
     /// blocks it freed (never bound since they were last idle, or every
     /// recorded use complete when freed), so a free followed by an
     /// allocation of the same size class on one thread takes no shared
-    /// lock. Together they hold at most an eighth of the cache limit;
-    /// trimming, clearing, limit changes and memory pressure empty them.
+    /// lock. Together they hold at most an eighth of the cache limit, and
+    /// a thread's cache takes its share from the ready list's only when the
+    /// thread first frees an idle block small enough for it; trimming,
+    /// clearing, limit changes and memory pressure empty them.
     /// With them on, `Stats::peak_active_bytes` may exceed the true peak by
     /// at most the bytes they held at that moment; off, it is exact.
     pub front_cache: bool,

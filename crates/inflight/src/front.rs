@@ -26,10 +26,13 @@
 //!   either.
 //! - counters (frees, front hits), summed into each statistics snapshot.
 //!
-//! Together the slots hold at most `slots × cap` bytes, where `cap` is an
-//! eighth of the cache limit over the slot count; the ready list is trimmed
-//! to the rest of the cache limit, so cached bytes stay under it (I4).
-//! Trimming, clearing, limit changes and memory pressure empty the slots.
+//! A slot holds at most `cap` bytes, an eighth of the cache limit over the
+//! slot count, and only once it has *claimed* that share: at the first idle
+//! block that fits, under the state lock, which takes the share from the
+//! ready list's (trimmed to the cache limit less the claimed shares). So
+//! cached bytes stay under the cache limit (I4), and slots no thread uses
+//! leave their share to the ready list. Trimming, clearing, limit changes
+//! and memory pressure empty the slots; a claim stays.
 //!
 //! # Slots and locking
 //!
@@ -135,6 +138,10 @@ pub(crate) struct Fronts<B: Backend> {
     enabled: bool,
     /// Bytes one slot may hold; changes with the cache limit.
     cap: AtomicU64,
+    /// Slots that have claimed their cap (changed under the state lock).
+    /// The claim counts order nothing the models check (I4 is checked by
+    /// the tests at quiet points): std's atomics even under loom.
+    claimed: std::sync::atomic::AtomicUsize,
     /// Set when the last `Allocator` handle is dropped: no allocation can
     /// follow, so a slot whose live count reaches zero lets its reference go.
     closing: AtomicBool,
@@ -158,6 +165,9 @@ pub(crate) struct Slot<B: Backend> {
     /// Buffers homed here that other threads freed while the bias stood,
     /// taken off `live` when the slot closes. Written under the cell's lock.
     remote_frees: AtomicU64,
+    /// The slot has claimed its share of the cache limit (set once, under
+    /// the state lock).
+    claimed: std::sync::atomic::AtomicBool,
 }
 
 /// What a slot holds (in its biased cell). `repr(C)`: the fields a hit or
@@ -347,11 +357,13 @@ impl<B: Backend> Fronts<B> {
                         i < owned,
                     ),
                     remote_frees: AtomicU64::new(0),
+                    claimed: std::sync::atomic::AtomicBool::new(false),
                 })
                 .collect(),
             owned,
             enabled,
             cap: AtomicU64::new(0),
+            claimed: std::sync::atomic::AtomicUsize::new(0),
             closing: AtomicBool::new(false),
         };
         fronts.set_cache_limit(cache_limit);
@@ -418,10 +430,36 @@ impl<B: Backend> Fronts<B> {
         self.cap.load(Ordering::Relaxed)
     }
 
-    /// Bytes all slots together may hold: the ready list gets the rest of
-    /// the cache limit.
+    /// Bytes the calling thread's slot may hold now: its cap once claimed,
+    /// else nothing.
+    #[inline]
+    pub(crate) fn cap_for(&self, home: Home) -> u64 {
+        let claimed = &self.slots[home.slot as usize].claimed;
+        if claimed.load(std::sync::atomic::Ordering::Relaxed) {
+            self.cap()
+        } else {
+            0
+        }
+    }
+
+    /// Under the state lock: claims `home`'s share of the cache limit.
+    /// Returns whether it is new, when the caller lowers the ready list's
+    /// cap to the cache limit less [`Fronts::reserve`] and trims to it. The
+    /// slot takes blocks only after (its owner, or a sharer, sees the claim
+    /// after the trim).
+    pub(crate) fn claim(&self, home: Home) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.enabled || self.slots[home.slot as usize].claimed.swap(true, Relaxed) {
+            return false;
+        }
+        self.claimed.fetch_add(1, Relaxed);
+        true
+    }
+
+    /// Bytes the claimed slots together may hold: the ready list gets the
+    /// rest of the cache limit.
     pub(crate) fn reserve(&self) -> u64 {
-        self.cap() * self.slots.len() as u64
+        self.cap() * self.claimed.load(std::sync::atomic::Ordering::Relaxed) as u64
     }
 
     /// Sizes the slots for a new cache limit. The caller then drains them,

@@ -463,3 +463,36 @@ fn a_batch_filed_as_ready_is_trimmed_to_the_cache_limit_before_the_device_grows(
     drop(big);
     assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
 }
+
+#[test]
+fn slots_no_thread_fills_leave_their_share_to_the_ready_list() {
+    let cache = 1 << 20;
+    let (gpu, alloc, q) = setup(Config {
+        cache_limit: Some(cache),
+        ..config()
+    });
+    // Blocks over a slot's cap never enter one: no slot claims its share,
+    // and the ready list may hold the whole cache limit.
+    let bufs: Vec<_> = (0..16)
+        .map(|_| alloc.malloc(64 << 10, &q).unwrap())
+        .collect();
+    drop(bufs);
+    let s = balanced(alloc.stats());
+    assert_eq!((s.ready_bytes, s.device_releases), (cache, 0), "{s:?}");
+    // A small block claims this thread's slot: its share leaves the ready
+    // list, and the total stays under the limit.
+    drop(alloc.malloc(4096, &q).unwrap());
+    let s = balanced(alloc.stats());
+    assert!(s.ready_bytes <= cache, "{s:?}");
+    assert_eq!(s.device_releases, 1, "one 64 KiB block made room: {s:?}");
+    // Reused from there on, through the claimed slot.
+    for _ in 0..10 {
+        drop(alloc.malloc(4096, &q).unwrap());
+    }
+    let t = balanced(alloc.stats());
+    assert_eq!(
+        (t.cache_hits, t.device_allocations),
+        (s.cache_hits + 10, s.device_allocations)
+    );
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
