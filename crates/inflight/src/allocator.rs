@@ -1143,7 +1143,7 @@ impl<B: Backend> Shared<B> {
         }
         // In flight: gathered in the slot, filed in a batch (see `front.rs`).
         let (mut slot, keep, _) = self.free_through(home);
-        let batch = slot.defer(size, shell, self.fronts.deferred_cap());
+        let batch = slot.defer(size, shell);
         drop(slot);
         if let Some(batch) = batch {
             let mut st = self.state.lock();

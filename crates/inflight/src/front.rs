@@ -15,16 +15,12 @@
 //!   dropped), one strong reference to the allocator's shared state. A buffer
 //!   thus keeps its allocator alive (rule K1: a live buffer's home slot holds
 //!   a strong reference) without touching the shared reference count.
-//! - up to [`FRONT_DEFERRED`] **deferred shells**, and up to 1/64 of the
-//!   cache limit in their bytes: buffers freed while their work was in
-//!   flight (their stamps kept). They are pending blocks not yet filed:
-//!   never handed out or released from here, only filed, many under one
-//!   state lock: when the batch is full (by count or bytes), at the slot
-//!   thread's next front-cache miss (which takes the state lock anyway), and
-//!   by every drain. Other threads cannot reuse them until then, so the
-//!   byte bound keeps large blocks from waiting out of reach (filing at
-//!   4 MiB instead of 32 shells took deferred's CUDA hit rate from 71.2% to
-//!   72.4%, against immediate's 73.2%; H100 run 37). Filing puts each on the pending list, or on the ready list if
+//! - up to [`FRONT_DEFERRED`] **deferred shells**: buffers freed while their
+//!   work was in flight (their stamps kept). They are pending blocks not yet
+//!   filed: never handed out or released from here, only filed, many under
+//!   one state lock: when the batch is full, at the slot thread's next
+//!   front-cache miss (which takes the state lock anyway), and by every
+//!   drain. Filing puts each on the pending list, or on the ready list if
 //!   the cached watermarks show its work completed meanwhile. So a free in
 //!   flight, the common case under `Deferred`, usually takes no shared lock
 //!   either.
@@ -71,10 +67,6 @@ pub(crate) const FRONT_BLOCKS: usize = 16;
 
 /// Deferred shells one slot gathers before filing them as a batch.
 pub(crate) const FRONT_DEFERRED: usize = 32;
-
-/// The share of the cache limit one slot's deferred shells may hold before
-/// they are filed: 1/64.
-const DEFERRED_SHARE: u64 = 64;
 
 /// Shells freed in flight (see the module documentation).
 pub(crate) type Deferred<B> = Vec<Shell<B>>;
@@ -146,8 +138,6 @@ pub(crate) struct Fronts<B: Backend> {
     enabled: bool,
     /// Bytes one slot may hold; changes with the cache limit.
     cap: AtomicU64,
-    /// Bytes of deferred shells at which a slot files them; likewise.
-    deferred_cap: AtomicU64,
     /// Slots that have claimed their cap (changed under the state lock).
     /// The claim counts order nothing the models check (I4 is checked by
     /// the tests at quiet points): std's atomics even under loom.
@@ -321,19 +311,12 @@ impl<B: Backend> SlotState<B> {
     }
 
     /// Gathers a shell of `size` bytes freed while its work was in flight.
-    /// Returns the batch to file when it is full: [`FRONT_DEFERRED`] shells,
-    /// or `max_bytes` bytes.
+    /// Returns the batch to file when it is full.
     #[inline]
-    pub(crate) fn defer(
-        &mut self,
-        size: u64,
-        shell: Shell<B>,
-        max_bytes: u64,
-    ) -> Option<Deferred<B>> {
+    pub(crate) fn defer(&mut self, size: u64, shell: Shell<B>) -> Option<Deferred<B>> {
         self.deferred.push(shell);
         self.deferred_bytes += size;
-        let full = self.deferred.len() >= FRONT_DEFERRED || self.deferred_bytes >= max_bytes;
-        full.then(|| self.take_deferred())
+        (self.deferred.len() >= FRONT_DEFERRED).then(|| self.take_deferred())
     }
 
     /// Takes the deferred shells, if any, for the caller to file.
@@ -380,7 +363,6 @@ impl<B: Backend> Fronts<B> {
             owned,
             enabled,
             cap: AtomicU64::new(0),
-            deferred_cap: AtomicU64::new(0),
             claimed: std::sync::atomic::AtomicUsize::new(0),
             closing: AtomicBool::new(false),
         };
@@ -489,14 +471,6 @@ impl<B: Backend> Fronts<B> {
             0
         };
         self.cap.store(cap, Ordering::Relaxed);
-        self.deferred_cap
-            .store(cache_limit / DEFERRED_SHARE, Ordering::Relaxed);
-    }
-
-    /// Bytes of deferred shells at which a slot files them.
-    #[inline]
-    pub(crate) fn deferred_cap(&self) -> u64 {
-        self.deferred_cap.load(Ordering::Relaxed)
     }
 
     /// Whether the last `Allocator` handle is gone.

@@ -496,37 +496,3 @@ fn slots_no_thread_fills_leave_their_share_to_the_ready_list() {
     );
     assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
 }
-
-#[test]
-fn a_large_free_in_flight_is_filed_at_once_where_other_threads_reach_it() {
-    // In-order queues: a filed block is reusable on its queue while in flight.
-    let gpu = ManualGpu::new(1 << 30, true);
-    let config = Config {
-        cache_limit: Some(1 << 20),
-        ..config()
-    };
-    let alloc = Allocator::new(gpu.clone(), config).unwrap();
-    let q = alloc.create_queue().unwrap();
-    let elsewhere = |size: u64| {
-        std::thread::scope(|s| {
-            s.spawn(|| alloc.malloc(size, &q).unwrap().block_id())
-                .join()
-                .unwrap()
-        })
-    };
-    // 4 KiB waits in this thread's batch: another thread cannot see it.
-    let small = alloc.malloc(4096, &q).unwrap();
-    let small_id = small.block_id();
-    use_on(&q, &small);
-    drop(small);
-    assert_ne!(elsewhere(4096), small_id);
-    // 16 KiB is 1/64 of the cache limit: the batch is filed at this free.
-    let big = alloc.malloc(16 << 10, &q).unwrap();
-    let big_id = big.block_id();
-    use_on(&q, &big);
-    drop(big);
-    assert_eq!(elsewhere(16 << 10), big_id, "reused in order on its queue");
-    assert_eq!(alloc.stats().in_order_hits, 1);
-    gpu.complete_all();
-    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
-}
