@@ -1111,13 +1111,17 @@ impl<B: Backend> Shared<B> {
         for shell in evicted {
             self.file_shell(&mut st, shell, &mut spare);
         }
+        let mut made_room = Vec::new();
         if let Some(me) = claim {
-            if self.fronts.claim(me) {
-                st.ready_cap = st.limits.cache - self.fronts.reserve();
-            }
+            self.fronts.claim(me, |reserve| {
+                st.ready_cap = st.limits.cache - reserve;
+                let ready_cap = st.ready_cap;
+                st.trim_ready_to(ready_cap, &mut made_room);
+            });
         }
         self.trim_to_cap(st);
         drop(spare); // after the lock
+        self.release_blocks(made_room);
     }
 
     /// Frees a block that was bound. Where it goes: if the cached watermarks

@@ -435,25 +435,28 @@ impl<B: Backend> Fronts<B> {
     #[inline]
     pub(crate) fn cap_for(&self, home: Home) -> u64 {
         let claimed = &self.slots[home.slot as usize].claimed;
-        if claimed.load(std::sync::atomic::Ordering::Relaxed) {
+        if claimed.load(std::sync::atomic::Ordering::Acquire) {
             self.cap()
         } else {
             0
         }
     }
 
-    /// Under the state lock: claims `home`'s share of the cache limit.
-    /// Returns whether it is new, when the caller lowers the ready list's
-    /// cap to the cache limit less [`Fronts::reserve`] and trims to it. The
-    /// slot takes blocks only after (its owner, or a sharer, sees the claim
-    /// after the trim).
-    pub(crate) fn claim(&self, home: Home) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        if !self.enabled || self.slots[home.slot as usize].claimed.swap(true, Relaxed) {
-            return false;
+    /// Under the state lock: claims `home`'s share of the cache limit, if
+    /// not yet claimed. `make_room` gets the new [`Fronts::reserve`], for
+    /// the caller to lower the ready list's cap and trim to it; only then is
+    /// the claim marked, so no thread (the owner, or a sharer of a shared
+    /// slot) files an idle block in the slot before the room is made (I4).
+    /// Claims are serialized by the state lock.
+    pub(crate) fn claim(&self, home: Home, make_room: impl FnOnce(u64)) {
+        let flag = &self.slots[home.slot as usize].claimed;
+        if !self.enabled || flag.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
         }
-        self.claimed.fetch_add(1, Relaxed);
-        true
+        self.claimed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        make_room(self.reserve());
+        flag.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Bytes the claimed slots together may hold: the ready list gets the
