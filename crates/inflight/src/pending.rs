@@ -40,26 +40,13 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use crate::cache::Block;
 use crate::timeline::{QueueId, Stamp};
 
-/// An index entry: the filing's stamp value and block id (its order), and
-/// where the filing lives.
+/// An index entry: the filing's stamp value and block id (its order: the
+/// derived order compares them first), and where the filing lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Entry {
     value: u64,
     id: u64,
     slot: u32,
-    generation: u64,
-}
-
-impl Entry {
-    fn key(&self) -> (u64, u64) {
-        (self.value, self.id)
-    }
-}
-
-/// One filing in the slab.
-struct Filed<R> {
-    block: Block<R>,
-    /// Bumped at every filing into this slab position.
     generation: u64,
 }
 
@@ -74,38 +61,90 @@ struct QueuePending {
     live: usize,
 }
 
+/// The filed blocks, at the positions index entries name.
+struct Slab<R> {
+    blocks: Vec<Option<Block<R>>>,
+    /// The generation of the last filing at each position: an entry is
+    /// live while its position is filled and its generation is this one.
+    generations: Vec<u64>,
+    /// Empty positions, reused before the slab grows.
+    free: Vec<u32>,
+    /// The filed blocks' bytes.
+    bytes: u64,
+}
+
+impl<R> Default for Slab<R> {
+    fn default() -> Self {
+        Slab {
+            blocks: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<R> Slab<R> {
+    /// Files `block`: its position and the filing's generation.
+    fn put(&mut self, block: Block<R>) -> (u32, u64) {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.blocks.push(None);
+                self.generations.push(0);
+                (self.blocks.len() - 1) as u32
+            }
+        };
+        debug_assert!(self.blocks[slot as usize].is_none());
+        self.bytes += block.size;
+        self.blocks[slot as usize] = Some(block);
+        let generation = &mut self.generations[slot as usize];
+        *generation += 1;
+        (slot, *generation)
+    }
+
+    /// Whether `e` names the filing now at its position.
+    fn live(&self, e: Entry) -> bool {
+        self.blocks[e.slot as usize].is_some() && self.generations[e.slot as usize] == e.generation
+    }
+
+    /// Takes the block a live entry names.
+    fn take(&mut self, e: Entry) -> Block<R> {
+        let block = self.blocks[e.slot as usize]
+            .take()
+            .expect("a live entry names a filled slab position");
+        self.free.push(e.slot);
+        self.bytes -= block.size;
+        block
+    }
+
+    /// Blocks filed.
+    fn len(&self) -> usize {
+        self.blocks.len() - self.free.len()
+    }
+}
+
 /// Freed blocks waiting for their stamps to complete, filed by stamp.
 pub struct PendingList<R> {
     queues: Vec<QueuePending>,
-    /// Filings, at the positions the indexes name; `None` when empty.
-    slab: Vec<Option<Filed<R>>>,
-    /// The generation of the last filing at each position.
-    generations: Vec<u64>,
-    /// Empty slab positions, reused before the slab grows.
-    free: Vec<u32>,
-    bytes: u64,
-    len: usize,
+    slab: Slab<R>,
 }
 
 impl<R> Default for PendingList<R> {
     fn default() -> Self {
         PendingList {
             queues: Vec::new(),
-            slab: Vec::new(),
-            generations: Vec::new(),
-            free: Vec::new(),
-            bytes: 0,
-            len: 0,
+            slab: Slab::default(),
         }
     }
 }
 
 /// Inserts `e` into `deque`, kept in entry order (usually at the back).
 fn insert_sorted(deque: &mut VecDeque<Entry>, e: Entry) {
-    if deque.back().is_none_or(|b| b.key() <= e.key()) {
+    if deque.back().is_none_or(|b| *b <= e) {
         deque.push_back(e);
     } else {
-        let at = deque.partition_point(|x| x.key() <= e.key());
+        let at = deque.partition_point(|x| *x <= e);
         deque.insert(at, e);
     }
 }
@@ -123,9 +162,7 @@ impl<R> PendingList<R> {
         }
         let (size, id) = (block.size, block.id);
         let single = block.stamps.single() == Some(at);
-        self.bytes += size;
-        self.len += 1;
-        let (slot, generation) = self.put(block);
+        let (slot, generation) = self.slab.put(block);
         let e = Entry {
             value: at.value,
             id,
@@ -152,21 +189,19 @@ impl<R> PendingList<R> {
                 break;
             }
             index.by_value.pop();
-            if !live(&self.slab, e) {
+            if !self.slab.live(e) {
                 continue; // taken in order
             }
-            let filed = take(&mut self.slab, &mut self.free, e.slot);
+            let block = self.slab.take(e);
             index.live -= 1;
             // Its size-index entry is usually that deque's front: drop it
             // now rather than when an in-order search meets it.
-            if let Some(d) = index.by_size.get_mut(&filed.block.size) {
+            if let Some(d) = index.by_size.get_mut(&block.size) {
                 if d.front() == Some(&e) {
                     d.pop_front();
                 }
             }
-            self.bytes -= filed.block.size;
-            self.len -= 1;
-            out.push(filed.block);
+            out.push(block);
         }
         out
     }
@@ -184,9 +219,8 @@ impl<R> PendingList<R> {
         let mut found = None;
         let mut emptied = Vec::new();
         for (&s, d) in index.by_size.range_mut(size..bound) {
-            while let Some(&e) = d.front() {
-                d.pop_front();
-                if live(&self.slab, e) {
+            while let Some(e) = d.pop_front() {
+                if self.slab.live(e) {
                     found = Some(e);
                     break;
                 }
@@ -201,20 +235,13 @@ impl<R> PendingList<R> {
         for s in emptied {
             index.by_size.remove(&s);
         }
-        let e = found?;
-        let filed = take(&mut self.slab, &mut self.free, e.slot);
+        let block = self.slab.take(found?);
         index.live -= 1;
         // Its by-value entry goes stale; drop stale entries on that top.
-        while index
-            .by_value
-            .peek()
-            .is_some_and(|f| !live(&self.slab, f.0))
-        {
+        while index.by_value.peek().is_some_and(|f| !self.slab.live(f.0)) {
             index.by_value.pop();
         }
-        self.bytes -= filed.block.size;
-        self.len -= 1;
-        Some(filed.block)
+        Some(block)
     }
 
     /// The lowest-valued stamp a block is filed under, over all queues: the
@@ -226,12 +253,12 @@ impl<R> PendingList<R> {
             .filter_map(|(q, index)| {
                 // The top, unless stale (then a scan: pressure is rare).
                 let e = match index.by_value.peek() {
-                    Some(Reverse(e)) if live(&self.slab, *e) => *e,
+                    Some(Reverse(e)) if self.slab.live(*e) => *e,
                     _ => index
                         .by_value
                         .iter()
                         .map(|e| e.0)
-                        .filter(|e| live(&self.slab, *e))
+                        .filter(|e| self.slab.live(*e))
                         .min()?,
                 };
                 Some(Stamp {
@@ -256,8 +283,8 @@ impl<R> PendingList<R> {
 
     /// Marks every block to be released, not cached, once idle.
     pub fn mark_all_for_release(&mut self) {
-        for filed in self.slab.iter_mut().flatten() {
-            filed.block.release_when_idle = true;
+        for block in self.slab.blocks.iter_mut().flatten() {
+            block.release_when_idle = true;
         }
     }
 
@@ -267,65 +294,24 @@ impl<R> PendingList<R> {
         for index in &mut self.queues {
             *index = QueuePending::default();
         }
-        self.free.clear();
-        self.generations.clear();
-        self.bytes = 0;
-        self.len = 0;
-        std::mem::take(&mut self.slab)
-            .into_iter()
-            .flatten()
-            .map(|f| f.block)
-            .collect()
+        let slab = std::mem::take(&mut self.slab);
+        slab.blocks.into_iter().flatten().collect()
     }
 
     /// Total bytes held.
     pub fn bytes(&self) -> u64 {
-        self.bytes
+        self.slab.bytes
     }
 
     /// Blocks held.
     pub fn len(&self) -> usize {
-        self.len
+        self.slab.len()
     }
 
     /// Whether no block is held.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
-
-    /// Stores `block` in the slab: its position and the filing's generation.
-    fn put(&mut self, block: Block<R>) -> (u32, u64) {
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None => {
-                self.slab.push(None);
-                self.generations.push(0);
-                (self.slab.len() - 1) as u32
-            }
-        };
-        let generation = &mut self.generations[slot as usize];
-        *generation += 1;
-        let generation = *generation;
-        debug_assert!(self.slab[slot as usize].is_none());
-        self.slab[slot as usize] = Some(Filed { block, generation });
-        (slot, generation)
-    }
-}
-
-/// Whether `e` names a filing still in the slab.
-fn live<R>(slab: &[Option<Filed<R>>], e: Entry) -> bool {
-    slab[e.slot as usize]
-        .as_ref()
-        .is_some_and(|f| f.generation == e.generation)
-}
-
-/// Takes the filing at `slot` (which a live entry named).
-fn take<R>(slab: &mut [Option<Filed<R>>], free: &mut Vec<u32>, slot: u32) -> Filed<R> {
-    let filed = slab[slot as usize]
-        .take()
-        .expect("a live entry names a filled slab position");
-    free.push(slot);
-    filed
 }
 
 #[cfg(test)]
