@@ -126,6 +126,11 @@ impl Validator for SimGpu {
         self.violation_log().first().map(|v| v.seen_at)
     }
 
+    fn queue_time(&self) -> Option<(std::time::Duration, std::time::Duration)> {
+        let t = SimGpu::queue_time(self);
+        Some((t.busy, t.stalled))
+    }
+
     fn injected(&self) -> Option<InjectedFaults> {
         self.config().faults.any().then(|| {
             let i = SimGpu::injected(self);

@@ -63,6 +63,14 @@ enum Command {
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum ReuseWaitArg {
+    /// The binding thread waits (the default).
+    Host,
+    /// The other queue waits, on the device where the backend can.
+    Device,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum PolicyArg {
     Deferred,
     Retained,
@@ -141,6 +149,11 @@ struct ReproArgs {
     /// in-order queue (`Config::in_order_reuse = false`).
     #[arg(long)]
     no_in_order_reuse: bool,
+    /// Who waits when a buffer reused in order is bound on another queue
+    /// before the previous owner's work is done: the binding thread (host)
+    /// or the other queue (device) (`Config::reuse_wait`).
+    #[arg(long, value_enum, default_value_t = ReuseWaitArg::Host)]
+    reuse_wait: ReuseWaitArg,
     /// Keep no idle blocks in per-thread front caches: every allocation and
     /// free goes through the shared lists (`Config::front_cache = false`).
     #[arg(long)]
@@ -296,6 +309,10 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
         print_trend: a.trend,
         scrub: a.scrub,
         in_order_reuse: !a.no_in_order_reuse,
+        reuse_wait: match a.reuse_wait {
+            ReuseWaitArg::Host => inflight::ReuseWait::Host,
+            ReuseWaitArg::Device => inflight::ReuseWait::Device,
+        },
         front_cache: !a.no_front_cache,
         size_classes: a.size_classes,
         ..Workload::default()
@@ -660,6 +677,7 @@ fn print_table(reports: &[Report], w: &Workload) {
         w.seed
     );
     let secs = |s: Option<f64>| s.map_or("-".to_string(), |s| format!("{s:.2} s"));
+    let share = |x: Option<f64>| x.map_or("-".to_string(), |x| format!("{:.1}%", 100.0 * x));
     let rows: Vec<(&str, Cell)> = vec![
         ("rounds", Box::new(|r| r.rounds.to_string())),
         ("submissions", Box::new(|r| r.submissions.to_string())),
@@ -714,6 +732,10 @@ fn print_table(reports: &[Report], w: &Workload) {
             Box::new(|r| r.stats.reuse_device_waits.to_string()),
         ),
         (
+            "reuse waits (host)",
+            Box::new(|r| r.stats.reuse_host_waits.to_string()),
+        ),
+        (
             "statistics balance",
             Box::new(|r| if r.stats_balanced { "yes" } else { "NO" }.to_string()),
         ),
@@ -741,6 +763,14 @@ fn print_table(reports: &[Report], w: &Workload) {
         (
             "  in completion queries",
             Box::new(|r| format!("{:.1}", r.phases.completion_query_us)),
+        ),
+        (
+            "GPU queues: busy",
+            Box::new(move |r| share(r.queues_time.map(|q| q.busy))),
+        ),
+        (
+            "  stalled on each other",
+            Box::new(move |r| share(r.queues_time.map(|q| q.stalled))),
         ),
     ];
     print_columns(reports.iter().map(|r| r.policy.to_string()), reports, &rows);

@@ -77,6 +77,8 @@ pub struct Workload {
     pub scrub: bool,
     /// `Config::in_order_reuse`.
     pub in_order_reuse: bool,
+    /// `Config::reuse_wait`.
+    pub reuse_wait: inflight::ReuseWait,
     /// `Config::front_cache`.
     pub front_cache: bool,
     /// `Config::size_classes`.
@@ -104,6 +106,7 @@ impl Default for Workload {
             print_trend: false,
             scrub: false,
             in_order_reuse: true,
+            reuse_wait: inflight::ReuseWait::Host,
             front_cache: true,
             size_classes: inflight::DEFAULT_SIZE_CLASSES,
         }
@@ -148,10 +151,22 @@ pub struct Report {
     pub phases: Phases,
     pub stats: Stats,
     pub violation_messages: Vec<String>,
+    /// On the simulated GPU: where its queues' time went.
+    pub queues_time: Option<QueueShares>,
     /// Under injected faults: injected against observed.
     pub faults: Option<FaultReport>,
     /// Timed runs: the memory trend.
     pub trend: Option<Trend>,
+}
+
+/// Shares of the queues' wall time (queues × seconds) the simulated GPU
+/// spent running submissions and stalled in device-side waits for another
+/// queue; the rest it was idle. A run whose busy share is near 1 is bound by
+/// the GPU, not by the allocator.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct QueueShares {
+    pub busy: f64,
+    pub stalled: f64,
 }
 
 /// What a backend injected (see `--faults`).
@@ -269,6 +284,11 @@ pub trait Validator: Send + Sync {
     fn injected(&self) -> Option<InjectedFaults> {
         None
     }
+    /// Where the queues spent their time so far, summed over queues: (busy,
+    /// stalled in device-side waits), if the backend keeps it.
+    fn queue_time(&self) -> Option<(Duration, Duration)> {
+        None
+    }
 }
 
 /// One expected checksum of a submission.
@@ -305,6 +325,7 @@ pub fn run<B: Backend>(
         gc_limit: Some(memory_limit / 20 * 19),
         scrub: w.scrub,
         in_order_reuse: w.in_order_reuse,
+        reuse_wait: w.reuse_wait,
         front_cache: w.front_cache,
         size_classes: w.size_classes,
         ..Config::default()
@@ -386,6 +407,13 @@ pub fn run<B: Backend>(
         }
     }
     let seconds = start.elapsed().as_secs_f64();
+    let queues_time = validator.queue_time().map(|(busy, stalled)| {
+        let wall = seconds * queues.len() as f64;
+        QueueShares {
+            busy: busy.as_secs_f64() / wall,
+            stalled: stalled.as_secs_f64() / wall,
+        }
+    });
     let violations = validator.violations();
     if violations > 0 && first_violation.load(Ordering::Relaxed) == u64::MAX {
         first_violation.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -456,6 +484,7 @@ pub fn run<B: Backend>(
         phases: live.phases.per_round(rounds, &stats),
         stats,
         violation_messages: validator.messages().into_iter().take(5).collect(),
+        queues_time,
         faults,
         trend: trend.map(|t| t.finish(w.memory_limit)),
     })

@@ -46,13 +46,13 @@ use crate::backend::{Backend, DeviceError, DeviceInfo};
 use crate::biased::Section;
 use crate::buffer::{BufferInner, Shell};
 use crate::cache::{Block, ReadyList};
-use crate::config::{fit_bound, round_size, validate_sizing, Config, Limits};
+use crate::config::{fit_bound, round_size, validate_sizing, Config, Limits, ReuseWait};
 use crate::error::{Error, Result};
 use crate::front::{Deferred, Fronts, Home, SlotState, SlotTotals};
 use crate::pending::PendingList;
 use crate::policy::PolicyKind;
 use crate::stats::Stats;
-use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
+use crate::sync::{lock_spinning, AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
 use crate::timeline::{QueueId, Stamp, Stamps, Watermark};
 use crate::{Buffer, Queue};
 
@@ -132,6 +132,9 @@ pub(crate) struct Shared<B: Backend> {
     /// The per-thread front caches, and the references that keep this
     /// state alive while buffers are (K1).
     pub(crate) fronts: Fronts<B>,
+    /// `Deferred` with in-order reuse: a slot's deferred shells may go to
+    /// new buffers on their queue (see `front.rs`).
+    slot_in_order: bool,
     pub(crate) queues: QueueRegistry<B>,
     /// Cross-queue binds of in-order reused blocks ordered on the device.
     reuse_device_waits: AtomicU64,
@@ -402,6 +405,7 @@ impl<B: Backend> Allocator<B> {
         let limits = Limits::resolve(&config, info.memory_capacity)?;
         let fronts = Fronts::new(config.front_cache, config.biased_front_cache, limits.cache);
         let ready_cap = limits.cache - fronts.reserve();
+        let slot_in_order = config.policy.kind() == PolicyKind::Deferred && config.in_order_reuse;
         Ok(Allocator {
             shared: Arc::new(Shared {
                 id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),
@@ -417,6 +421,7 @@ impl<B: Backend> Allocator<B> {
                     spares: Vec::new(),
                 })),
                 fronts,
+                slot_in_order,
                 queues: QueueRegistry::new(),
                 reuse_device_waits: AtomicU64::new(0),
                 reuse_host_waits: AtomicU64::new(0),
@@ -653,14 +658,43 @@ impl<B: Backend> Shared<B> {
         if let Some(shell) = slot.take(rounded) {
             drop(slot);
             let scrub = self.config.scrub;
-            return Ok(Buffer::reissue(shell, size, queue.id, scrub, home.slot()));
+            return Ok(Buffer::reissue(
+                shell,
+                size,
+                queue.id,
+                scrub,
+                home.slot(),
+                0,
+            ));
         }
-        // The slot's deferred shells go on the pending list under the state
-        // lock the miss takes anyway, where promotion and in-order reuse see
-        // them.
-        let deferred = slot.take_deferred();
+        let in_order = self.slot_in_order && queue.orders_memory;
+        if in_order {
+            if let Some((shell, fence)) = slot.take_in_order(rounded, queue.id) {
+                drop(slot);
+                let scrub = self.config.scrub;
+                return Ok(Buffer::reissue(
+                    shell,
+                    size,
+                    queue.id,
+                    scrub,
+                    home.slot(),
+                    fence,
+                ));
+            }
+        }
+        // Else the slot's deferred shells go on the pending list under the
+        // state lock the miss takes anyway, where promotion and in-order
+        // reuse see them. A slot that reuses them in order itself keeps
+        // those still in flight; the rest are idle now and go to the ready
+        // list, within the cache limit (I4), not kept here beyond it.
+        let deferred = if in_order {
+            slot.take_completed(|stamps| self.first_incomplete_cached(stamps).is_none())
+        } else {
+            slot.take_deferred()
+        };
+        let kept = slot.has_deferred();
         drop(slot);
-        self.malloc_miss(size, rounded, queue, home, deferred)
+        self.malloc_miss(size, rounded, queue, home, (deferred, kept))
     }
 
     /// The block size for a request of `size` bytes (its size class), or
@@ -699,7 +733,7 @@ impl<B: Backend> Shared<B> {
         rounded: u64,
         queue: &Arc<QueueShared<B>>,
         home: Home,
-        deferred: Deferred<B>,
+        deferred: (Deferred<B>, bool),
     ) -> Result<Buffer<B>> {
         let r = self.malloc_locked(size, rounded, queue, home.slot(), deferred);
         if r.is_err() {
@@ -713,17 +747,19 @@ impl<B: Backend> Shared<B> {
 
     /// The allocation path under the state lock: promotion, best fit, the
     /// in-order rule, the device. The buffer is already counted by `home`;
-    /// `deferred` is filed first.
+    /// `deferred.0` is filed first, and `deferred.1` says whether the slot
+    /// kept shells in flight (their completion is learnt like the pending
+    /// list's, for the slot's next miss to file them).
     fn malloc_locked(
         self: &Arc<Self>,
         size: u64,
         rounded: u64,
         queue: &Arc<QueueShared<B>>,
         home: u32,
-        deferred: Deferred<B>,
+        (deferred, kept): (Deferred<B>, bool),
     ) -> Result<Buffer<B>> {
         let policy = self.config.policy.kind();
-        let mut st = self.state.lock();
+        let mut st = lock_spinning(&self.state);
         let mut spare = Vec::new();
         self.file_deferred(&mut st, deferred, &mut spare);
         // Promotion only when the ready list has nothing that fits: by the
@@ -759,7 +795,7 @@ impl<B: Backend> Shared<B> {
                 fence = b.stamps.single().map_or(0, |s| s.value);
             }
         }
-        if hit.is_none() && !st.pending.is_empty() {
+        if hit.is_none() && (kept || !st.pending.is_empty()) {
             MutexGuard::unlocked(&mut st, || self.refresh_all());
             release.extend(self.promote(&mut st));
             hit = st.ready.take_best_fit(rounded, bound);
@@ -961,7 +997,9 @@ impl<B: Backend> Shared<B> {
         if waited.iter().any(|s| s.queue == home && s.value >= value) {
             return Ok(()); // this submission already waits for it
         }
-        if self.backend.wait_on_device(cmds, &q.raw, value)? {
+        if self.config.reuse_wait == ReuseWait::Device
+            && self.backend.wait_on_device(cmds, &q.raw, value)?
+        {
             self.reuse_device_waits.fetch_add(1, Ordering::Relaxed);
             waited.push(Stamp { queue: home, value });
             return Ok(());
@@ -1106,7 +1144,7 @@ impl<B: Backend> Shared<B> {
         if evicted.is_empty() {
             return;
         }
-        let mut st = self.state.lock();
+        let mut st = lock_spinning(&self.state);
         let mut spare = Vec::new();
         for shell in evicted {
             self.file_shell(&mut st, shell, &mut spare);
@@ -1150,7 +1188,7 @@ impl<B: Backend> Shared<B> {
         let batch = slot.defer(size, shell);
         drop(slot);
         if let Some(batch) = batch {
-            let mut st = self.state.lock();
+            let mut st = lock_spinning(&self.state);
             let mut spare = Vec::new();
             self.file_deferred(&mut st, batch, &mut spare);
             self.trim_to_cap(st);
@@ -1187,7 +1225,7 @@ impl<B: Backend> Shared<B> {
     fn free_to_lists(&self, shell: Shell<B>) {
         // SAFETY: S1: the shell has no handle and is ours (the free path's).
         let mut block = unsafe { shell.unfill() };
-        let mut st = self.state.lock();
+        let mut st = lock_spinning(&self.state);
         st.stats.active_bytes -= block.size;
         st.stats.active_count -= 1;
         block.stamps.clear();
@@ -1253,6 +1291,9 @@ impl<B: Backend> Shared<B> {
         s.frees += t.frees;
         s.allocations += t.hits;
         s.cache_hits += t.hits;
+        // A shell reused in order from a slot was a deferred free too.
+        s.in_order_hits += t.in_order_hits;
+        s.deferred_frees += t.in_order_hits;
         s.reuse_device_waits = self.reuse_device_waits.load(Ordering::Relaxed);
         s.reuse_host_waits = self.reuse_host_waits.load(Ordering::Relaxed);
         (

@@ -152,10 +152,11 @@ impl<B: Backend> Buffer<B> {
         }
     }
 
-    /// Makes an idle filled shell from a front cache a live buffer again:
-    /// the same block, its uses all complete and its stamps cleared, now
-    /// counted by slot `home` (the shell may have been freed into this slot
-    /// by a buffer of another).
+    /// Makes a filled shell from a front cache a live buffer again, counted
+    /// by slot `home` (the shell may have been freed into this slot by a
+    /// buffer of another): an idle one (its uses all complete, its stamps
+    /// cleared, `fence` 0), or a deferred one reused in order on `queue`
+    /// (its stamps kept; `fence` the value of its use there, I2).
     #[inline]
     pub(crate) fn reissue(
         shell: Shell<B>,
@@ -163,6 +164,7 @@ impl<B: Backend> Buffer<B> {
         queue: QueueId,
         scrub: bool,
         home: u32,
+        fence: u64,
     ) -> Self {
         debug_assert_eq!(shell.handles.load(Ordering::Relaxed), 0);
         // SAFETY: S1: the shell came out of a slot, whose lock made the
@@ -174,7 +176,7 @@ impl<B: Backend> Buffer<B> {
             live.queue = queue;
             live.home = home;
         }
-        shell.reuse_fence.store(0, Ordering::Relaxed);
+        shell.reuse_fence.store(fence, Ordering::Relaxed);
         // Zeroed at its first binding (see `Config::scrub`).
         shell.needs_scrub.store(scrub, Ordering::Relaxed);
         shell.handles.store(1, Ordering::Release);

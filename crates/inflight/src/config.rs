@@ -95,9 +95,36 @@ pub struct Config {
     /// backend orders memory, a block still in flight on that queue alone
     /// may go to a new buffer for that queue, its new work queued behind the
     /// old. Less memory; but a buffer so reused and then bound on another
-    /// queue makes that queue wait for the previous owner's work. Off, such
-    /// a block waits on the pending list until its work completes.
+    /// queue must wait for the previous owner's work (see
+    /// [`Config::reuse_wait`]). Off, such a block waits on the pending list
+    /// until its work completes.
     pub in_order_reuse: bool,
+    /// Who waits when a buffer reused in order is bound on another queue
+    /// before the previous owner's work is done (host by default).
+    pub reuse_wait: ReuseWait,
+}
+
+/// Who waits when a buffer reused in order on one queue is bound on another
+/// before the previous owner's work there completes (I2).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReuseWait {
+    /// The binding thread, on the host, at most the pressure timeout
+    /// (`Error::ReuseWaitTimedOut` after it). The default: the early reuse
+    /// was the allocator's choice, and its cost falls on the thread that
+    /// gained from it. No queue is made to wait for another, so other
+    /// threads' work on the second queue runs on. In `repro` on the
+    /// simulated GPU (4 threads sharing 2 queues, on the 16-core H100 host),
+    /// device waits left the queues stalled on each other 4-7% of the time
+    /// and host waits never (docs/BENCHMARKS.md).
+    #[default]
+    Host,
+    /// The second queue, on the device, where the backend can (a CUDA event
+    /// wait; a wait operation on the simulated GPU); else the host. The
+    /// binding thread goes on at once, but the queue, and every submission
+    /// behind this one on it, stalls until the first queue catches up: the
+    /// better choice for one thread driving several queues, which a host
+    /// wait would keep from running ahead.
+    Device,
 }
 
 impl Default for Config {
@@ -117,6 +144,7 @@ impl Default for Config {
             front_cache: true,
             biased_front_cache: true,
             in_order_reuse: true,
+            reuse_wait: ReuseWait::Host,
         }
     }
 }

@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use crate::backend::{checksum_uniform, checksum_words, Backend, Span};
-use crate::{Allocator, Config, Error, Limits, Policy};
+use crate::{Allocator, Config, Error, Limits, Policy, ReuseWait};
 
 /// How long a check waits for work that should finish at once.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -197,9 +197,24 @@ pub fn reuse_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
 /// On a queue that orders memory, a block reused while its previous owner's
 /// work still runs there, then bound on another queue: the new queue's work
 /// is ordered after the old (on the device or by a host wait), and sees only
-/// its own writes. Nothing to check where queues do not order memory.
+/// its own writes. Under each [`ReuseWait`]: the binding thread waits, or
+/// queue B on the device where the backend can. Nothing to check where
+/// queues do not order memory.
 pub fn in_order_reuse_bound_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
-    let alloc = allocator(make, Policy::DEFERRED);
+    for wait in [ReuseWait::Host, ReuseWait::Device] {
+        in_order_reuse_bound_on_another_queue_is_ordered_with(make, wait);
+    }
+}
+
+fn in_order_reuse_bound_on_another_queue_is_ordered_with<B: Backend>(
+    make: Factory<'_, B>,
+    wait: ReuseWait,
+) {
+    let config = Config {
+        reuse_wait: wait,
+        ..Config::default()
+    };
+    let alloc = Allocator::new(make(), config).expect("allocator over a fresh backend");
     let (qa, qb) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
     if !qa.orders_memory() {
         return;
@@ -222,7 +237,7 @@ pub fn in_order_reuse_bound_on_another_queue_is_ordered<B: Backend>(make: Factor
         assert_eq!(
             tb.checksum(slot).unwrap(),
             checksum_uniform(0xC0DE_0000 + round, len / 4),
-            "round {round}: the previous owner's writes on queue A reached queue B"
+            "round {round}, {wait:?} wait: the previous owner's writes on queue A reached queue B"
         );
     }
     assert!(qa.wait_idle(WAIT).unwrap());

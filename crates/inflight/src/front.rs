@@ -17,13 +17,24 @@
 //!   a strong reference) without touching the shared reference count.
 //! - up to [`FRONT_DEFERRED`] **deferred shells**: buffers freed while their
 //!   work was in flight (their stamps kept). They are pending blocks not yet
-//!   filed: never handed out or released from here, only filed, many under
-//!   one state lock: when the batch is full, at the slot thread's next
-//!   front-cache miss (which takes the state lock anyway), and by every
-//!   drain. Filing puts each on the pending list, or on the ready list if
-//!   the cached watermarks show its work completed meanwhile. So a free in
-//!   flight, the common case under `Deferred`, usually takes no shared lock
-//!   either.
+//!   filed, never released from here. Filed many under one state lock: the
+//!   oldest half when the batch is full, all of them at the slot thread's
+//!   next front-cache miss (which takes the state lock anyway; if the slot
+//!   reuses them in order, only those whose work the cached watermarks show
+//!   complete), and by every drain. Filing puts each on the
+//!   pending list, or on the ready list if the cached watermarks show its
+//!   work completed meanwhile. So a free in flight, the common case under
+//!   `Deferred`, usually takes no shared lock either.
+//!
+//!   Under in-order reuse (I2, `Config::in_order_reuse`), an allocation on
+//!   a queue that orders memory may take a deferred shell of its size whose
+//!   only use in flight is on that queue, the oldest first, as the state
+//!   lock's path takes a pending block: the new work runs after the old on
+//!   that queue, and work on any other queue waits for the old (the
+//!   buffer's `reuse_fence`). Then the shells stay in the slot at a miss:
+//!   a thread's next round of allocations, on the same queue and of the
+//!   same sizes as the round it freed, takes them back without the state
+//!   lock.
 //! - counters (frees, front hits), summed into each statistics snapshot.
 //!
 //! A slot holds at most `cap` bytes, an eighth of the cache limit over the
@@ -61,6 +72,7 @@ use crate::backend::Backend;
 use crate::biased::{asymmetric_fences, Biased, Section};
 use crate::buffer::Shell;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
+use crate::timeline::{QueueId, Stamps};
 
 /// Idle blocks one slot holds at most.
 pub(crate) const FRONT_BLOCKS: usize = 16;
@@ -156,6 +168,7 @@ pub(crate) struct SlotTotals {
     pub(crate) deferred_count: u64,
     pub(crate) frees: u64,
     pub(crate) hits: u64,
+    pub(crate) in_order_hits: u64,
 }
 
 /// One slot, alone on its cache lines.
@@ -187,11 +200,15 @@ pub(crate) struct SlotState<B: Backend> {
     hits: u64,
     /// Frees made through this slot (by its thread, of any buffer).
     pub(crate) frees: u64,
-    /// Shells freed in flight, to file on the pending list (capacity
-    /// [`FRONT_DEFERRED`]).
+    /// Shells freed in flight, to file on the pending list, oldest first
+    /// (capacity [`FRONT_DEFERRED`]).
     deferred: Deferred<B>,
+    /// Their block sizes, in the same order.
+    deferred_sizes: Vec<u64>,
     /// The sum of their block sizes.
     deferred_bytes: u64,
+    /// Allocations served from `deferred` (in-order reuse; also in `hits`).
+    in_order_hits: u64,
 }
 
 impl<B: Backend> SlotState<B> {
@@ -305,18 +322,34 @@ impl<B: Backend> SlotState<B> {
         deferred.append(&mut self.take_deferred());
     }
 
+    /// Whether it holds deferred shells.
+    #[inline]
+    pub(crate) fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
     /// Deferred shells held.
     fn deferred_count(&self) -> u64 {
         self.deferred.len() as u64
     }
 
     /// Gathers a shell of `size` bytes freed while its work was in flight.
-    /// Returns the batch to file when it is full.
+    /// Returns the batch to file when it is full: the oldest half (the
+    /// newest stay for in-order reuse).
     #[inline]
     pub(crate) fn defer(&mut self, size: u64, shell: Shell<B>) -> Option<Deferred<B>> {
         self.deferred.push(shell);
+        self.deferred_sizes.push(size);
         self.deferred_bytes += size;
-        (self.deferred.len() >= FRONT_DEFERRED).then(|| self.take_deferred())
+        (self.deferred.len() >= FRONT_DEFERRED).then(|| self.take_oldest_deferred())
+    }
+
+    /// Takes the oldest half of the deferred shells.
+    #[inline(never)]
+    fn take_oldest_deferred(&mut self) -> Deferred<B> {
+        let n = self.deferred.len() / 2;
+        self.deferred_bytes -= self.deferred_sizes.drain(..n).sum::<u64>();
+        self.deferred.drain(..n).collect()
     }
 
     /// Takes the deferred shells, if any, for the caller to file.
@@ -326,7 +359,56 @@ impl<B: Backend> SlotState<B> {
             return Vec::new();
         }
         self.deferred_bytes = 0;
+        self.deferred_sizes.clear();
         std::mem::replace(&mut self.deferred, Vec::with_capacity(FRONT_DEFERRED))
+    }
+
+    /// Takes the deferred shells `done` says are no longer in flight (their
+    /// work completed since they were freed), keeping the rest in order.
+    #[inline(never)]
+    pub(crate) fn take_completed(&mut self, mut done: impl FnMut(&Stamps) -> bool) -> Deferred<B> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.deferred.len() {
+            // SAFETY: S1: a shell in a slot has no handle and is the
+            // allocator's; this section is the only one in the slot.
+            if done(unsafe { self.deferred[i].owned_stamps() }) {
+                self.deferred_bytes -= self.deferred_sizes.remove(i);
+                out.push(self.deferred.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    /// In-order reuse from the slot: takes the oldest deferred shell of
+    /// exactly `size` bytes whose only recorded use is on `queue`, counting
+    /// a hit; returns it with that use's value (the buffer's reuse fence).
+    /// The caller has checked that `queue` orders memory and that the
+    /// policy reuses in order.
+    #[inline(never)]
+    pub(crate) fn take_in_order(&mut self, size: u64, queue: QueueId) -> Option<(Shell<B>, u64)> {
+        let (at, fence) = self
+            .deferred_sizes
+            .iter()
+            .zip(&self.deferred)
+            .enumerate()
+            .filter(|(_, (s, _))| **s == size)
+            .find_map(|(i, (_, shell))| {
+                // SAFETY: S1: a shell in a slot has no handle and is the
+                // allocator's; this section is the only one in the slot.
+                let stamps = unsafe { shell.owned_stamps() };
+                stamps
+                    .single()
+                    .filter(|st| st.queue == queue)
+                    .map(|st| (i, st.value))
+            })?;
+        self.deferred_sizes.remove(at);
+        self.deferred_bytes -= size;
+        self.hits += 1;
+        self.in_order_hits += 1;
+        Some((self.deferred.remove(at), fence))
     }
 }
 
@@ -352,7 +434,9 @@ impl<B: Backend> Fronts<B> {
                             hits: 0,
                             frees: 0,
                             deferred: Vec::with_capacity(FRONT_DEFERRED),
+                            deferred_sizes: Vec::with_capacity(FRONT_DEFERRED),
                             deferred_bytes: 0,
+                            in_order_hits: 0,
                         },
                         i < owned,
                     ),
@@ -499,6 +583,7 @@ impl<B: Backend> Fronts<B> {
             t.deferred_count += s.deferred_count();
             t.frees += s.frees;
             t.hits += s.hits;
+            t.in_order_hits += s.in_order_hits;
         });
         t
     }

@@ -95,7 +95,7 @@ pub use backend::{Backend, DeviceError, DeviceInfo, Span};
 pub use buffer::Buffer;
 pub use command::{CommandBuffer, Queue, Ticket};
 pub use config::{
-    Config, Limits, DEFAULT_PAGE_SIZE, DEFAULT_PRESSURE_TIMEOUT, DEFAULT_SIZE_CLASSES,
+    Config, Limits, ReuseWait, DEFAULT_PAGE_SIZE, DEFAULT_PRESSURE_TIMEOUT, DEFAULT_SIZE_CLASSES,
     DEFAULT_SMALL_ALIGN,
 };
 pub use error::{Error, Result};

@@ -104,6 +104,67 @@ fn in_order_reuse_orders_other_queues_after_the_previous_owner() {
 }
 
 #[test]
+fn a_slot_files_its_shells_whose_work_completed_at_a_miss() {
+    // No `stats()` until the end: a snapshot files every slot's shells.
+    let gpu = ManualGpu::new(1 << 30, true);
+    let alloc = Allocator::new(gpu.clone(), config()).unwrap();
+    let q = alloc.create_queue().unwrap();
+    let a = alloc.malloc(4096, &q).unwrap();
+    let id = a.block_id();
+    let v = use_on(&q, &a);
+    drop(a);
+    // A miss of another size while the shell is in flight: the slot keeps
+    // it for in-order reuse.
+    let b = alloc.malloc(8192, &q).unwrap();
+    // Its work completes. The next miss learns it from the backend (after
+    // its slot's filing); the one after files the shell as ready: idle now,
+    // it counts against the cache limit like any idle block, and is not
+    // kept in the slot beyond it.
+    gpu.complete(0, v);
+    let c = alloc.malloc(16384, &q).unwrap();
+    let d = alloc.malloc(32768, &q).unwrap();
+    let e = alloc.malloc(4096, &q).unwrap();
+    assert_eq!(e.block_id(), id);
+    let s = balanced(alloc.stats());
+    assert_eq!(
+        (s.in_order_hits, s.cache_hits, s.device_allocations),
+        (0, 1, 4),
+        "a best fit from the ready list, not an in-order take from the slot: {s:?}"
+    );
+    drop((b, c, d, e));
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
+
+#[test]
+fn a_slot_reuses_its_shell_in_flight_in_order_on_its_queue_only() {
+    let gpu = ManualGpu::new(1 << 30, true);
+    let alloc = Allocator::new(gpu.clone(), config()).unwrap();
+    let (q0, q1) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
+    let a = alloc.malloc(4096, &q0).unwrap();
+    let id = a.block_id();
+    let v = use_on(&q0, &a);
+    drop(a);
+    let other = alloc.malloc(4096, &q1).unwrap();
+    assert_ne!(other.block_id(), id, "never on another queue");
+    let b = alloc.malloc(4096, &q0).unwrap();
+    assert_eq!(b.block_id(), id, "in order, from the slot");
+    let s = balanced(alloc.stats());
+    assert_eq!(
+        (s.in_order_hits, s.deferred_frees, s.pending_count),
+        (1, 1, 0),
+        "{s:?}"
+    );
+    // Its stamp stays: freed again in flight, it waits for both uses.
+    let w = use_on(&q0, &b);
+    drop(b);
+    gpu.complete(0, v);
+    assert_eq!(balanced(alloc.stats()).pending_count, 1);
+    gpu.complete(0, w);
+    drop(other);
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
+
+#[test]
 fn under_immediate_a_bound_block_skips_the_front_cache() {
     let (gpu, alloc, q) = setup(config().with_policy(unsafe { Policy::immediate() }));
     let b = alloc.malloc(4096, &q).unwrap();

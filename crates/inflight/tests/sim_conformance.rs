@@ -80,20 +80,25 @@ fn untracked_hazards_mode_passes_too() {
     c::run_all(&make);
 }
 
-/// A block reused in order on queue 0 and then bound on queue 1: the
-/// simulator orders queue 1's work after the previous owner's on the
-/// device (no host wait), and queue 1 sees only its own writes.
-#[test]
-fn in_order_reuse_bound_on_another_queue_waits_on_the_device() {
+/// A block reused in order on queue 0 (from the freeing thread's slot),
+/// then bound on queue 1 before queue 0's work on it is done. Under
+/// `wait`, the simulator orders queue 1's work after the previous owner's
+/// on the device, or the binding thread waits for it; either way queue 1
+/// sees only its own writes.
+fn in_order_reuse_bound_on_another_queue(wait: inflight::ReuseWait) {
     use inflight::backend::checksum_uniform;
-    use inflight::{Allocator, Config};
+    use inflight::{Allocator, Config, ReuseWait};
     use std::time::Duration;
     let gpu = SimGpu::new(SimConfig {
         // Slow enough that queue 0 is still writing when queue 1 is told to go.
         op_cost: Duration::from_micros(300),
         ..SimConfig::default()
     });
-    let alloc = Allocator::new(gpu.clone(), Config::default()).unwrap();
+    let config = Config {
+        reuse_wait: wait,
+        ..Config::default()
+    };
+    let alloc = Allocator::new(gpu.clone(), config).unwrap();
     let (q0, q1) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
     let len = 64 * 1024;
     let x = alloc.malloc(len, &q0).unwrap();
@@ -106,14 +111,20 @@ fn in_order_reuse_bound_on_another_queue_waits_on_the_device() {
     drop(x);
     let y = alloc.malloc(len, &q0).unwrap();
     assert_eq!(y.block_id(), block, "in-order reuse on queue 0");
-    let mut cb = q1.command_buffer().unwrap();
-    cb.fill(&y, 0xABCD).unwrap();
-    let slot = cb.checksum(&y).unwrap();
-    let t1 = cb.commit().unwrap();
     assert!(
         !t0.is_complete().unwrap(),
         "queue 0 finished too soon to test anything"
     );
+    let mut cb = q1.command_buffer().unwrap();
+    cb.fill(&y, 0xABCD).unwrap();
+    if wait == ReuseWait::Host {
+        assert!(
+            t0.is_complete().unwrap(),
+            "the binding returned before the previous owner's work was done"
+        );
+    }
+    let slot = cb.checksum(&y).unwrap();
+    let t1 = cb.commit().unwrap();
     assert!(t1.wait(Duration::from_secs(10)).unwrap());
     assert!(
         t0.is_complete().unwrap(),
@@ -124,6 +135,30 @@ fn in_order_reuse_bound_on_another_queue_waits_on_the_device() {
         checksum_uniform(0xABCD, len / 4)
     );
     let s = alloc.stats();
-    assert_eq!((s.reuse_device_waits, s.reuse_host_waits), (1, 0), "{s:?}");
+    let expected = match wait {
+        ReuseWait::Device => (1, 0),
+        ReuseWait::Host => (0, 1),
+    };
+    assert_eq!(
+        (s.reuse_device_waits, s.reuse_host_waits),
+        expected,
+        "{s:?}"
+    );
+    assert_eq!(s.in_order_hits, 1, "{s:?}");
+    assert!(s.balanced(), "{s:?}");
     assert_eq!(gpu.violations(), 0);
+}
+
+#[test]
+fn in_order_reuse_bound_on_another_queue_waits_on_the_device() {
+    in_order_reuse_bound_on_another_queue(inflight::ReuseWait::Device);
+}
+
+#[test]
+fn in_order_reuse_bound_on_another_queue_waits_on_the_host_by_default() {
+    assert_eq!(
+        inflight::Config::default().reuse_wait,
+        inflight::ReuseWait::Host
+    );
+    in_order_reuse_bound_on_another_queue(inflight::ReuseWait::Host);
 }

@@ -3,7 +3,10 @@
 //! Each operation is checked by the validation layer, performed on host
 //! memory, and paced: its simulated cost (fixed + per KiB, with jitter) is
 //! added to a running deadline and the thread sleeps whenever it is ahead of
-//! the deadline. Completion stores the submission's checksums, drops its
+//! the deadline. A submission's deadline starts where the previous one's
+//! ended, or at its arrival if the queue was idle: as a GPU's queue runs, so
+//! that the thread's own lateness (waking from a sleep) is not charged to
+//! the work behind it. Completion stores the submission's checksums, drops its
 //! in-flight marks, then advances the watermark and wakes waiters, in that
 //! order, so that a waiter that sees the value also sees the results.
 //!
@@ -80,6 +83,8 @@ impl Op {
 /// A submission on its way to the executor.
 pub(crate) struct Job {
     pub(crate) value: u64,
+    /// When the host submitted it: the earliest it can start.
+    pub(crate) submitted: Instant,
     pub(crate) ops: Vec<Op>,
     pub(crate) touched: Vec<Arc<Memory>>,
     pub(crate) outcome: Arc<Mutex<Outcome>>,
@@ -168,7 +173,15 @@ impl Executor {
                     }
                     let n_ops = job.ops.len();
                     let fault = g.inner.injector.submission_fault(id, job.value, n_ops);
-                    busy_until = busy_until.max(Instant::now());
+                    let started = Instant::now();
+                    let mut stalled = Duration::ZERO;
+                    // A GPU starts a submission when the previous one ends
+                    // or when it arrives, whichever is later. Not when this
+                    // thread got round to it: its sleep past the previous
+                    // deadline (timer slack, tens of µs) is the host's, and
+                    // charging it to every queued submission would slow a
+                    // busy queue below its simulated rate.
+                    busy_until = busy_until.max(job.submitted);
                     busy_until += Duration::from_nanos((submit_cost * jitter.factor()) as u64);
                     let mut sums = Vec::new();
                     for op in job.ops.iter().take(fault.unwrap_or(n_ops)) {
@@ -180,7 +193,8 @@ impl Executor {
                             // of microseconds later, time this queue would
                             // lose to each wait. So spin a while first,
                             // yielding (a small host runs the other queue).
-                            let spin_until = Instant::now() + WAIT_SPIN;
+                            let waiting = Instant::now();
+                            let spin_until = waiting + WAIT_SPIN;
                             while timeline.completed.load(Ordering::Acquire) < *value
                                 && Instant::now() < spin_until
                             {
@@ -191,7 +205,9 @@ impl Executor {
                                     break;
                                 }
                             }
-                            busy_until = busy_until.max(Instant::now());
+                            let now = Instant::now();
+                            stalled += now - waiting;
+                            busy_until = busy_until.max(now);
                             continue;
                         }
                         run_op(&g, id, job.value, op, &mut sums);
@@ -223,6 +239,10 @@ impl Executor {
                     }
                     let value = job.value;
                     drop(job);
+                    let ran = started.elapsed().saturating_sub(stalled);
+                    let ns = |d: Duration| d.as_nanos() as u64;
+                    g.inner.busy_ns.fetch_add(ns(ran), Ordering::Relaxed);
+                    g.inner.stalled_ns.fetch_add(ns(stalled), Ordering::Relaxed);
                     let _g = tl.lock.lock().unwrap_or_else(|e| e.into_inner());
                     tl.completed.fetch_max(value, Ordering::Release);
                     tl.cv.notify_all();

@@ -120,6 +120,21 @@ struct SimShared {
     next_queue: AtomicU64,
     lost: AtomicBool,
     injector: Injector,
+    /// Where the queues' executors spent their time, summed over queues.
+    busy_ns: AtomicU64,
+    stalled_ns: AtomicU64,
+}
+
+/// Where the simulated queues spent their time, summed over queues (see
+/// [`SimGpu::queue_time`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueTime {
+    /// Running submissions: from taking one to completing it, less its
+    /// device-side waits.
+    pub busy: Duration,
+    /// In device-side waits for another queue (a cross-queue dependency),
+    /// with nothing else this queue could run.
+    pub stalled: Duration,
 }
 
 /// A raw simulated buffer: one generation of device memory.
@@ -171,7 +186,21 @@ impl SimGpu {
                 next_buffer: AtomicU64::new(1),
                 next_queue: AtomicU64::new(0),
                 lost: AtomicBool::new(false),
+                busy_ns: AtomicU64::new(0),
+                stalled_ns: AtomicU64::new(0),
             }),
+        }
+    }
+
+    /// Where the queues' executors have spent their time so far, summed
+    /// over queues; the rest of each queue's life it was idle, waiting for
+    /// work. A GPU-bound run shows busy near the queues' wall time; one
+    /// whose queues wait on each other shows it as stalled.
+    pub fn queue_time(&self) -> QueueTime {
+        let d = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
+        QueueTime {
+            busy: d(&self.inner.busy_ns),
+            stalled: d(&self.inner.stalled_ns),
         }
     }
 
@@ -432,6 +461,7 @@ impl Backend for SimGpu {
         }
         let sent = queue.exec.send(Job {
             value,
+            submitted: std::time::Instant::now(),
             ops: cmds.ops,
             touched,
             outcome: outcome.clone(),
