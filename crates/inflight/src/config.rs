@@ -114,7 +114,7 @@ pub enum ReuseWait {
     /// gained from it. No queue is made to wait for another, so other
     /// threads' work on the second queue runs on. In `repro` on the
     /// simulated GPU (4 threads sharing 2 queues, on the 16-core H100 host),
-    /// device waits left the queues stalled on each other 4-7% of the time
+    /// device waits left the queues stalled on each other 4-10% of the time
     /// and host waits never (docs/BENCHMARKS.md).
     #[default]
     Host,
