@@ -64,7 +64,10 @@ enum Command {
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum ReuseWaitArg {
-    /// The binding thread waits (the default).
+    /// The thread waits until the other queue has enough work queued ahead,
+    /// then that queue waits for the rest (the default).
+    Adaptive,
+    /// The binding thread waits for all of it.
     Host,
     /// The other queue waits, on the device where the backend can.
     Device,
@@ -150,9 +153,8 @@ struct ReproArgs {
     #[arg(long)]
     no_in_order_reuse: bool,
     /// Who waits when a buffer reused in order is bound on another queue
-    /// before the previous owner's work is done: the binding thread (host)
-    /// or the other queue (device) (`Config::reuse_wait`).
-    #[arg(long, value_enum, default_value_t = ReuseWaitArg::Host)]
+    /// before the previous owner's work is done (`Config::reuse_wait`).
+    #[arg(long, value_enum, default_value_t = ReuseWaitArg::Adaptive)]
     reuse_wait: ReuseWaitArg,
     /// Keep no idle blocks in per-thread front caches: every allocation and
     /// free goes through the shared lists (`Config::front_cache = false`).
@@ -310,6 +312,7 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
         scrub: a.scrub,
         in_order_reuse: !a.no_in_order_reuse,
         reuse_wait: match a.reuse_wait {
+            ReuseWaitArg::Adaptive => inflight::ReuseWait::Adaptive,
             ReuseWaitArg::Host => inflight::ReuseWait::Host,
             ReuseWaitArg::Device => inflight::ReuseWait::Device,
         },

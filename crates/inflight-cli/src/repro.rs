@@ -106,7 +106,7 @@ impl Default for Workload {
             print_trend: false,
             scrub: false,
             in_order_reuse: true,
-            reuse_wait: inflight::ReuseWait::Host,
+            reuse_wait: inflight::ReuseWait::Adaptive,
             front_cache: true,
             size_classes: inflight::DEFAULT_SIZE_CLASSES,
         }

@@ -293,6 +293,9 @@ pub(crate) struct QueueShared<B: Backend> {
     pub(crate) submit: Mutex<SubmitState<B>>,
     /// Submissions under `Retained` whose references are still held.
     pub(crate) retained_len: AtomicUsize,
+    /// The value of the last commit (0 before the first): with the
+    /// watermark, how much work is queued ahead of the next submission.
+    pub(crate) submitted: AtomicU64,
     /// An error from the completion path, reported at the next call.
     fault: Mutex<Option<Error>>,
     /// Whether `fault` may hold an error: lets the fast path skip the lock.
@@ -451,6 +454,7 @@ impl<B: Backend> Allocator<B> {
                 retained: VecDeque::new(),
             }),
             retained_len: AtomicUsize::new(0),
+            submitted: AtomicU64::new(0),
             fault: Mutex::new(None),
             faulted: AtomicBool::new(false),
         });
@@ -997,17 +1001,51 @@ impl<B: Backend> Shared<B> {
         if waited.iter().any(|s| s.queue == home && s.value >= value) {
             return Ok(()); // this submission already waits for it
         }
-        if self.config.reuse_wait == ReuseWait::Device
-            && self.backend.wait_on_device(cmds, &q.raw, value)?
-        {
-            self.reuse_device_waits.fetch_add(1, Ordering::Relaxed);
-            waited.push(Stamp { queue: home, value });
-            return Ok(());
+        let deadline = Instant::now() + self.config.pressure_timeout;
+        if self.config.reuse_wait != ReuseWait::Host {
+            // Hand the rest to the device once the other queue has at least
+            // as many submissions queued ahead of this one as `home` has
+            // left before `value` (at once under `Device`): then it will
+            // most likely not stall. Until then the host waits.
+            let other = self.queues.get(on);
+            let mut host_waited = false;
+            loop {
+                let done = self.refresh(q);
+                if done >= value {
+                    if host_waited {
+                        self.reuse_host_waits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    buf.inner.reuse_fence.store(0, Ordering::Release);
+                    return Ok(());
+                }
+                let ahead = match self.config.reuse_wait {
+                    ReuseWait::Device => u64::MAX,
+                    _ => other
+                        .submitted
+                        .load(Ordering::Acquire)
+                        .saturating_sub(self.refresh(other)),
+                };
+                if value - done <= ahead {
+                    if self.backend.wait_on_device(cmds, &q.raw, value)? {
+                        self.reuse_device_waits.fetch_add(1, Ordering::Relaxed);
+                        waited.push(Stamp { queue: home, value });
+                        return Ok(());
+                    }
+                    break; // no device-side waits here: the host waits for all
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Error::ReuseWaitTimedOut { queue: home, value });
+                }
+                host_waited = true;
+                self.backend.wait(&q.raw, value - ahead, deadline - now)?;
+            }
         }
         self.reuse_host_waits.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
         let done = self
             .backend
-            .wait(&q.raw, value, self.config.pressure_timeout)?;
+            .wait(&q.raw, value, deadline.saturating_duration_since(now))?;
         if !done && self.refresh(q) < value {
             return Err(Error::ReuseWaitTimedOut { queue: home, value });
         }

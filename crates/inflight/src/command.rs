@@ -277,6 +277,7 @@ impl<B: Backend> CommandBuffer<B> {
                 }
             };
             sub.next += 1;
+            q.submitted.store(value, Ordering::Release);
             for b in &bound {
                 b.inner.stamps.lock().record(q.id, value);
             }

@@ -100,30 +100,36 @@ pub struct Config {
     /// until its work completes.
     pub in_order_reuse: bool,
     /// Who waits when a buffer reused in order is bound on another queue
-    /// before the previous owner's work is done (host by default).
+    /// before the previous owner's work is done (adaptive by default).
     pub reuse_wait: ReuseWait,
 }
 
 /// Who waits when a buffer reused in order on one queue is bound on another
-/// before the previous owner's work there completes (I2).
+/// before the previous owner's work there completes (I2). The early reuse
+/// was the allocator's choice; the question is who pays for it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ReuseWait {
-    /// The binding thread, on the host, at most the pressure timeout
-    /// (`Error::ReuseWaitTimedOut` after it). The default: the early reuse
-    /// was the allocator's choice, and its cost falls on the thread that
-    /// gained from it. No queue is made to wait for another, so other
-    /// threads' work on the second queue runs on. In `repro` on the
-    /// simulated GPU (4 threads sharing 2 queues, on the 16-core H100 host),
-    /// device waits left the queues stalled on each other 4-10% of the time
-    /// and host waits never (docs/BENCHMARKS.md).
+    /// The binding thread waits on the host until the other queue has at
+    /// least as many submissions queued ahead of this one as the first
+    /// queue has left before the previous owner's use, then the other
+    /// queue waits for the rest on the device (where the backend can; else
+    /// the host waits for all of it). So the other queue will most likely
+    /// not stall, and the thread waits no longer than that takes. The
+    /// default.
     #[default]
+    Adaptive,
+    /// The binding thread, on the host, until the previous owner's work is
+    /// done, at most the pressure timeout (`Error::ReuseWaitTimedOut` after
+    /// it). No queue is made to wait for another.
     Host,
-    /// The second queue, on the device, where the backend can (a CUDA event
-    /// wait; a wait operation on the simulated GPU); else the host. The
-    /// binding thread goes on at once, but the queue, and every submission
-    /// behind this one on it, stalls until the first queue catches up: the
-    /// better choice for one thread driving several queues, which a host
-    /// wait would keep from running ahead.
+    /// The other queue, on the device, at once, where the backend can (a
+    /// CUDA event wait; a wait operation on the simulated GPU); else the
+    /// host. The binding thread goes on, but the queue, and every
+    /// submission behind this one on it (other threads' too), stalls until
+    /// the first queue catches up. Suits one thread driving several queues.
+    /// In `repro` on the simulated GPU (4 threads sharing 2 queues, the
+    /// 16-core H100 host) device waits left the queues stalled on each
+    /// other 4-10% of the time (docs/BENCHMARKS.md).
     Device,
 }
 
@@ -144,7 +150,7 @@ impl Default for Config {
             front_cache: true,
             biased_front_cache: true,
             in_order_reuse: true,
-            reuse_wait: ReuseWait::Host,
+            reuse_wait: ReuseWait::Adaptive,
         }
     }
 }

@@ -201,7 +201,7 @@ pub fn reuse_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
 /// queue B on the device where the backend can. Nothing to check where
 /// queues do not order memory.
 pub fn in_order_reuse_bound_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
-    for wait in [ReuseWait::Host, ReuseWait::Device] {
+    for wait in [ReuseWait::Adaptive, ReuseWait::Host, ReuseWait::Device] {
         in_order_reuse_bound_on_another_queue_is_ordered_with(make, wait);
     }
 }
