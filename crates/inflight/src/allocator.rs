@@ -659,32 +659,18 @@ impl<B: Backend> Shared<B> {
         let home = self.fronts.me();
         let mut slot = self.fronts.enter(home);
         slot.add_live(self);
-        if let Some(shell) = slot.take(rounded) {
-            drop(slot);
-            let scrub = self.config.scrub;
-            return Ok(Buffer::reissue(
-                shell,
-                size,
-                queue.id,
-                scrub,
-                home.slot(),
-                0,
-            ));
-        }
+        // An idle block of this size; else, under in-order reuse, a
+        // deferred one in flight on this queue alone (fenced for others).
         let in_order = self.slot_in_order && queue.orders_memory;
-        if in_order {
-            if let Some((shell, fence)) = slot.take_in_order(rounded, queue.id) {
-                drop(slot);
-                let scrub = self.config.scrub;
-                return Ok(Buffer::reissue(
-                    shell,
-                    size,
-                    queue.id,
-                    scrub,
-                    home.slot(),
-                    fence,
-                ));
-            }
+        let taken = match slot.take(rounded) {
+            Some(shell) => Some((shell, 0)),
+            None if in_order => slot.take_in_order(rounded, queue.id),
+            None => None,
+        };
+        if let Some((shell, fence)) = taken {
+            drop(slot);
+            let (scrub, home) = (self.config.scrub, home.slot());
+            return Ok(Buffer::reissue(shell, size, queue.id, scrub, home, fence));
         }
         // Else the slot's deferred shells go on the pending list under the
         // state lock the miss takes anyway, where promotion and in-order
