@@ -1013,6 +1013,9 @@ impl<B: Backend> Shared<B> {
                 };
                 if value - done <= ahead {
                     if self.backend.wait_on_device(cmds, &q.raw, value)? {
+                        if host_waited {
+                            self.reuse_host_waits.fetch_add(1, Ordering::Relaxed);
+                        }
                         self.reuse_device_waits.fetch_add(1, Ordering::Relaxed);
                         waited.push(Stamp { queue: home, value });
                         return Ok(());

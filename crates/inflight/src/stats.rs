@@ -59,7 +59,9 @@ pub struct Stats {
     /// Blocks reused in order on one queue and then bound on another, whose
     /// new work the device was told to order after the previous owner's.
     pub reuse_device_waits: u64,
-    /// Such binds for which the host had to wait instead.
+    /// Such binds for which the host waited (under
+    /// [`crate::ReuseWait::Adaptive`], one that waited on the host and then
+    /// left the rest to the device counts in both).
     pub reuse_host_waits: u64,
     /// Host time in the backend's device allocations, summed over threads
     /// (nanoseconds).
