@@ -80,7 +80,9 @@ pub struct Config {
     /// thread first frees an idle block small enough for it; trimming,
     /// clearing, limit changes and memory pressure empty them.
     /// With them on, `Stats::peak_active_bytes` may exceed the true peak by
-    /// at most the bytes they held at that moment; off, it is exact.
+    /// at most the bytes they held at that moment (idle blocks, and blocks
+    /// freed in flight that a slot keeps for in-order reuse); off, it is
+    /// exact.
     pub front_cache: bool,
     /// Whether a thread enters its own front-cache slot as the owner of a
     /// biased lock (on by default): with no atomic read-modify-write, while
