@@ -132,8 +132,8 @@ pub(crate) struct Shared<B: Backend> {
     /// The per-thread front caches, and the references that keep this
     /// state alive while buffers are (K1).
     pub(crate) fronts: Fronts<B>,
-    /// `Deferred` with in-order reuse: a slot's deferred shells may go to
-    /// new buffers on their queue (see `front.rs`).
+    /// `Deferred` with in-order reuse and front caches: a slot's deferred
+    /// shells may go to new buffers on their queue (see `front.rs`).
     slot_in_order: bool,
     pub(crate) queues: QueueRegistry<B>,
     /// Cross-queue binds of in-order reused blocks ordered on the device.
@@ -408,7 +408,9 @@ impl<B: Backend> Allocator<B> {
         let limits = Limits::resolve(&config, info.memory_capacity)?;
         let fronts = Fronts::new(config.front_cache, config.biased_front_cache, limits.cache);
         let ready_cap = limits.cache - fronts.reserve();
-        let slot_in_order = config.policy.kind() == PolicyKind::Deferred && config.in_order_reuse;
+        let slot_in_order = config.policy.kind() == PolicyKind::Deferred
+            && config.in_order_reuse
+            && config.front_cache;
         Ok(Allocator {
             shared: Arc::new(Shared {
                 id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),

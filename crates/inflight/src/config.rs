@@ -78,7 +78,9 @@ pub struct Config {
     /// lock. Together they hold at most an eighth of the cache limit, and
     /// a thread's cache takes its share from the ready list's only when the
     /// thread first frees an idle block small enough for it; trimming,
-    /// clearing, limit changes and memory pressure empty them.
+    /// clearing, limit changes and memory pressure empty them. Under
+    /// `Deferred` with in-order reuse, a thread also takes back, in order,
+    /// blocks it freed in flight (see [`Config::in_order_reuse`]).
     /// With them on, `Stats::peak_active_bytes` may exceed the true peak by
     /// at most the bytes they held at that moment (idle blocks, and blocks
     /// freed in flight that a slot keeps for in-order reuse); off, it is

@@ -26,7 +26,8 @@
 //!   work completed meanwhile. So a free in flight, the common case under
 //!   `Deferred`, usually takes no shared lock either.
 //!
-//!   Under in-order reuse (I2, `Config::in_order_reuse`), an allocation on
+//!   Under in-order reuse (I2, `Config::in_order_reuse`) with front caches
+//!   on (`Config::front_cache`), an allocation on
 //!   a queue that orders memory may take a deferred shell of its size whose
 //!   only use in flight is on that queue, the oldest first, as the state
 //!   lock's path takes a pending block: the new work runs after the old on
