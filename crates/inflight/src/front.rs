@@ -201,12 +201,10 @@ pub(crate) struct SlotState<B: Backend> {
     hits: u64,
     /// Frees made through this slot (by its thread, of any buffer).
     pub(crate) frees: u64,
-    /// Shells freed in flight, to file on the pending list, oldest first
-    /// (capacity [`FRONT_DEFERRED`]).
-    deferred: Deferred<B>,
-    /// Their block sizes, in the same order.
-    deferred_sizes: Vec<u64>,
-    /// The sum of their block sizes.
+    /// Shells freed in flight with their block sizes, to file on the
+    /// pending list, oldest first (capacity [`FRONT_DEFERRED`]).
+    deferred: Vec<(u64, Shell<B>)>,
+    /// The sum of their sizes.
     deferred_bytes: u64,
     /// Allocations served from `deferred` (in-order reuse; also in `hits`).
     in_order_hits: u64,
@@ -339,8 +337,7 @@ impl<B: Backend> SlotState<B> {
     /// newest stay for in-order reuse).
     #[inline]
     pub(crate) fn defer(&mut self, size: u64, shell: Shell<B>) -> Option<Deferred<B>> {
-        self.deferred.push(shell);
-        self.deferred_sizes.push(size);
+        self.deferred.push((size, shell));
         self.deferred_bytes += size;
         (self.deferred.len() >= FRONT_DEFERRED).then(|| self.take_oldest_deferred())
     }
@@ -349,33 +346,35 @@ impl<B: Backend> SlotState<B> {
     #[inline(never)]
     fn take_oldest_deferred(&mut self) -> Deferred<B> {
         let n = self.deferred.len() / 2;
-        self.deferred_bytes -= self.deferred_sizes.drain(..n).sum::<u64>();
-        self.deferred.drain(..n).collect()
+        let bytes = &mut self.deferred_bytes;
+        self.deferred
+            .drain(..n)
+            .map(|(size, shell)| {
+                *bytes -= size;
+                shell
+            })
+            .collect()
     }
 
     /// Takes the deferred shells, if any, for the caller to file.
     #[inline]
     pub(crate) fn take_deferred(&mut self) -> Deferred<B> {
-        if self.deferred.is_empty() {
-            return Vec::new();
-        }
         self.deferred_bytes = 0;
-        self.deferred_sizes.clear();
-        std::mem::replace(&mut self.deferred, Vec::with_capacity(FRONT_DEFERRED))
+        self.deferred.drain(..).map(|(_, shell)| shell).collect()
     }
 
     /// Takes the deferred shells `done` says are no longer in flight (their
     /// work completed since they were freed), keeping the rest in order.
     #[inline(never)]
     pub(crate) fn take_completed(&mut self, mut done: impl FnMut(&Stamps) -> bool) -> Deferred<B> {
-        let mut out = Vec::new();
-        let mut i = 0;
+        let (mut out, mut i) = (Vec::new(), 0);
         while i < self.deferred.len() {
             // SAFETY: S1: a shell in a slot has no handle and is the
             // allocator's; this section is the only one in the slot.
-            if done(unsafe { self.deferred[i].owned_stamps() }) {
-                self.deferred_bytes -= self.deferred_sizes.remove(i);
-                out.push(self.deferred.remove(i));
+            if done(unsafe { self.deferred[i].1.owned_stamps() }) {
+                let (size, shell) = self.deferred.remove(i);
+                self.deferred_bytes -= size;
+                out.push(shell);
             } else {
                 i += 1;
             }
@@ -391,11 +390,10 @@ impl<B: Backend> SlotState<B> {
     #[inline(never)]
     pub(crate) fn take_in_order(&mut self, size: u64, queue: QueueId) -> Option<(Shell<B>, u64)> {
         let (at, fence) = self
-            .deferred_sizes
+            .deferred
             .iter()
-            .zip(&self.deferred)
             .enumerate()
-            .filter(|(_, (s, _))| **s == size)
+            .filter(|(_, (s, _))| *s == size)
             .find_map(|(i, (_, shell))| {
                 // SAFETY: S1: a shell in a slot has no handle and is the
                 // allocator's; this section is the only one in the slot.
@@ -405,11 +403,10 @@ impl<B: Backend> SlotState<B> {
                     .filter(|st| st.queue == queue)
                     .map(|st| (i, st.value))
             })?;
-        self.deferred_sizes.remove(at);
         self.deferred_bytes -= size;
         self.hits += 1;
         self.in_order_hits += 1;
-        Some((self.deferred.remove(at), fence))
+        Some((self.deferred.remove(at).1, fence))
     }
 }
 
@@ -435,7 +432,6 @@ impl<B: Backend> Fronts<B> {
                             hits: 0,
                             frees: 0,
                             deferred: Vec::with_capacity(FRONT_DEFERRED),
-                            deferred_sizes: Vec::with_capacity(FRONT_DEFERRED),
                             deferred_bytes: 0,
                             in_order_hits: 0,
                         },
