@@ -25,8 +25,11 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub type Factory<'a, B> = &'a dyn Fn() -> B;
 
 fn allocator<B: Backend>(make: Factory<'_, B>, policy: Policy) -> Allocator<B> {
-    Allocator::new(make(), Config::default().with_policy(policy))
-        .expect("allocator over a fresh backend")
+    allocator_with(make, Config::default().with_policy(policy))
+}
+
+fn allocator_with<B: Backend>(make: Factory<'_, B>, config: Config) -> Allocator<B> {
+    Allocator::new(make(), config).expect("allocator over a fresh backend")
 }
 
 /// Runs every check, in order.
@@ -210,11 +213,13 @@ fn in_order_reuse_bound_on_another_queue_is_ordered_with<B: Backend>(
     make: Factory<'_, B>,
     wait: ReuseWait,
 ) {
-    let config = Config {
-        reuse_wait: wait,
-        ..Config::default()
-    };
-    let alloc = Allocator::new(make(), config).expect("allocator over a fresh backend");
+    let alloc = allocator_with(
+        make,
+        Config {
+            reuse_wait: wait,
+            ..Config::default()
+        },
+    );
     let (qa, qb) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
     if !qa.orders_memory() {
         return;
@@ -361,7 +366,7 @@ pub fn memory_limit_gives_out_of_memory<B: Backend>(make: Factory<'_, B>) {
         pressure_timeout: Duration::from_millis(100),
         ..Config::default()
     };
-    let alloc = Allocator::new(make(), config).unwrap();
+    let alloc = allocator_with(make, config);
     let q = alloc.create_queue().unwrap();
     let a = alloc.malloc(768 * 1024, &q).unwrap();
     match alloc.malloc(512 * 1024, &q) {
