@@ -156,6 +156,10 @@ struct ReproArgs {
     /// before the previous owner's work is done (`Config::reuse_wait`).
     #[arg(long, value_enum, default_value_t = ReuseWaitArg::Adaptive)]
     reuse_wait: ReuseWaitArg,
+    /// Never give such a buffer a ready block instead of waiting, even if
+    /// nothing has seen its block yet (`Config::rebind_unseen = false`).
+    #[arg(long)]
+    no_rebind: bool,
     /// Keep no idle blocks in per-thread front caches: every allocation and
     /// free goes through the shared lists (`Config::front_cache = false`).
     #[arg(long)]
@@ -316,6 +320,7 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
             ReuseWaitArg::Host => inflight::ReuseWait::Host,
             ReuseWaitArg::Device => inflight::ReuseWait::Device,
         },
+        rebind_unseen: !a.no_rebind,
         front_cache: !a.no_front_cache,
         size_classes: a.size_classes,
         ..Workload::default()
@@ -737,6 +742,10 @@ fn print_table(reports: &[Report], w: &Workload) {
         (
             "reuse waits (host)",
             Box::new(|r| r.stats.reuse_host_waits.to_string()),
+        ),
+        (
+            "reuse rebinds",
+            Box::new(|r| r.stats.reuse_rebinds.to_string()),
         ),
         (
             "statistics balance",

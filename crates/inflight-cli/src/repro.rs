@@ -79,6 +79,8 @@ pub struct Workload {
     pub in_order_reuse: bool,
     /// `Config::reuse_wait`.
     pub reuse_wait: inflight::ReuseWait,
+    /// `Config::rebind_unseen`.
+    pub rebind_unseen: bool,
     /// `Config::front_cache`.
     pub front_cache: bool,
     /// `Config::size_classes`.
@@ -107,6 +109,7 @@ impl Default for Workload {
             scrub: false,
             in_order_reuse: true,
             reuse_wait: inflight::ReuseWait::Adaptive,
+            rebind_unseen: true,
             front_cache: true,
             size_classes: inflight::DEFAULT_SIZE_CLASSES,
         }
@@ -326,6 +329,7 @@ pub fn run<B: Backend>(
         scrub: w.scrub,
         in_order_reuse: w.in_order_reuse,
         reuse_wait: w.reuse_wait,
+        rebind_unseen: w.rebind_unseen,
         front_cache: w.front_cache,
         size_classes: w.size_classes,
         ..Config::default()

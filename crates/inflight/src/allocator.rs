@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, DeviceError, DeviceInfo};
 use crate::biased::Section;
-use crate::buffer::{BufferInner, Shell};
+use crate::buffer::{pack_fence, unpack_fence, BufferInner, Shell};
 use crate::cache::{Block, ReadyList};
 use crate::config::{fit_bound, round_size, validate_sizing, Config, Limits, ReuseWait};
 use crate::error::{Error, Result};
@@ -666,7 +666,13 @@ impl<B: Backend> Shared<B> {
         let in_order = self.slot_in_order && queue.orders_memory;
         let taken = match slot.take(rounded) {
             Some(shell) => Some((shell, 0)),
-            None if in_order => slot.take_in_order(rounded, queue.id),
+            None if in_order => slot.take_in_order(rounded, queue.id).map(|(shell, value)| {
+                let fence = Stamp {
+                    queue: queue.id,
+                    value,
+                };
+                (shell, pack_fence(fence))
+            }),
             None => None,
         };
         if let Some((shell, fence)) = taken {
@@ -784,7 +790,7 @@ impl<B: Backend> Shared<B> {
             hit = st.pending.take_in_order(queue.id, rounded, bound);
             if let Some(b) = &hit {
                 st.stats.in_order_hits += 1;
-                fence = b.stamps.single().map_or(0, |s| s.value);
+                fence = b.stamps.single().map_or(0, pack_fence);
             }
         }
         if hit.is_none() && (kept || !st.pending.is_empty()) {
@@ -976,9 +982,12 @@ impl<B: Backend> Shared<B> {
         cmds: &mut B::Commands,
         waited: &mut Vec<Stamp>,
     ) -> Result<()> {
-        let value = buf.inner.reuse_fence.load(Ordering::Acquire);
-        let home = buf.queue_id();
-        if value == 0 || on == home {
+        let Some(Stamp { queue: home, value }) =
+            unpack_fence(buf.inner.reuse_fence.load(Ordering::Acquire))
+        else {
+            return Ok(());
+        };
+        if on == home {
             return Ok(());
         }
         let q = self.queues.get(home);
@@ -988,6 +997,9 @@ impl<B: Backend> Shared<B> {
         }
         if waited.iter().any(|s| s.queue == home && s.value >= value) {
             return Ok(()); // this submission already waits for it
+        }
+        if self.config.rebind_unseen && self.rebind(buf, on) {
+            return Ok(()); // nobody waits: the block is a ready one now
         }
         let deadline = Instant::now() + self.config.pressure_timeout;
         if self.config.reuse_wait != ReuseWait::Host {
@@ -1042,6 +1054,77 @@ impl<B: Backend> Shared<B> {
         }
         buf.inner.reuse_fence.store(0, Ordering::Release);
         Ok(())
+    }
+
+    /// Gives `buf`, reused in order ahead of its previous owner's work and
+    /// now bound on queue `on`, another block of its size, if nothing has
+    /// seen its block yet (rule S2): a ready one, or one in flight on `on`
+    /// alone (reused in order there, fenced for other queues). Its reused
+    /// block goes back to the pending list, still due at that work, where
+    /// its queue may reuse it in order again. Returns whether it did.
+    #[inline(never)]
+    fn rebind(&self, buf: &Buffer<B>, on: QueueId) -> bool {
+        let Some(rounded) = self.rounded(buf.len()) else {
+            return false;
+        };
+        let Some(held) = buf.try_rebind() else {
+            return false; // seen already: its block stays
+        };
+        // SAFETY: S2: this thread moved `pin` to REBINDING, so it alone
+        // reaches `held` until it pins or unpins it below.
+        let held = unsafe { &mut *held };
+        let bound = fit_bound(rounded, &self.config);
+        let mut st = lock_spinning(&self.state);
+        let mut fresh = st.ready.take_best_fit(rounded, bound);
+        let mut release = Vec::new();
+        if fresh.is_none() && !st.pending.is_empty() {
+            // The caller refreshed the watermark of the queue that matters.
+            release = self.promote(&mut st);
+            fresh = st.ready.take_best_fit(rounded, bound);
+        }
+        let mut fence = 0;
+        if fresh.is_none() && self.queues.get(on).orders_memory {
+            fresh = st.pending.take_in_order(on, rounded, bound);
+            fence = fresh
+                .as_ref()
+                .and_then(|b| b.stamps.single())
+                .map_or(0, pack_fence);
+        }
+        let Some(fresh) = fresh else {
+            drop(st);
+            self.release_blocks(release);
+            buf.inner.unpin_after_rebinding();
+            return false;
+        };
+        let raw = held.raw.as_mut().expect("a live buffer has its raw buffer");
+        let mut stamps = buf.inner.stamps.lock();
+        let mut reused = Block {
+            raw: std::mem::replace(raw, fresh.raw),
+            size: std::mem::replace(&mut held.size, fresh.size),
+            id: std::mem::replace(&mut held.id, fresh.id),
+            stamps: std::mem::replace(&mut *stamps, fresh.stamps),
+            release_when_idle: false,
+        };
+        drop(stamps);
+        st.stats.active_bytes = st.stats.active_bytes + held.size - reused.size;
+        st.stats.peak_active_bytes = st.stats.peak_active_bytes.max(st.stats.active_bytes);
+        st.stats.reuse_rebinds += 1;
+        match self.first_incomplete_cached(&reused.stamps) {
+            Some(due) => st.pending.insert(reused, due),
+            None => {
+                reused.stamps.clear();
+                st.ready.insert(reused);
+            }
+        }
+        drop(st);
+        self.release_blocks(release);
+        buf.inner.reuse_fence.store(fence, Ordering::Release);
+        if self.config.scrub {
+            // A recycled block: zeroed at its first binding, this one.
+            buf.inner.needs_scrub.store(true, Ordering::Relaxed);
+        }
+        buf.inner.pin_after_rebinding();
+        true
     }
 
     /// The oldest submission still holding references under `Retained`.
@@ -1131,7 +1214,7 @@ impl<B: Backend> Shared<B> {
         // SAFETY: S1: the shell has no handle and is ours (the free path's).
         let (size, home) = {
             let live = unsafe { shell.owned_live() };
-            (live.size, live.home)
+            (live.held.get_mut().size, live.home)
         };
         let (mut slot, keep, me) = self.free_through(home);
         let cap = self.fronts.cap_for(me);
@@ -1201,7 +1284,7 @@ impl<B: Backend> Shared<B> {
     fn free_bound(&self, shell: Shell<B>) -> Option<Arc<Shared<B>>> {
         // SAFETY: S1: the shell has no handle and is ours (the free path's).
         let (stamps, live) = unsafe { (shell.owned_stamps(), shell.owned_live()) };
-        let (home, size) = (live.home, live.size);
+        let (home, size) = (live.home, live.held.get_mut().size);
         if self.config.policy.kind() == PolicyKind::Immediate {
             let (slot, keep, _) = self.free_through(home);
             drop(slot);

@@ -20,6 +20,21 @@
 //! (`handles > 0`). An `Arc` clone left over from a handle that has already
 //! decremented `handles` may still exist for a moment, but it never reads
 //! those fields: it only gives its strong count back.
+//!
+//! # Rebinding rule (S2)
+//!
+//! One exception, the block itself (`Live::held`: raw buffer, size, id): a
+//! buffer reused in order on one queue and then bound first on another
+//! before its previous owner's work there completed may be given a ready
+//! block instead of waiting for that work (`Shared::order_reuse`), if no
+//! one has seen its block yet. `BufferInner::pin` says whether anyone has:
+//! every read of `held` through a handle first sets it to `PINNED` (raw
+//! buffer, id, capacity, the recording of any command), and the one write
+//! while live is made by the thread that moved it from `UNPINNED` to
+//! `REBINDING`, which stores `PINNED` with Release when done. Readers meet
+//! a rebinding in progress by spinning until it ends; after it, nothing
+//! writes `held` while the buffer lives. The owner (handles == 0) resets
+//! `pin` to `UNPINNED` before publishing a new handle.
 
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
@@ -28,8 +43,10 @@ use std::sync::Arc;
 use crate::allocator::Shared;
 use crate::backend::{Backend, Span};
 use crate::cache::Block;
-use crate::sync::{fence, AtomicBool, AtomicU64, AtomicUsize, Mutex, Ordering};
-use crate::timeline::{QueueId, Stamps};
+use crate::sync::{
+    fence, spin_wait, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Mutex, Ordering,
+};
+use crate::timeline::{QueueId, Stamp, Stamps};
 
 /// A device buffer from the cache. Clones share it; dropping the last clone
 /// frees it into the cache (pending if submitted work still uses it).
@@ -54,28 +71,66 @@ pub(crate) struct BufferInner<B: Backend> {
     /// The last recorded use on each queue; written at commit.
     pub(crate) stamps: Mutex<Stamps>,
     /// Set when the block was reused before its previous owner's work on
-    /// `queue` completed (the in-order reuse rule): that work's value. Work
-    /// on any other queue must wait for it first (I2).
+    /// one queue completed (the in-order reuse rule): that work's stamp,
+    /// packed by [`pack_fence`]; 0 for none. Work on any other queue must
+    /// wait for it first (I2).
     pub(crate) reuse_fence: AtomicU64,
     /// Under [`crate::Config::scrub`]: a recycled block not yet zeroed for
     /// its new owner. Set at malloc, taken by the first binding, which
     /// records the fill (and sets it again if that command buffer is never
     /// submitted).
     pub(crate) needs_scrub: AtomicBool,
+    /// Whether the block in `live.held` may still be replaced (rule S2):
+    /// [`UNPINNED`], [`REBINDING`] or [`PINNED`].
+    pub(crate) pin: AtomicU8,
 }
 
-/// What a live buffer is. In an empty shell `raw` is `None`; in a filled
-/// idle one (in a front cache) only `len` and `queue` are stale.
+/// Timeline values a reuse fence can hold (below the queue's byte).
+const FENCE_VALUE_BITS: u32 = 56;
+
+/// A reuse fence in one word, so that it is read and replaced whole: the
+/// queue plus one in the top byte, the value below it.
+#[inline]
+pub(crate) fn pack_fence(s: Stamp) -> u64 {
+    debug_assert!(s.value < 1 << FENCE_VALUE_BITS && (s.queue as u64) < 255);
+    (u64::from(s.queue) + 1) << FENCE_VALUE_BITS | s.value
+}
+
+/// The stamp a reuse fence word holds, if any (see [`pack_fence`]).
+#[inline]
+pub(crate) fn unpack_fence(word: u64) -> Option<Stamp> {
+    (word != 0).then(|| Stamp {
+        queue: (word >> FENCE_VALUE_BITS) as QueueId - 1,
+        value: word & ((1 << FENCE_VALUE_BITS) - 1),
+    })
+}
+
+/// `BufferInner::pin`: nobody has seen the block; it may be replaced.
+pub(crate) const UNPINNED: u8 = 0;
+/// `BufferInner::pin`: a thread is replacing the block (S2).
+pub(crate) const REBINDING: u8 = 1;
+/// `BufferInner::pin`: the block was seen; it stays until the last drop.
+pub(crate) const PINNED: u8 = 2;
+
+/// What a live buffer is. In an empty shell `held.raw` is `None`; in a
+/// filled idle one (in a front cache) only `len` and `queue` are stale.
 pub(crate) struct Live<B: Backend> {
     /// The allocator, kept alive by the home slot (K1); null in a new shell.
     pub(crate) shared: *const Shared<B>,
-    pub(crate) raw: Option<B::Buffer>,
     pub(crate) len: u64,
-    pub(crate) size: u64,
-    pub(crate) id: u64,
     pub(crate) queue: QueueId,
     /// The front-cache slot that counts this buffer.
     pub(crate) home: u32,
+    /// The block, in a cell of its own: it may be replaced once while the
+    /// buffer lives (rule S2), while readers hold `&Live`.
+    pub(crate) held: UnsafeCell<Held<B>>,
+}
+
+/// The block a buffer holds (see [`Live::held`]).
+pub(crate) struct Held<B: Backend> {
+    pub(crate) raw: Option<B::Buffer>,
+    pub(crate) size: u64,
+    pub(crate) id: u64,
 }
 
 /// An empty `BufferInner`, owned by the allocator (S1).
@@ -84,7 +139,9 @@ pub(crate) type Shell<B> = Arc<BufferInner<B>>;
 // SAFETY: `live` is an `UnsafeCell` accessed under rule S1: written only by
 // the one owner while no handle exists, read only while handles exist, with
 // the `handles` counter (Release decrement, Acquire load or fence) and the
-// state and slot locks ordering those accesses across threads. Everything
+// state and slot locks ordering those accesses across threads; its `held`
+// cell may also be written once while live, under rule S2, ordered by the
+// `pin` atomic (Acquire to take it, Release to hand it on). Everything
 // else in it is `Sync` (atomics, a mutex). The raw buffer and the `Shared`
 // the pointer reaches are `Send + Sync` by the `Backend` trait's bounds.
 unsafe impl<B: Backend> Sync for BufferInner<B> {}
@@ -98,16 +155,19 @@ impl<B: Backend> BufferInner<B> {
             handles: AtomicUsize::new(0),
             live: UnsafeCell::new(Live {
                 shared: std::ptr::null(),
-                raw: None,
                 len: 0,
-                size: 0,
-                id: 0,
                 queue: 0,
                 home: 0,
+                held: UnsafeCell::new(Held {
+                    raw: None,
+                    size: 0,
+                    id: 0,
+                }),
             }),
             stamps: Mutex::new(Stamps::default()),
             reuse_fence: AtomicU64::new(0),
             needs_scrub: AtomicBool::new(false),
+            pin: AtomicU8::new(UNPINNED),
         })
     }
 }
@@ -135,17 +195,20 @@ impl<B: Backend> Buffer<B> {
         unsafe {
             *shell.live.get() = Live {
                 shared: Arc::as_ptr(shared),
-                raw: Some(block.raw),
                 len,
-                size: block.size,
-                id: block.id,
                 queue,
                 home,
+                held: UnsafeCell::new(Held {
+                    raw: Some(block.raw),
+                    size: block.size,
+                    id: block.id,
+                }),
             };
             *shell.stamps.data_ptr() = block.stamps;
         }
         shell.reuse_fence.store(fence_value, Ordering::Relaxed);
         shell.needs_scrub.store(false, Ordering::Relaxed);
+        shell.pin.store(UNPINNED, Ordering::Relaxed);
         shell.handles.store(1, Ordering::Release);
         Buffer {
             inner: ManuallyDrop::new(shell),
@@ -171,12 +234,13 @@ impl<B: Backend> Buffer<B> {
         // caller its only owner.
         unsafe {
             let live = &mut *shell.live.get();
-            debug_assert!(live.raw.is_some() && !live.shared.is_null());
+            debug_assert!(live.held.get_mut().raw.is_some() && !live.shared.is_null());
             live.len = len;
             live.queue = queue;
             live.home = home;
         }
         shell.reuse_fence.store(fence, Ordering::Relaxed);
+        shell.pin.store(UNPINNED, Ordering::Relaxed);
         // Zeroed at its first binding (see `Config::scrub`).
         shell.needs_scrub.store(scrub, Ordering::Relaxed);
         shell.handles.store(1, Ordering::Release);
@@ -189,6 +253,29 @@ impl<B: Backend> Buffer<B> {
     pub(crate) fn live(&self) -> &Live<B> {
         // SAFETY: S1: this handle keeps `handles > 0`, so nobody writes `live`.
         unsafe { &*self.inner.live.get() }
+    }
+
+    /// The block, pinned: it stays this buffer's until the last drop (S2).
+    #[inline]
+    pub(crate) fn held(&self) -> &Held<B> {
+        if self.inner.pin.load(Ordering::Acquire) != PINNED {
+            self.inner.pin_slow();
+        }
+        // SAFETY: S2: `pin` is PINNED (seen with Acquire, after the
+        // rebinding thread's Release), so nobody writes `held` while this
+        // handle keeps the buffer live.
+        unsafe { &*self.live().held.get() }
+    }
+
+    /// Takes the right to replace the block (S2), if nobody has seen it:
+    /// then the caller may write `held` through the pointer returned, and
+    /// must call [`BufferInner::pin_after_rebinding`] when done.
+    pub(crate) fn try_rebind(&self) -> Option<*mut Held<B>> {
+        self.inner
+            .pin
+            .compare_exchange(UNPINNED, REBINDING, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| self.live().held.get())
     }
 
     /// The allocator this buffer belongs to.
@@ -212,12 +299,18 @@ impl<B: Backend> Buffer<B> {
     /// Bytes of the underlying block (the rounded request, or a larger cached
     /// block chosen by best fit).
     pub fn capacity(&self) -> u64 {
-        self.live().size
+        self.held().size
     }
 
     /// The id of the device allocation behind it (stable across reuse).
+    ///
+    /// A buffer's block is fixed once anything has seen it: this call, its
+    /// raw buffer, its capacity, or recording it into a command buffer.
+    /// Before that, a buffer reused ahead of its previous owner's work and
+    /// then first bound on another queue may be given a ready block instead
+    /// of waiting for that work (see [`crate::ReuseWait`]).
     pub fn block_id(&self) -> u64 {
-        self.live().id
+        self.held().id
     }
 
     /// The queue it was allocated for.
@@ -225,9 +318,9 @@ impl<B: Backend> Buffer<B> {
         self.live().queue
     }
 
-    /// The raw backend buffer.
+    /// The raw backend buffer (fixed from now on: see [`Buffer::block_id`]).
     pub fn raw(&self) -> &B::Buffer {
-        self.live()
+        self.held()
             .raw
             .as_ref()
             .expect("a live buffer has its raw buffer")
@@ -257,6 +350,37 @@ impl<B: Backend> Clone for Buffer<B> {
 }
 
 impl<B: Backend> BufferInner<B> {
+    /// Pins the block (S2), waiting out a rebinding in progress.
+    #[cold]
+    fn pin_slow(&self) {
+        let mut turns = 0;
+        loop {
+            match self.pin.compare_exchange_weak(
+                UNPINNED,
+                PINNED,
+                Ordering::Acquire,
+                Ordering::Acquire,
+            ) {
+                Ok(_) | Err(PINNED) => return,
+                Err(_) => spin_wait(&mut turns),
+            }
+        }
+    }
+
+    /// Ends a rebinding begun by [`Buffer::try_rebind`]: the block is fixed,
+    /// and readers may see it (S2).
+    pub(crate) fn pin_after_rebinding(&self) {
+        debug_assert_eq!(self.pin.load(Ordering::Relaxed), REBINDING);
+        self.pin.store(PINNED, Ordering::Release);
+    }
+
+    /// Ends a rebinding begun by [`Buffer::try_rebind`] that replaced
+    /// nothing: the block may still be replaced later (S2).
+    pub(crate) fn unpin_after_rebinding(&self) {
+        debug_assert_eq!(self.pin.load(Ordering::Relaxed), REBINDING);
+        self.pin.store(UNPINNED, Ordering::Release);
+    }
+
     /// The block of a filled shell with no handle, leaving the shell empty.
     ///
     /// # Safety
@@ -265,10 +389,11 @@ impl<B: Backend> BufferInner<B> {
     pub(crate) unsafe fn unfill(&self) -> Block<B::Buffer> {
         // SAFETY: the caller's contract.
         let (live, stamps) = unsafe { (&mut *self.live.get(), &mut *self.stamps.data_ptr()) };
+        let held = live.held.get_mut();
         Block {
-            raw: live.raw.take().expect("a filled shell has its raw buffer"),
-            size: live.size,
-            id: live.id,
+            raw: held.raw.take().expect("a filled shell has its raw buffer"),
+            size: held.size,
+            id: held.id,
             stamps: std::mem::take(stamps),
             release_when_idle: false,
         }
@@ -330,11 +455,11 @@ impl<B: Backend> Drop for Buffer<B> {
 
 impl<B: Backend> std::fmt::Debug for Buffer<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let l = self.live();
+        let (l, held) = (self.live(), self.held());
         f.debug_struct("Buffer")
-            .field("block", &l.id)
+            .field("block", &held.id)
             .field("len", &l.len)
-            .field("capacity", &l.size)
+            .field("capacity", &held.size)
             .field("queue", &l.queue)
             .finish()
     }

@@ -112,9 +112,12 @@ impl<B: Backend> CommandBuffer<B> {
     /// Checks that `buf` belongs to this allocator and `span` fits it, and
     /// records the binding.
     fn bind(&mut self, buf: &Buffer<B>, span: Span) -> Result<()> {
-        let id = buf.block_id();
+        // The block is read (and so fixed, rule S2) only by the recording
+        // after this, or by an error: a rebinding may still replace it.
         if !std::ptr::eq(buf.shared(), Arc::as_ptr(&self.shared)) {
-            return Err(Error::ForeignBuffer { buffer: id });
+            return Err(Error::ForeignBuffer {
+                buffer: buf.block_id(),
+            });
         }
         let len = buf.len();
         let why = if span.offset % 4 != 0 || span.len % 4 != 0 {
@@ -134,7 +137,7 @@ impl<B: Backend> CommandBuffer<B> {
         };
         if let Some(why) = why {
             return Err(Error::InvalidSpan {
-                buffer: id,
+                buffer: buf.block_id(),
                 len,
                 span,
                 why,

@@ -106,6 +106,12 @@ pub struct Config {
     /// Who waits when a buffer reused in order is bound on another queue
     /// before the previous owner's work is done (adaptive by default).
     pub reuse_wait: ReuseWait,
+    /// Whether such a buffer, if nothing has seen its block yet (see
+    /// [`crate::Buffer::block_id`]), is first given a ready block of its
+    /// size instead, so that nobody waits (on by default). Its reused block
+    /// goes back to the pending list, for its own queue to reuse again.
+    /// Only when no ready block fits does [`Config::reuse_wait`] decide.
+    pub rebind_unseen: bool,
 }
 
 /// Who waits when a buffer reused in order on one queue is bound on another
@@ -155,6 +161,7 @@ impl Default for Config {
             biased_front_cache: true,
             in_order_reuse: true,
             reuse_wait: ReuseWait::Adaptive,
+            rebind_unseen: true,
         }
     }
 }

@@ -1,0 +1,166 @@
+//! Rebinding (rule S2, `Config::rebind_unseen`): a buffer reused in order
+//! on one queue and bound first on another, while its previous owner's work
+//! is still in flight, takes another block instead of making anyone wait;
+//! but only while nothing has seen its block. On the driven backend, which
+//! has no device-side waits: a wait there is a host wait, and one that is
+//! never satisfied ends in `ReuseWaitTimedOut` after the pressure timeout.
+
+use std::time::Duration;
+
+use inflight::backend::manual::ManualGpu;
+use inflight::{Allocator, Buffer, Config, Error, Queue, Stats};
+
+/// Front caches off: a free that was never bound goes straight to the
+/// ready list, and in-order reuse goes through the pending list, so the
+/// test decides which blocks are where.
+fn config() -> Config {
+    Config {
+        pressure_timeout: Duration::from_millis(50),
+        front_cache: false,
+        ..Config::default()
+    }
+}
+
+type Setup = (
+    ManualGpu,
+    Allocator<ManualGpu>,
+    Queue<ManualGpu>,
+    Queue<ManualGpu>,
+);
+
+fn setup(config: Config) -> Setup {
+    let gpu = ManualGpu::new(1 << 30, true);
+    let alloc = Allocator::new(gpu.clone(), config).unwrap();
+    let (q0, q1) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
+    (gpu, alloc, q0, q1)
+}
+
+fn use_on(q: &Queue<ManualGpu>, b: &Buffer<ManualGpu>) -> Result<u64, Error> {
+    let mut cb = q.command_buffer()?;
+    cb.fill(b, 1)?;
+    Ok(cb.commit()?.value())
+}
+
+fn balanced(s: Stats) -> Stats {
+    assert!(s.balanced(), "{s:?}");
+    s
+}
+
+/// Frees a block in flight on `q0` (at value `v`), then reuses it in order
+/// there for a new buffer, with a never-bound block of the same size made
+/// ready meanwhile. Returns the reused buffer, `v`, and both block ids.
+fn reused_in_order_with_a_ready_block(
+    alloc: &Allocator<ManualGpu>,
+    q0: &Queue<ManualGpu>,
+    q1: &Queue<ManualGpu>,
+) -> (Buffer<ManualGpu>, u64, u64, u64) {
+    let a = alloc.malloc(4096, q0).unwrap();
+    let (reused, v) = (a.block_id(), use_on(q0, &a).unwrap());
+    drop(a);
+    let spare = alloc.malloc(4096, q1).unwrap();
+    let ready = spare.block_id();
+    let b = alloc.malloc(4096, q0).unwrap();
+    drop(spare); // never bound: ready at once
+    assert_eq!(alloc.stats().in_order_hits, 1);
+    (b, v, reused, ready)
+}
+
+#[test]
+fn an_unseen_buffer_bound_on_another_queue_takes_a_ready_block() {
+    let (gpu, alloc, q0, q1) = setup(config());
+    let (b, _, reused, ready) = reused_in_order_with_a_ready_block(&alloc, &q0, &q1);
+    // q0's work is in flight and never completes before the bind: without
+    // the rebinding the host would wait for it and time out.
+    let w = use_on(&q1, &b).expect("rebound: nobody waits");
+    assert_eq!(b.block_id(), ready, "the ready block");
+    let s = balanced(alloc.stats());
+    assert_eq!(
+        (s.reuse_rebinds, s.reuse_host_waits, s.reuse_device_waits),
+        (1, 0, 0),
+        "{s:?}"
+    );
+    // The reused block went back to the pending list, still due at `v`.
+    assert_eq!((s.pending_count, s.ready_count), (1, 0), "{s:?}");
+    // Fixed from now on: binding it on q0 now needs nothing either (its new
+    // block has no fence), and it stays the same block.
+    use_on(&q0, &b).unwrap();
+    assert_eq!(b.block_id(), ready);
+    drop(b);
+    gpu.complete(1, w);
+    gpu.complete_all();
+    let again = alloc.malloc(4096, &q0).unwrap();
+    assert!([reused, ready].contains(&again.block_id()));
+    drop(again);
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
+
+#[test]
+fn a_seen_buffer_keeps_its_block_and_waits() {
+    let (gpu, alloc, q0, q1) = setup(config());
+    let (b, v, reused, _) = reused_in_order_with_a_ready_block(&alloc, &q0, &q1);
+    assert_eq!(b.block_id(), reused, "seen: pinned to its block");
+    match use_on(&q1, &b) {
+        Err(Error::ReuseWaitTimedOut { queue: 0, value }) => assert_eq!(value, v),
+        other => panic!("expected a host wait that times out, got {other:?}"),
+    }
+    assert_eq!(alloc.stats().reuse_rebinds, 0);
+    gpu.complete(0, v);
+    use_on(&q1, &b).expect("its previous owner's work is done");
+    assert_eq!(b.block_id(), reused);
+    drop(b);
+    gpu.complete_all();
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
+
+#[test]
+fn with_rebinding_off_an_unseen_buffer_waits() {
+    let config = Config {
+        rebind_unseen: false,
+        ..config()
+    };
+    let (gpu, alloc, q0, q1) = setup(config);
+    let (b, v, _, _) = reused_in_order_with_a_ready_block(&alloc, &q0, &q1);
+    assert!(matches!(
+        use_on(&q1, &b),
+        Err(Error::ReuseWaitTimedOut { queue: 0, .. })
+    ));
+    assert_eq!(alloc.stats().reuse_rebinds, 0);
+    gpu.complete(0, v);
+    drop(b);
+    gpu.complete_all();
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
+
+#[test]
+fn without_a_ready_block_it_takes_one_in_flight_on_the_binding_queue() {
+    let (gpu, alloc, q0, q1) = setup(config());
+    // A block in flight on q1 alone, at value `w`.
+    let x = alloc.malloc(4096, &q1).unwrap();
+    let (on_q1, w) = (x.block_id(), use_on(&q1, &x).unwrap());
+    drop(x);
+    // A block in flight on q0, reused in order there.
+    let a = alloc.malloc(4096, &q0).unwrap();
+    use_on(&q0, &a).unwrap();
+    drop(a);
+    let b = alloc.malloc(4096, &q0).unwrap();
+    let s = balanced(alloc.stats());
+    assert_eq!((s.in_order_hits, s.ready_count, s.pending_count), (1, 0, 1));
+    // Bound on q1: q1's own block, reused in order there, no wait.
+    let mut cb = q1.command_buffer().unwrap();
+    cb.fill(&b, 2).unwrap();
+    assert_eq!(b.block_id(), on_q1, "the block in flight on q1");
+    let t = cb.commit().unwrap().value();
+    assert!(t > w);
+    let s = balanced(alloc.stats());
+    assert_eq!((s.reuse_rebinds, s.reuse_host_waits), (1, 0), "{s:?}");
+    // Its fence moved to q1: work on q0 must now wait for q1's `w`.
+    match use_on(&q0, &b) {
+        Err(Error::ReuseWaitTimedOut { queue: 1, value }) => assert_eq!(value, w),
+        other => panic!("expected a wait for q1's work, got {other:?}"),
+    }
+    gpu.complete(1, w);
+    use_on(&q0, &b).expect("q1's previous work is done");
+    drop(b);
+    gpu.complete_all();
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
