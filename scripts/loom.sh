@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 export RUSTFLAGS="--cfg inflight_loom ${RUSTFLAGS:-}"
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/loom}"
-# The biased lock's own models (src/biased.rs), then the allocator's.
-cargo test -p inflight --release --lib biased:: -- --nocapture
+# The biased lock's own models (src/biased.rs) and rule S2's handshake
+# (src/buffer.rs), then the allocator's.
+cargo test -p inflight --release --lib -- --nocapture biased:: buffer::loom_models
 exec cargo test -p inflight --release --test loom "$@"

@@ -258,24 +258,18 @@ impl<B: Backend> Buffer<B> {
     /// The block, pinned: it stays this buffer's until the last drop (S2).
     #[inline]
     pub(crate) fn held(&self) -> &Held<B> {
-        if self.inner.pin.load(Ordering::Acquire) != PINNED {
-            self.inner.pin_slow();
-        }
-        // SAFETY: S2: `pin` is PINNED (seen with Acquire, after the
-        // rebinding thread's Release), so nobody writes `held` while this
-        // handle keeps the buffer live.
-        unsafe { &*self.live().held.get() }
+        // SAFETY: S2: `pinned` returns once `pin` is PINNED (seen with
+        // Acquire, after any rebinding thread's Release), so nobody writes
+        // `held` while this handle keeps the buffer live.
+        unsafe { &*self.inner.pinned() }
     }
 
     /// Takes the right to replace the block (S2), if nobody has seen it:
     /// then the caller may write `held` through the pointer returned, and
-    /// must call [`BufferInner::pin_after_rebinding`] when done.
+    /// must call [`BufferInner::pin_after_rebinding`] (or
+    /// [`BufferInner::unpin_after_rebinding`]) when done.
     pub(crate) fn try_rebind(&self) -> Option<*mut Held<B>> {
-        self.inner
-            .pin
-            .compare_exchange(UNPINNED, REBINDING, Ordering::Acquire, Ordering::Relaxed)
-            .ok()
-            .map(|_| self.live().held.get())
+        self.inner.try_rebind()
     }
 
     /// The allocator this buffer belongs to.
@@ -350,6 +344,32 @@ impl<B: Backend> Clone for Buffer<B> {
 }
 
 impl<B: Backend> BufferInner<B> {
+    /// The block's cell. The caller holds a live handle (S1: nobody writes
+    /// `live` meanwhile); reading through the pointer is S2's business.
+    #[inline]
+    fn held_cell(&self) -> *mut Held<B> {
+        // SAFETY: S1: a live handle exists, so `live` is not written; only
+        // the pointer to its `held` cell is taken here.
+        unsafe { &*self.live.get() }.held.get()
+    }
+
+    /// Pins the block (S2) and returns it; the caller holds a live handle.
+    #[inline]
+    fn pinned(&self) -> *const Held<B> {
+        if self.pin.load(Ordering::Acquire) != PINNED {
+            self.pin_slow();
+        }
+        self.held_cell()
+    }
+
+    /// See [`Buffer::try_rebind`]; the caller holds a live handle.
+    fn try_rebind(&self) -> Option<*mut Held<B>> {
+        self.pin
+            .compare_exchange(UNPINNED, REBINDING, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| self.held_cell())
+    }
+
     /// Pins the block (S2), waiting out a rebinding in progress.
     #[cold]
     fn pin_slow(&self) {
@@ -462,5 +482,48 @@ impl<B: Backend> std::fmt::Debug for Buffer<B> {
             .field("capacity", &held.size)
             .field("queue", &l.queue)
             .finish()
+    }
+}
+
+#[cfg(all(test, inflight_loom))]
+mod loom_models {
+    //! Rule S2's handshake under loom: a thread that reads a live buffer's
+    //! block races one that tries to replace it. (The block's cell is std's,
+    //! so loom checks the protocol's outcomes, not the cell's accesses.)
+
+    use super::*;
+    use crate::backend::manual::ManualGpu;
+
+    /// The reader sees the old block and the rebinding fails, or the
+    /// rebinding succeeds and the reader sees only the new block: never
+    /// the old block once it was replaced, nor a block replaced after it
+    /// was seen.
+    #[test]
+    fn a_reader_sees_the_block_before_a_rebinding_or_after_it() {
+        loom::model(|| {
+            let inner: Shell<ManualGpu> = BufferInner::shell();
+            // SAFETY: S1: no handle exists yet; this thread owns the shell.
+            unsafe { (*inner.live.get()).held.get_mut().id = 1 };
+            inner.handles.store(1, Ordering::Release); // the reader's handle
+            let other = inner.clone();
+            let rebinder = loom::thread::spawn(move || match other.try_rebind() {
+                Some(held) => {
+                    // The write takes time: a reader may come meanwhile
+                    // (loom switches threads only at its own operations).
+                    loom::thread::yield_now();
+                    // SAFETY: S2: this thread moved `pin` to REBINDING.
+                    unsafe { (*held).id = 2 };
+                    other.pin_after_rebinding();
+                    true
+                }
+                None => false,
+            });
+            // SAFETY: S2: `pinned` returns once the block is fixed.
+            let seen = unsafe { (*inner.pinned()).id };
+            let rebound = rebinder.join().unwrap();
+            assert_eq!(rebound, seen == 2, "seen {seen}, rebound {rebound}");
+            // SAFETY: as above; the block stays fixed.
+            assert_eq!(unsafe { (*inner.pinned()).id }, seen);
+        });
     }
 }
