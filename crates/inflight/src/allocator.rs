@@ -29,6 +29,12 @@
 //!   caches, trim to the GC limit, trim to the memory limit, ask the device
 //!   (the state lock let go), wait (boundedly) for the oldest in-flight
 //!   stamp, and finally fail with [`Error::OutOfMemory`].
+//! - **bind** on another queue of a buffer reused in order ahead of its
+//!   previous owner's work (`order_reuse`): nothing, if that work has
+//!   completed; else, if nothing has seen the buffer's block (rule S2 in
+//!   `buffer.rs`), another block under the state lock: a ready one, or
+//!   one in flight on the binding queue alone; else a wait, on the host or
+//!   on the device ([`crate::ReuseWait`]).
 //!
 //! # Lock order
 //!

@@ -115,7 +115,8 @@ pub struct Config {
 }
 
 /// Who waits when a buffer reused in order on one queue is bound on another
-/// before the previous owner's work there completes (I2). The early reuse
+/// before the previous owner's work there completes (I2), and cannot take
+/// another block instead (see [`Config::rebind_unseen`]). The early reuse
 /// was the allocator's choice; the question is who pays for it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ReuseWait {
