@@ -781,23 +781,15 @@ impl<B: Backend> Shared<B> {
         // question first, deferred ran at 0.87-0.89 of retained's rate on the
         // 16-core simulator; with it after, 0.95-0.96; H100 host, run 36.)
         let bound = fit_bound(rounded, &self.config);
-        let mut hit = st.ready.take_best_fit(rounded, bound);
         let mut release = Vec::new();
-        if hit.is_none() && !st.pending.is_empty() {
-            release = self.promote(&mut st);
-            hit = st.ready.take_best_fit(rounded, bound);
-        }
-        let mut fence = 0;
-        if hit.is_none()
-            && policy == PolicyKind::Deferred
-            && queue.orders_memory
-            && self.config.in_order_reuse
-        {
-            hit = st.pending.take_in_order(queue.id, rounded, bound);
-            if let Some(b) = &hit {
-                st.stats.in_order_hits += 1;
-                fence = b.stamps.single().map_or(0, pack_fence);
-            }
+        let in_order =
+            (policy == PolicyKind::Deferred && queue.orders_memory && self.config.in_order_reuse)
+                .then_some(queue.id);
+        let (mut hit, fence) = self
+            .take_cached(&mut st, rounded, bound, in_order, &mut release)
+            .map_or((None, 0), |(block, fence)| (Some(block), fence));
+        if fence != 0 {
+            st.stats.in_order_hits += 1;
         }
         if hit.is_none() && (kept || !st.pending.is_empty()) {
             MutexGuard::unlocked(&mut st, || self.refresh_all());
@@ -1005,7 +997,7 @@ impl<B: Backend> Shared<B> {
             return Ok(()); // this submission already waits for it
         }
         if self.config.rebind_unseen && self.rebind(buf, on) {
-            return Ok(()); // nobody waits: the block is a ready one now
+            return Ok(()); // nobody waits: the buffer has another block now
         }
         let deadline = Instant::now() + self.config.pressure_timeout;
         if self.config.reuse_wait != ReuseWait::Host {
@@ -1080,23 +1072,14 @@ impl<B: Backend> Shared<B> {
         // reaches `held` until it pins or unpins it below.
         let held = unsafe { &mut *held };
         let bound = fit_bound(rounded, &self.config);
-        let mut st = lock_spinning(&self.state);
-        let mut fresh = st.ready.take_best_fit(rounded, bound);
+        let in_order =
+            (self.config.in_order_reuse && self.queues.get(on).orders_memory).then_some(on);
         let mut release = Vec::new();
-        if fresh.is_none() && !st.pending.is_empty() {
-            // The caller refreshed the watermark of the queue that matters.
-            release = self.promote(&mut st);
-            fresh = st.ready.take_best_fit(rounded, bound);
-        }
-        let mut fence = 0;
-        if fresh.is_none() && self.queues.get(on).orders_memory {
-            fresh = st.pending.take_in_order(on, rounded, bound);
-            fence = fresh
-                .as_ref()
-                .and_then(|b| b.stamps.single())
-                .map_or(0, pack_fence);
-        }
-        let Some(fresh) = fresh else {
+        let mut st = lock_spinning(&self.state);
+        // The caller refreshed the watermark of the queue that matters.
+        let Some((fresh, fence)) =
+            self.take_cached(&mut st, rounded, bound, in_order, &mut release)
+        else {
             drop(st);
             self.release_blocks(release);
             buf.inner.unpin_after_rebinding();
@@ -1104,7 +1087,7 @@ impl<B: Backend> Shared<B> {
         };
         let raw = held.raw.as_mut().expect("a live buffer has its raw buffer");
         let mut stamps = buf.inner.stamps.lock();
-        let mut reused = Block {
+        let reused = Block {
             raw: std::mem::replace(raw, fresh.raw),
             size: std::mem::replace(&mut held.size, fresh.size),
             id: std::mem::replace(&mut held.id, fresh.id),
@@ -1115,13 +1098,7 @@ impl<B: Backend> Shared<B> {
         st.stats.active_bytes = st.stats.active_bytes + held.size - reused.size;
         st.stats.peak_active_bytes = st.stats.peak_active_bytes.max(st.stats.active_bytes);
         st.stats.reuse_rebinds += 1;
-        match self.first_incomplete_cached(&reused.stamps) {
-            Some(due) => st.pending.insert(reused, due),
-            None => {
-                reused.stamps.clear();
-                st.ready.insert(reused);
-            }
-        }
+        self.file_block(&mut st, reused);
         drop(st);
         self.release_blocks(release);
         buf.inner.reuse_fence.store(fence, Ordering::Release);
@@ -1131,6 +1108,33 @@ impl<B: Backend> Shared<B> {
         }
         buf.inner.pin_after_rebinding();
         true
+    }
+
+    /// A cached block of `rounded` bytes (below `bound`), asking the backend
+    /// nothing: best fit from the ready list; else the same after promoting
+    /// by the cached watermarks (blocks that trims go to `release`); else,
+    /// on `in_order`'s queue, a pending block whose only use in flight is
+    /// there. Returns it with its reuse fence (packed; 0 for none).
+    fn take_cached(
+        &self,
+        st: &mut State<B>,
+        rounded: u64,
+        bound: u64,
+        in_order: Option<QueueId>,
+        release: &mut Vec<Block<B::Buffer>>,
+    ) -> Option<(Block<B::Buffer>, u64)> {
+        if let Some(b) = st.ready.take_best_fit(rounded, bound) {
+            return Some((b, 0));
+        }
+        if !st.pending.is_empty() {
+            release.extend(self.promote(st));
+            if let Some(b) = st.ready.take_best_fit(rounded, bound) {
+                return Some((b, 0));
+            }
+        }
+        let b = st.pending.take_in_order(in_order?, rounded, bound)?;
+        let fence = b.stamps.single().map_or(0, pack_fence);
+        Some((b, fence))
     }
 
     /// The oldest submission still holding references under `Retained`.
@@ -1323,18 +1327,25 @@ impl<B: Backend> Shared<B> {
     fn file_deferred(&self, st: &mut State<B>, batch: Deferred<B>, spare: &mut Vec<Shell<B>>) {
         for shell in batch {
             // SAFETY: S1: a shell in a slot has no handle and is ours.
-            let mut block = unsafe { shell.unfill() };
+            let block = unsafe { shell.unfill() };
             st.stats.active_bytes -= block.size;
             st.stats.active_count -= 1;
             st.stats.deferred_frees += 1;
-            match self.first_incomplete_cached(&block.stamps) {
-                Some(due) => st.pending.insert(block, due),
-                None => {
-                    block.stamps.clear();
-                    st.ready.insert(block);
-                }
-            }
+            self.file_block(st, block);
             st.park(shell, spare);
+        }
+    }
+
+    /// Files a block that left a buffer with its stamps: on the pending
+    /// list under its first incomplete stamp, or on the ready list if the
+    /// cached watermarks show every use complete.
+    fn file_block(&self, st: &mut State<B>, mut block: Block<B::Buffer>) {
+        match self.first_incomplete_cached(&block.stamps) {
+            Some(due) => st.pending.insert(block, due),
+            None => {
+                block.stamps.clear();
+                st.ready.insert(block);
+            }
         }
     }
 

@@ -25,9 +25,10 @@
 //!
 //! One exception, the block itself (`Live::held`: raw buffer, size, id): a
 //! buffer reused in order on one queue and then bound first on another
-//! before its previous owner's work there completed may be given a ready
-//! block instead of waiting for that work (`Shared::order_reuse`), if no
-//! one has seen its block yet. `BufferInner::pin` says whether anyone has:
+//! before its previous owner's work there completed may be given another
+//! block (a ready one, or one in flight on the queue it is being bound on)
+//! instead of waiting for that work (`Shared::rebind`), if no one has seen
+//! its block yet. `BufferInner::pin` says whether anyone has:
 //! every read of `held` through a handle first sets it to `PINNED` (raw
 //! buffer, id, capacity, the recording of any command), and the one write
 //! while live is made by the thread that moved it from `UNPINNED` to
