@@ -3,7 +3,8 @@
 //! the device idle, and a reuse in flight then has nothing to race with).
 //!
 //! For words that all hold `v`, [`inflight::backend::checksum_uniform`] is
-//! `Σ (v ^ m_i)` over the index terms `m_i`. Since `v ^ m = v + m - 2 (v & m)`,
+//! `Σ (v ^ m_i)` over the index terms `m_i`, plus `n` times the value term
+//! `rotl(v, 7)`. Since `v ^ m = v + m - 2 (v & m)`,
 //! the sum is `n v + Σ m_i - 2 Σ_b 2^b v_b c_b`, where `c_b` counts the `m_i`
 //! with bit `b` set: `Σ m_i` and the 32 counts depend on `n` alone, so they
 //! are computed once per span length and cached (wrapping arithmetic
@@ -11,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use inflight::backend::index_mix;
+use inflight::backend::{index_mix, value_mix};
 
 /// The most span lengths kept; past it the cache starts over.
 const MAX_LENGTHS: usize = 4096;
@@ -59,6 +60,7 @@ impl UniformChecksums {
             .wrapping_mul(u64::from(value))
             .wrapping_add(t.sum)
             .wrapping_sub(and.wrapping_mul(2))
+            .wrapping_add(words.wrapping_mul(u64::from(value_mix(value))))
     }
 }
 

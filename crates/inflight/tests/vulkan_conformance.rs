@@ -181,10 +181,14 @@ fn long_spans_are_split() {
     let words = len / 4;
     let mut want = inflight::backend::checksum_uniform(5, words);
     for i in [0, words - 1] {
-        let mix = inflight::backend::index_mix(i);
+        // The two end words hold the first fill: swap their terms.
+        let (mix, value) = (
+            inflight::backend::index_mix(i),
+            inflight::backend::value_mix,
+        );
         want = want
-            .wrapping_sub(u64::from(5 ^ mix))
-            .wrapping_add(u64::from(0x0102_0304 ^ mix));
+            .wrapping_sub(u64::from(5 ^ mix) + u64::from(value(5)))
+            .wrapping_add(u64::from(0x0102_0304 ^ mix) + u64::from(value(0x0102_0304)));
     }
     assert_eq!(t.checksum(slot).unwrap(), want);
     drop((a, b, t));

@@ -264,13 +264,25 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
-/// The checksum every backend computes: the wrapping sum over the words `w[i]`
-/// of a span of `w[i] ^ (i * 0x9E37_79B1)` (wrapping u32 multiply), each term
-/// widened to u64. The index term makes a shifted or misplaced copy visible.
+/// The checksum every backend computes: the wrapping u64 sum over the words
+/// `w[i]` of a span of two u32 terms, each widened to u64:
+/// `w[i] ^ (i * 0x9E37_79B1)` (wrapping u32 multiply) and `w[i]` rotated
+/// left by 7. The index term makes a shifted or misplaced copy visible. The
+/// value term makes every value count: over `2^k` words the index term of
+/// a uniform span is the same whatever the value (the index terms' low
+/// bits run through every pattern, so XOR with the value only permutes
+/// them), and alone it could not tell one owner's fill from another's.
 pub fn checksum_words(words: &[u32]) -> u64 {
     words.iter().enumerate().fold(0u64, |acc, (i, &w)| {
         acc.wrapping_add(u64::from(w ^ index_mix(i as u64)))
+            .wrapping_add(u64::from(value_mix(w)))
     })
+}
+
+/// The per-value term of [`checksum_words`].
+#[inline]
+pub const fn value_mix(w: u32) -> u32 {
+    w.rotate_left(7)
 }
 
 /// The per-index term of [`checksum_words`].
@@ -288,13 +300,51 @@ pub fn checksum_uniform(value: u32, words: u64) -> u64 {
 /// The checksum terms of `words` words that all hold `value`, for indices
 /// `first..first + words` (a piece of a longer span).
 pub fn checksum_uniform_from(value: u32, first: u64, words: u64) -> u64 {
-    (first..first + words).fold(0u64, |acc, i| {
-        acc.wrapping_add(u64::from(value ^ index_mix(i)))
-    })
+    (first..first + words)
+        .fold(0u64, |acc, i| {
+            acc.wrapping_add(u64::from(value ^ index_mix(i)))
+        })
+        .wrapping_add(words.wrapping_mul(u64::from(value_mix(value))))
 }
 
 impl fmt::Display for Span {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "[{}..{})", self.offset, self.end())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Over a power-of-two span of 16 words or more the index term alone is
+    /// blind to values that differ in their low bits (uniform fills of them
+    /// sum alike); with the value term, no two values collide.
+    #[test]
+    fn uniform_checksums_tell_values_apart_on_power_of_two_spans() {
+        for k in [0, 1, 5, 10, 12, 16, 20] {
+            let n = 1u64 << k;
+            let index_only =
+                |v: u32| (0..n).fold(0u64, |acc, i| acc.wrapping_add(u64::from(v ^ index_mix(i))));
+            if k >= 4 {
+                // Fills that differ in their low bits (a round's patterns).
+                assert!(
+                    (100..108).all(|v| index_only(v) == index_only(100)),
+                    "the index term alone tells these apart at 2^{k}: the premise changed"
+                );
+            }
+            let mut values = vec![0u32, 1, 7, 0xC0DE, 0xC0DE_0001, 0xFFFF_FFFF, 0x8000_0000];
+            values.extend(100..108);
+            let sums: Vec<u64> = values.iter().map(|&v| checksum_uniform(v, n)).collect();
+            for (a, x) in sums.iter().enumerate() {
+                for y in &sums[a + 1..] {
+                    assert_ne!(x, y, "2^{k} words: two values, one checksum");
+                }
+            }
+            for &v in &values {
+                let words = vec![v; n as usize];
+                assert_eq!(checksum_words(&words), checksum_uniform(v, n));
+            }
+        }
     }
 }

@@ -6,7 +6,8 @@
 //! grid-stride loop. The checksum kernel computes the core's
 //! [`crate::backend::checksum_words`] bit for bit: each thread sums
 //! `w[i] ^ (u32)(i * 0x9E3779B1)` (i relative to the span start, wrapping
-//! u32 multiply) into a u64, a warp reduces with shuffles, and one lane per
+//! u32 multiply) and `w[i]` rotated left by 7, each widened, into a u64, a
+//! warp reduces with shuffles, and one lane per
 //! warp adds into the slot with `atomicAdd` (wrapping, so order is free).
 
 use std::collections::HashMap;
@@ -43,7 +44,10 @@ extern "C" __global__ void inflight_add(const u32* a, const u32* b, u32* out, u6
 extern "C" __global__ void inflight_checksum(const u32* src, u64 n, u64* slot) {
     u64 sum = 0;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        sum += (u64)(src[i] ^ ((u32)i * 0x9E3779B1u));
+    {
+        u32 w = src[i];
+        sum += (u64)(w ^ ((u32)i * 0x9E3779B1u)) + (u64)((w << 7) | (w >> 25));
+    }
     for (int off = 16; off > 0; off >>= 1)
         sum += __shfl_down_sync(0xffffffffu, sum, off);
     if ((threadIdx.x & 31) == 0 && sum != 0)

@@ -80,7 +80,9 @@ impl Pages {
                 Some(chunk) => {
                     for (i, &w) in chunk[r].iter().enumerate() {
                         let term = w ^ crate::backend::index_mix(base + i as u64);
-                        sum = sum.wrapping_add(u64::from(term));
+                        sum = sum
+                            .wrapping_add(u64::from(term))
+                            .wrapping_add(u64::from(crate::backend::value_mix(w)));
                     }
                 }
                 None => {

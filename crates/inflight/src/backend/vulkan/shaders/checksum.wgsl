@@ -1,4 +1,5 @@
-// checksum: adds the chunk's share of `checksum_words` to a result slot.
+// checksum: adds the chunk's share of `checksum_words` to a result slot:
+// per word, w ^ (index * 0x9E3779B1) plus w rotated left by 7.
 //
 // The sum is a wrapping u64; WGSL has no u64, so every partial sum is a
 // (lo, hi) pair of u32 and a carry out of lo goes into hi. Each invocation
@@ -19,10 +20,16 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>,
     var lo = 0u;
     var hi = 0u;
     for (var i = gid.x; i < p.count; i += stride) {
-        let term = src[p.off0 + i] ^ ((p.arg + i) * 0x9E3779B1u);
+        let w = src[p.off0 + i];
+        let term = w ^ ((p.arg + i) * 0x9E3779B1u);
         let sum = lo + term;
         hi += select(0u, 1u, sum < lo);
         lo = sum;
+        // The value term: w rotated left by 7.
+        let value = (w << 7u) | (w >> 25u);
+        let sum2 = lo + value;
+        hi += select(0u, 1u, sum2 < lo);
+        lo = sum2;
     }
     lo_part[lid] = lo;
     hi_part[lid] = hi;
