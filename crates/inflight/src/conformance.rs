@@ -201,22 +201,28 @@ pub fn reuse_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
 /// work still runs there, then bound on another queue: the new queue's work
 /// is ordered after the old (on the device or by a host wait), and sees only
 /// its own writes. Under each [`ReuseWait`]: the binding thread waits, or
-/// queue B on the device where the backend can. Nothing to check where
-/// queues do not order memory.
+/// queue B on the device where the backend can; and with rebinding on (the
+/// unseen buffer may take another block instead, rule S2) and off (the
+/// wait is the only way). Nothing to check where queues do not order
+/// memory.
 pub fn in_order_reuse_bound_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
     for wait in [ReuseWait::Adaptive, ReuseWait::Host, ReuseWait::Device] {
-        in_order_reuse_bound_on_another_queue_is_ordered_with(make, wait);
+        for rebind in [false, true] {
+            in_order_reuse_bound_on_another_queue_is_ordered_with(make, wait, rebind);
+        }
     }
 }
 
 fn in_order_reuse_bound_on_another_queue_is_ordered_with<B: Backend>(
     make: Factory<'_, B>,
     wait: ReuseWait,
+    rebind_unseen: bool,
 ) {
     let alloc = allocator_with(
         make,
         Config {
             reuse_wait: wait,
+            rebind_unseen,
             ..Config::default()
         },
     );
@@ -242,12 +248,16 @@ fn in_order_reuse_bound_on_another_queue_is_ordered_with<B: Backend>(
         assert_eq!(
             tb.checksum(slot).unwrap(),
             checksum_uniform(0xC0DE_0000 + round, len / 4),
-            "round {round}, {wait:?} wait: the previous owner's writes on queue A reached queue B"
+            "round {round}, {wait:?} wait, rebinding {rebind_unseen}: the previous owner's \
+             writes on queue A reached queue B"
         );
     }
     assert!(qa.wait_idle(WAIT).unwrap());
     let s = alloc.stats();
     assert!(s.balanced(), "{s:?}");
+    if !rebind_unseen {
+        assert_eq!(s.reuse_rebinds, 0, "{s:?}");
+    }
 }
 
 /// A buffer allocated for queue A and used on queue B is stamped for B.

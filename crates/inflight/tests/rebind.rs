@@ -4,10 +4,14 @@
 //! but only while nothing has seen its block. On the driven backend, which
 //! has no device-side waits: a wait there is a host wait, and one that is
 //! never satisfied ends in `ReuseWaitTimedOut` after the pressure timeout.
+//! Then on the simulated GPU, whose checksums see what a rebound buffer's
+//! work really read.
 
 use std::time::Duration;
 
+use inflight::backend::checksum_uniform;
 use inflight::backend::manual::ManualGpu;
+use inflight::backend::sim::{SimConfig, SimGpu};
 use inflight::{Allocator, Buffer, Config, Error, Queue, Stats};
 
 /// Front caches off: a free that was never bound goes straight to the
@@ -163,4 +167,95 @@ fn without_a_ready_block_it_takes_one_in_flight_on_the_binding_queue() {
     drop(b);
     gpu.complete_all();
     assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}
+
+/// A simulated GPU slow enough (5 ms an operation) that work a test submits
+/// is still running when the test binds the next buffer.
+fn slow_sim() -> (SimGpu, Allocator<SimGpu>, Queue<SimGpu>, Queue<SimGpu>) {
+    let gpu = SimGpu::new(SimConfig {
+        op_cost: Duration::from_millis(5),
+        jitter: 0.0,
+        ..SimConfig::default()
+    });
+    let alloc = Allocator::new(gpu.clone(), config()).unwrap();
+    let (q0, q1) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
+    (gpu, alloc, q0, q1)
+}
+
+/// Records `fills` fills of `buf` on `q` (patterns `base + i`) and commits.
+fn fill_on(q: &Queue<SimGpu>, buf: &Buffer<SimGpu>, base: u32, fills: u32) {
+    let mut cb = q.command_buffer().unwrap();
+    for i in 0..fills {
+        cb.fill(buf, base + i).unwrap();
+    }
+    cb.commit().unwrap();
+}
+
+/// Binds `buf` first on `q`: fills it with `pattern`, spends 20 ms on
+/// `other` (so that any work racing it on another queue lands in between),
+/// checksums it, waits, and checks that the work saw only its own fill.
+fn fill_and_check(q: &Queue<SimGpu>, buf: &Buffer<SimGpu>, other: &Buffer<SimGpu>, pattern: u32) {
+    let mut cb = q.command_buffer().unwrap();
+    cb.fill(buf, pattern).unwrap();
+    for i in 0..4 {
+        cb.fill(other, i).unwrap();
+    }
+    let slot = cb.checksum(buf).unwrap();
+    let t = cb.commit().unwrap();
+    assert!(t.wait(Duration::from_secs(10)).unwrap());
+    assert_eq!(
+        t.checksum(slot).unwrap(),
+        checksum_uniform(pattern, buf.len() / 4),
+        "another owner's writes reached the buffer"
+    );
+}
+
+#[test]
+fn on_the_simulator_a_buffer_rebound_to_a_ready_block_sees_only_its_own_writes() {
+    let (gpu, alloc, q0, q1) = slow_sim();
+    let len = 1 << 20;
+    let other = alloc.malloc(len / 2, &q1).unwrap();
+    let spare = alloc.malloc(len, &q1).unwrap();
+    let x = alloc.malloc(len, &q0).unwrap();
+    fill_on(&q0, &x, 100, 8); // 40 ms of writes on q0
+    drop(x);
+    let y = alloc.malloc(len, &q0).unwrap(); // in order: x's block
+    drop(spare); // never bound: ready
+    fill_and_check(&q1, &y, &other, 0xC0DE);
+    let s = balanced(alloc.stats());
+    assert_eq!(
+        (s.in_order_hits, s.reuse_rebinds, s.reuse_host_waits),
+        (1, 1, 0),
+        "{s:?}"
+    );
+    drop((y, other));
+    assert!(q0.wait_idle(Duration::from_secs(10)).unwrap());
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.violation_log());
+}
+
+#[test]
+fn on_the_simulator_a_buffer_rebound_in_order_on_its_new_queue_runs_after_that_queue_s_work() {
+    let (gpu, alloc, q0, q1) = slow_sim();
+    let len = 1 << 20;
+    let other = alloc.malloc(len / 2, &q1).unwrap();
+    // A block in flight on q1 alone: its fills still run when y binds it.
+    let z = alloc.malloc(len, &q1).unwrap();
+    fill_on(&q1, &z, 200, 8);
+    drop(z);
+    let x = alloc.malloc(len, &q0).unwrap();
+    fill_on(&q0, &x, 100, 8);
+    drop(x);
+    let y = alloc.malloc(len, &q0).unwrap(); // in order: x's block
+                                             // Rebound to z's block, in order behind z's fills on q1: its fill
+                                             // lands after theirs, and x's on q0 never reach it.
+    fill_and_check(&q1, &y, &other, 0xBEEF);
+    let s = balanced(alloc.stats());
+    assert_eq!(
+        (s.in_order_hits, s.reuse_rebinds, s.reuse_host_waits),
+        (1, 1, 0),
+        "{s:?}"
+    );
+    drop((y, other));
+    assert!(q0.wait_idle(Duration::from_secs(10)).unwrap());
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.violation_log());
 }
