@@ -210,6 +210,25 @@ fn fill_and_check(q: &Queue<SimGpu>, buf: &Buffer<SimGpu>, other: &Buffer<SimGpu
     );
 }
 
+/// The end of a simulator test: one in-order reuse, rebound once with no
+/// wait; then the buffers go, the work drains, and no violation was seen.
+fn rebound_once_and_clean(
+    gpu: &SimGpu,
+    alloc: &Allocator<SimGpu>,
+    q0: &Queue<SimGpu>,
+    buffers: (Buffer<SimGpu>, Buffer<SimGpu>),
+) {
+    let s = balanced(alloc.stats());
+    assert_eq!(
+        (s.in_order_hits, s.reuse_rebinds, s.reuse_host_waits),
+        (1, 1, 0),
+        "{s:?}"
+    );
+    drop(buffers);
+    assert!(q0.wait_idle(Duration::from_secs(10)).unwrap());
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.violation_log());
+}
+
 #[test]
 fn on_the_simulator_a_buffer_rebound_to_a_ready_block_sees_only_its_own_writes() {
     let (gpu, alloc, q0, q1) = slow_sim();
@@ -222,15 +241,7 @@ fn on_the_simulator_a_buffer_rebound_to_a_ready_block_sees_only_its_own_writes()
     let y = alloc.malloc(len, &q0).unwrap(); // in order: x's block
     drop(spare); // never bound: ready
     fill_and_check(&q1, &y, &other, 0xC0DE);
-    let s = balanced(alloc.stats());
-    assert_eq!(
-        (s.in_order_hits, s.reuse_rebinds, s.reuse_host_waits),
-        (1, 1, 0),
-        "{s:?}"
-    );
-    drop((y, other));
-    assert!(q0.wait_idle(Duration::from_secs(10)).unwrap());
-    assert_eq!(gpu.violations(), 0, "{:?}", gpu.violation_log());
+    rebound_once_and_clean(&gpu, &alloc, &q0, (y, other));
 }
 
 #[test]
@@ -245,17 +256,10 @@ fn on_the_simulator_a_buffer_rebound_in_order_on_its_new_queue_runs_after_that_q
     let x = alloc.malloc(len, &q0).unwrap();
     fill_on(&q0, &x, 100, 8);
     drop(x);
-    let y = alloc.malloc(len, &q0).unwrap(); // in order: x's block
-                                             // Rebound to z's block, in order behind z's fills on q1: its fill
-                                             // lands after theirs, and x's on q0 never reach it.
+    // In order: x's block. Bound on q1, it is rebound to z's, in order
+    // behind z's fills there: its fill lands after theirs, and x's fills
+    // on q0 never reach it.
+    let y = alloc.malloc(len, &q0).unwrap();
     fill_and_check(&q1, &y, &other, 0xBEEF);
-    let s = balanced(alloc.stats());
-    assert_eq!(
-        (s.in_order_hits, s.reuse_rebinds, s.reuse_host_waits),
-        (1, 1, 0),
-        "{s:?}"
-    );
-    drop((y, other));
-    assert!(q0.wait_idle(Duration::from_secs(10)).unwrap());
-    assert_eq!(gpu.violations(), 0, "{:?}", gpu.violation_log());
+    rebound_once_and_clean(&gpu, &alloc, &q0, (y, other));
 }
