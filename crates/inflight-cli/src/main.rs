@@ -156,7 +156,7 @@ struct ReproArgs {
     /// before the previous owner's work is done (`Config::reuse_wait`).
     #[arg(long, value_enum, default_value_t = ReuseWaitArg::Adaptive)]
     reuse_wait: ReuseWaitArg,
-    /// Never give such a buffer a ready block instead of waiting, even if
+    /// Never give such a buffer another block instead of waiting, even if
     /// nothing has seen its block yet (`Config::rebind_unseen = false`).
     #[arg(long)]
     no_rebind: bool,

@@ -107,10 +107,12 @@ pub struct Config {
     /// before the previous owner's work is done (adaptive by default).
     pub reuse_wait: ReuseWait,
     /// Whether such a buffer, if nothing has seen its block yet (see
-    /// [`crate::Buffer::block_id`]), is first given a ready block of its
-    /// size instead, so that nobody waits (on by default). Its reused block
-    /// goes back to the pending list, for its own queue to reuse again.
-    /// Only when no ready block fits does [`Config::reuse_wait`] decide.
+    /// [`crate::Buffer::block_id`]), is first given another block of its
+    /// size, so that nobody waits (on by default): a ready one, or one
+    /// whose only use in flight is on the queue it is being bound on (reused
+    /// in order there). Its reused block goes back to the pending list, for
+    /// its own queue to reuse again. Only when neither fits does
+    /// [`Config::reuse_wait`] decide.
     pub rebind_unseen: bool,
 }
 

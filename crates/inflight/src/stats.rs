@@ -63,9 +63,9 @@ pub struct Stats {
     /// [`crate::ReuseWait::Adaptive`], one that waited on the host and then
     /// left the rest to the device counts in both).
     pub reuse_host_waits: u64,
-    /// Such binds that instead gave the buffer a ready block (nothing had
-    /// seen its block yet, see [`crate::Config::rebind_unseen`]): nobody
-    /// waited.
+    /// Such binds that instead gave the buffer another block, ready or in
+    /// order on the binding queue (nothing had seen its block yet, see
+    /// [`crate::Config::rebind_unseen`]): nobody waited.
     pub reuse_rebinds: u64,
     /// Host time in the backend's device allocations, summed over threads
     /// (nanoseconds).
