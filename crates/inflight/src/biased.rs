@@ -369,17 +369,7 @@ mod tests {
     type TrackedCell<V> = loom::cell::UnsafeCell<V>;
     use loom::sync::Arc;
 
-    /// Runs `f` under loom and prints how many interleavings it explored.
-    fn model(name: &str, f: impl Fn() + Sync + Send + 'static) {
-        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let r = runs.clone();
-        loom::model(move || {
-            r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            f();
-        });
-        let n = runs.load(std::sync::atomic::Ordering::Relaxed);
-        println!("loom: {name}: {n} interleavings explored");
-    }
+    use crate::sync::loom_model as model;
 
     fn add(v: &TrackedCell<u32>, n: u32) {
         // SAFETY: a plain write; loom reports it if it is not ordered after

@@ -501,7 +501,7 @@ mod loom_models {
     /// was seen.
     #[test]
     fn a_reader_sees_the_block_before_a_rebinding_or_after_it() {
-        loom::model(|| {
+        crate::sync::loom_model("S2: a reader races a rebinding", || {
             let inner: Shell<ManualGpu> = BufferInner::shell();
             // SAFETY: S1: no handle exists yet; this thread owns the shell.
             unsafe { (*inner.live.get()).held.get_mut().id = 1 };

@@ -77,6 +77,20 @@ pub(crate) fn lock_spinning<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock()
 }
 
+/// Runs `f` under loom and prints how many interleavings it explored (the
+/// unit models' runner).
+#[cfg(all(test, inflight_loom))]
+pub(crate) fn loom_model(name: &str, f: impl Fn() + Sync + Send + 'static) {
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let r = runs.clone();
+    loom::model(move || {
+        r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f();
+    });
+    let n = runs.load(std::sync::atomic::Ordering::Relaxed);
+    println!("loom: {name}: {n} interleavings explored");
+}
+
 #[cfg(inflight_loom)]
 mod model {
     use std::cell::UnsafeCell;
