@@ -40,6 +40,7 @@ pub fn run_all<B: Backend>(make: Factory<'_, B>) {
     freed_buffers_become_reusable_after_completion(make);
     reuse_on_another_queue_is_ordered(make);
     in_order_reuse_bound_on_another_queue_is_ordered(make);
+    an_unseen_buffer_rebound_sees_only_its_own_writes(make);
     cross_queue_use_is_stamped(make);
     clear_cache_releases_everything(make);
     retained_policy_keeps_bindings_alive(make);
@@ -258,6 +259,55 @@ fn in_order_reuse_bound_on_another_queue_is_ordered_with<B: Backend>(
     if !rebind_unseen {
         assert_eq!(s.reuse_rebinds, 0, "{s:?}");
     }
+}
+
+/// Rebinding (rule S2) on a real device: a block reused in order on queue
+/// A while 64 fills of it still run there, given to a buffer that is then
+/// bound first on queue B with a ready block of its size at hand, is
+/// rebound to that block, and B's work sees only its own fill. Where A's
+/// work finished first there is nothing to rebind, and the check is the
+/// plain ordering one. Returns how many binds were rebound. Nothing to
+/// check where queues do not order memory.
+pub fn an_unseen_buffer_rebound_sees_only_its_own_writes<B: Backend>(make: Factory<'_, B>) -> u64 {
+    // Front caches off: a never-bound free goes straight to the ready list.
+    let alloc = allocator_with(
+        make,
+        Config {
+            front_cache: false,
+            ..Config::default()
+        },
+    );
+    let (qa, qb) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
+    if !qa.orders_memory() {
+        return 0;
+    }
+    let len = 16 << 20;
+    for round in 0..8u32 {
+        let spare = alloc.malloc(len, &qb).unwrap();
+        let x = alloc.malloc(len, &qa).unwrap();
+        let mut cb = qa.command_buffer().unwrap();
+        for i in 0..64 {
+            cb.fill(&x, round * 100 + i).unwrap();
+        }
+        let _ta = cb.commit().unwrap();
+        drop(x);
+        let y = alloc.malloc(len, &qa).unwrap(); // in order, if still pending
+        drop(spare); // never bound: ready
+        let mut cb = qb.command_buffer().unwrap();
+        cb.fill(&y, 0xFEED_0000 + round).unwrap();
+        let slot = cb.checksum(&y).unwrap();
+        let tb = cb.commit().unwrap();
+        assert!(tb.wait(WAIT).unwrap());
+        assert_eq!(
+            tb.checksum(slot).unwrap(),
+            checksum_uniform(0xFEED_0000 + round, len / 4),
+            "round {round}: another owner's writes reached a rebound buffer"
+        );
+    }
+    assert!(qa.wait_idle(WAIT).unwrap());
+    let s = alloc.stats();
+    assert!(s.balanced(), "{s:?}");
+    s.reuse_rebinds
 }
 
 /// A buffer allocated for queue A and used on queue B is stamped for B.

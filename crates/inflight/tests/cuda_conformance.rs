@@ -54,6 +54,14 @@ fn in_order_reuse_bound_on_another_queue_is_ordered() {
     run(c::in_order_reuse_bound_on_another_queue_is_ordered);
 }
 #[test]
+fn an_unseen_buffer_rebound_sees_only_its_own_writes() {
+    run(|make| {
+        // How often the GPU was still busy enough for a rebinding.
+        let n = c::an_unseen_buffer_rebound_sees_only_its_own_writes(make);
+        eprintln!("an_unseen_buffer_rebound_sees_only_its_own_writes: {n} of 8 rebound");
+    });
+}
+#[test]
 fn cross_queue_use_is_stamped() {
     run(c::cross_queue_use_is_stamped);
 }

@@ -50,6 +50,17 @@ fn in_order_reuse_bound_on_another_queue_is_ordered() {
     clean(c::in_order_reuse_bound_on_another_queue_is_ordered);
 }
 #[test]
+fn an_unseen_buffer_rebound_sees_only_its_own_writes() {
+    // 64 fills of 16 MiB take the simulated GPU about 21 ms: every round's
+    // bind comes while they run, so every round rebinds.
+    clean(|make| {
+        assert_eq!(
+            c::an_unseen_buffer_rebound_sees_only_its_own_writes(make),
+            8
+        )
+    });
+}
+#[test]
 fn cross_queue_use_is_stamped() {
     clean(c::cross_queue_use_is_stamped);
 }

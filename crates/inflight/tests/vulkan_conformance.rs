@@ -118,6 +118,20 @@ fn in_order_reuse_bound_on_another_queue_is_ordered() {
     );
 }
 #[test]
+fn an_unseen_buffer_rebound_sees_only_its_own_writes() {
+    // Vulkan queues do not order memory here: nothing is reused in order,
+    // so nothing is rebound, and the check says so.
+    clean(
+        "an_unseen_buffer_rebound_sees_only_its_own_writes",
+        |make| {
+            assert_eq!(
+                c::an_unseen_buffer_rebound_sees_only_its_own_writes(make),
+                0
+            )
+        },
+    );
+}
+#[test]
 fn cross_queue_use_is_stamped() {
     clean("cross_queue_use_is_stamped", c::cross_queue_use_is_stamped);
 }
