@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use crate::backend::{checksum_uniform, checksum_words, Backend, Span};
-use crate::{Allocator, Config, Error, Limits, Policy, ReuseWait};
+use crate::{Allocator, Buffer, Config, Error, Limits, Policy, Queue, ReuseWait};
 
 /// How long a check waits for work that should finish at once.
 pub const WAIT: Duration = Duration::from_secs(30);
@@ -30,6 +30,38 @@ fn allocator<B: Backend>(make: Factory<'_, B>, policy: Policy) -> Allocator<B> {
 
 fn allocator_with<B: Backend>(make: Factory<'_, B>, config: Config) -> Allocator<B> {
     Allocator::new(make(), config).expect("allocator over a fresh backend")
+}
+
+/// Records `fills` fills of the whole of `buf` on `q` (patterns `base`,
+/// `base + 1`, …) and commits, without waiting: work for another queue's
+/// to race.
+fn fill_many<B: Backend>(q: &Queue<B>, buf: &Buffer<B>, base: u32, fills: u32) {
+    let mut cb = q.command_buffer().unwrap();
+    for i in 0..fills {
+        cb.fill(buf, base + i).unwrap();
+    }
+    let _ticket = cb.commit().unwrap();
+}
+
+/// Fills the whole of `buf` with `pattern` on `q`, checksums it, waits, and
+/// asserts the work saw only its own fill; `why` says what it means if not.
+fn fill_and_check<B: Backend>(
+    q: &Queue<B>,
+    buf: &Buffer<B>,
+    pattern: u32,
+    why: impl Fn() -> String,
+) {
+    let mut cb = q.command_buffer().unwrap();
+    cb.fill(buf, pattern).unwrap();
+    let slot = cb.checksum(buf).unwrap();
+    let t = cb.commit().unwrap();
+    assert!(t.wait(WAIT).unwrap());
+    assert_eq!(
+        t.checksum(slot).unwrap(),
+        checksum_uniform(pattern, buf.len() / 4),
+        "{}",
+        why()
+    );
 }
 
 /// Runs every check, in order.
@@ -176,23 +208,12 @@ pub fn reuse_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
     let len = 256 * 1024;
     for round in 0..16u32 {
         let x = alloc.malloc(len, &qa).unwrap();
-        let mut cb = qa.command_buffer().unwrap();
-        for i in 0..8 {
-            cb.fill(&x, round * 100 + i).unwrap();
-        }
-        let _ta = cb.commit().unwrap();
+        fill_many(&qa, &x, round * 100, 8);
         drop(x);
         let y = alloc.malloc(len, &qb).unwrap();
-        let mut cb = qb.command_buffer().unwrap();
-        cb.fill(&y, 0xB0B0_0000 + round).unwrap();
-        let slot = cb.checksum(&y).unwrap();
-        let tb = cb.commit().unwrap();
-        assert!(tb.wait(WAIT).unwrap());
-        assert_eq!(
-            tb.checksum(slot).unwrap(),
-            checksum_uniform(0xB0B0_0000 + round, len / 4),
-            "round {round}: queue A's writes reached queue B's reuse"
-        );
+        fill_and_check(&qb, &y, 0xB0B0_0000 + round, || {
+            format!("round {round}: queue A's writes reached queue B's reuse")
+        });
     }
     assert!(qa.wait_idle(WAIT).unwrap());
     assert!(alloc.stats().balanced());
@@ -234,24 +255,15 @@ fn in_order_reuse_bound_on_another_queue_is_ordered_with<B: Backend>(
     let len = 4 << 20;
     for round in 0..8u32 {
         let x = alloc.malloc(len, &qa).unwrap();
-        let mut cb = qa.command_buffer().unwrap();
-        for i in 0..16 {
-            cb.fill(&x, round * 100 + i).unwrap();
-        }
-        let _ta = cb.commit().unwrap();
+        fill_many(&qa, &x, round * 100, 16);
         drop(x);
         let y = alloc.malloc(len, &qa).unwrap(); // in order, if still pending
-        let mut cb = qb.command_buffer().unwrap();
-        cb.fill(&y, 0xC0DE_0000 + round).unwrap();
-        let slot = cb.checksum(&y).unwrap();
-        let tb = cb.commit().unwrap();
-        assert!(tb.wait(WAIT).unwrap());
-        assert_eq!(
-            tb.checksum(slot).unwrap(),
-            checksum_uniform(0xC0DE_0000 + round, len / 4),
-            "round {round}, {wait:?} wait, rebinding {rebind_unseen}: the previous owner's \
-             writes on queue A reached queue B"
-        );
+        fill_and_check(&qb, &y, 0xC0DE_0000 + round, || {
+            format!(
+                "round {round}, {wait:?} wait, rebinding {rebind_unseen}: the previous \
+                 owner's writes on queue A reached queue B"
+            )
+        });
     }
     assert!(qa.wait_idle(WAIT).unwrap());
     let s = alloc.stats();
@@ -285,24 +297,13 @@ pub fn an_unseen_buffer_rebound_sees_only_its_own_writes<B: Backend>(make: Facto
     for round in 0..8u32 {
         let spare = alloc.malloc(len, &qb).unwrap();
         let x = alloc.malloc(len, &qa).unwrap();
-        let mut cb = qa.command_buffer().unwrap();
-        for i in 0..64 {
-            cb.fill(&x, round * 100 + i).unwrap();
-        }
-        let _ta = cb.commit().unwrap();
+        fill_many(&qa, &x, round * 100, 64);
         drop(x);
         let y = alloc.malloc(len, &qa).unwrap(); // in order, if still pending
         drop(spare); // never bound: ready
-        let mut cb = qb.command_buffer().unwrap();
-        cb.fill(&y, 0xFEED_0000 + round).unwrap();
-        let slot = cb.checksum(&y).unwrap();
-        let tb = cb.commit().unwrap();
-        assert!(tb.wait(WAIT).unwrap());
-        assert_eq!(
-            tb.checksum(slot).unwrap(),
-            checksum_uniform(0xFEED_0000 + round, len / 4),
-            "round {round}: another owner's writes reached a rebound buffer"
-        );
+        fill_and_check(&qb, &y, 0xFEED_0000 + round, || {
+            format!("round {round}: another owner's writes reached a rebound buffer")
+        });
     }
     assert!(qa.wait_idle(WAIT).unwrap());
     let s = alloc.stats();
