@@ -1065,7 +1065,7 @@ impl<B: Backend> Shared<B> {
         let Some(rounded) = self.rounded(buf.len()) else {
             return false;
         };
-        let Some(held) = buf.try_rebind() else {
+        let Some(held) = buf.inner.try_rebind() else {
             return false; // seen already: its block stays
         };
         // SAFETY: S2: this thread moved `pin` to REBINDING, so it alone

@@ -265,14 +265,6 @@ impl<B: Backend> Buffer<B> {
         unsafe { &*self.inner.pinned() }
     }
 
-    /// Takes the right to replace the block (S2), if nobody has seen it:
-    /// then the caller may write `held` through the pointer returned, and
-    /// must call [`BufferInner::pin_after_rebinding`] (or
-    /// [`BufferInner::unpin_after_rebinding`]) when done.
-    pub(crate) fn try_rebind(&self) -> Option<*mut Held<B>> {
-        self.inner.try_rebind()
-    }
-
     /// The allocator this buffer belongs to.
     #[inline]
     pub(crate) fn shared(&self) -> &Shared<B> {
@@ -363,8 +355,12 @@ impl<B: Backend> BufferInner<B> {
         self.held_cell()
     }
 
-    /// See [`Buffer::try_rebind`]; the caller holds a live handle.
-    fn try_rebind(&self) -> Option<*mut Held<B>> {
+    /// Takes the right to replace the block (S2), if nobody has seen it:
+    /// then the caller may write `held` through the pointer returned, and
+    /// must call [`BufferInner::pin_after_rebinding`] (or
+    /// [`BufferInner::unpin_after_rebinding`]) when done. The caller holds
+    /// a live handle.
+    pub(crate) fn try_rebind(&self) -> Option<*mut Held<B>> {
         self.pin
             .compare_exchange(UNPINNED, REBINDING, Ordering::Acquire, Ordering::Relaxed)
             .ok()
@@ -388,14 +384,14 @@ impl<B: Backend> BufferInner<B> {
         }
     }
 
-    /// Ends a rebinding begun by [`Buffer::try_rebind`]: the block is fixed,
-    /// and readers may see it (S2).
+    /// Ends a rebinding begun by [`BufferInner::try_rebind`]: the block is
+    /// fixed, and readers may see it (S2).
     pub(crate) fn pin_after_rebinding(&self) {
         debug_assert_eq!(self.pin.load(Ordering::Relaxed), REBINDING);
         self.pin.store(PINNED, Ordering::Release);
     }
 
-    /// Ends a rebinding begun by [`Buffer::try_rebind`] that replaced
+    /// Ends a rebinding begun by [`BufferInner::try_rebind`] that replaced
     /// nothing: the block may still be replaced later (S2).
     pub(crate) fn unpin_after_rebinding(&self) {
         debug_assert_eq!(self.pin.load(Ordering::Relaxed), REBINDING);
