@@ -160,6 +160,11 @@ struct ReproArgs {
     /// nothing has seen its block yet (`Config::rebind_unseen = false`).
     #[arg(long)]
     no_rebind: bool,
+    /// Let a device allocation raise reserved bytes past their previous
+    /// peak while ready blocks could be released instead
+    /// (`Config::hold_peak = false`).
+    #[arg(long)]
+    no_hold_peak: bool,
     /// Keep no idle blocks in per-thread front caches: every allocation and
     /// free goes through the shared lists (`Config::front_cache = false`).
     #[arg(long)]
@@ -321,6 +326,7 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
             ReuseWaitArg::Device => inflight::ReuseWait::Device,
         },
         rebind_unseen: !a.no_rebind,
+        hold_peak: !a.no_hold_peak,
         front_cache: !a.no_front_cache,
         size_classes: a.size_classes,
         ..Workload::default()
@@ -747,6 +753,7 @@ fn print_table(reports: &[Report], w: &Workload) {
             "reuse rebinds",
             Box::new(|r| r.stats.reuse_rebinds.to_string()),
         ),
+        ("peak holds", Box::new(|r| r.stats.peak_holds.to_string())),
         (
             "statistics balance",
             Box::new(|r| if r.stats_balanced { "yes" } else { "NO" }.to_string()),

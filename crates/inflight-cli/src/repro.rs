@@ -81,6 +81,8 @@ pub struct Workload {
     pub reuse_wait: inflight::ReuseWait,
     /// `Config::rebind_unseen`.
     pub rebind_unseen: bool,
+    /// `Config::hold_peak`.
+    pub hold_peak: bool,
     /// `Config::front_cache`.
     pub front_cache: bool,
     /// `Config::size_classes`.
@@ -110,6 +112,7 @@ impl Default for Workload {
             in_order_reuse: true,
             reuse_wait: inflight::ReuseWait::Adaptive,
             rebind_unseen: true,
+            hold_peak: true,
             front_cache: true,
             size_classes: inflight::DEFAULT_SIZE_CLASSES,
         }
@@ -330,6 +333,7 @@ pub fn run<B: Backend>(
         in_order_reuse: w.in_order_reuse,
         reuse_wait: w.reuse_wait,
         rebind_unseen: w.rebind_unseen,
+        hold_peak: w.hold_peak,
         front_cache: w.front_cache,
         size_classes: w.size_classes,
         ..Config::default()

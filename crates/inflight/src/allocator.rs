@@ -228,6 +228,8 @@ struct State<B: Backend> {
     /// the slots.
     stats: Stats,
     next_block_id: u64,
+    /// The highest reserved bytes ever reached (`Config::hold_peak`).
+    high_water: u64,
     /// Empty buffer shells, recycled so that a cache hit allocates nothing.
     spares: Vec<Shell<B>>,
 }
@@ -286,6 +288,7 @@ impl<B: Backend> State<B> {
             .stats
             .peak_reserved_bytes
             .max(self.stats.reserved_bytes);
+        self.high_water = self.high_water.max(self.stats.reserved_bytes);
         self.stats.device_allocations += 1;
     }
 }
@@ -429,6 +432,7 @@ impl<B: Backend> Allocator<B> {
                     ready_cap,
                     stats: Stats::default(),
                     next_block_id: 1,
+                    high_water: 0,
                     spares: Vec::new(),
                 })),
                 fronts,
@@ -864,6 +868,17 @@ impl<B: Backend> Shared<B> {
             {
                 self.drain_fronts(&mut st);
                 fronts_drained = true;
+            }
+            // Hold the peak: release ready blocks, oldest first, rather
+            // than pass the high-water mark (`Config::hold_peak`).
+            if self.config.hold_peak && st.reserved() + size > st.high_water {
+                let over = st.reserved() + size - st.high_water;
+                let target = st.ready.bytes().saturating_sub(over);
+                let before = release.len();
+                st.trim_ready_to(target, release);
+                if release.len() > before {
+                    st.stats.peak_holds += 1;
+                }
             }
             // GC limit: trim ready blocks while used + request would pass it.
             let used = st.reserved();

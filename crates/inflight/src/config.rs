@@ -114,6 +114,17 @@ pub struct Config {
     /// its own queue to reuse again. Only when neither fits does
     /// [`Config::reuse_wait`] decide.
     pub rebind_unseen: bool,
+    /// Whether a device allocation releases cached blocks first rather than
+    /// raise reserved bytes past their high-water mark (on by default): at
+    /// a miss that would pass it, the oldest ready blocks go back to the
+    /// device until the request fits under the mark, or the ready list is
+    /// empty. So reserved bytes pass their previous peak only when live
+    /// buffers, blocks still in flight and the front caches fill it. The
+    /// ready list's blocks are there because none fitted the requests
+    /// that missed; without this rule a peak of live bytes lands on top of
+    /// them. The mark is the highest reserved figure the allocator has
+    /// reached (not reset by [`crate::Allocator::reset_peak`]).
+    pub hold_peak: bool,
 }
 
 /// Who waits when a buffer reused in order on one queue is bound on another
@@ -165,6 +176,7 @@ impl Default for Config {
             in_order_reuse: true,
             reuse_wait: ReuseWait::Adaptive,
             rebind_unseen: true,
+            hold_peak: true,
         }
     }
 }

@@ -67,6 +67,10 @@ pub struct Stats {
     /// order on the binding queue (nothing had seen its block yet, see
     /// [`crate::Config::rebind_unseen`]): nobody waited.
     pub reuse_rebinds: u64,
+    /// Device allocations before which ready blocks were released so that
+    /// reserved bytes stayed at their high-water mark
+    /// ([`crate::Config::hold_peak`]); the blocks count in `trims`.
+    pub peak_holds: u64,
     /// Host time in the backend's device allocations, summed over threads
     /// (nanoseconds).
     pub device_allocation_ns: u64,
