@@ -899,14 +899,17 @@ impl<B: Backend> Shared<B> {
             }
             let fits = st.reserved() + size <= st.limits.memory;
             if fits {
+                // Driver calls are slow: the release and the allocation are
+                // made without the state lock, the bytes claimed first, so
+                // that no other allocation counts on the room trimming made
+                // (nor on the bytes being allocated) while the lock is let
+                // go: reserved bytes never pass the limits or the peak held
+                // (a snapshot taken meanwhile sees them reserved).
+                st.stats.reserved_bytes += size;
                 if device_refused || !release.is_empty() {
                     // Give memory back before asking for more.
                     MutexGuard::unlocked(&mut st, || self.release_blocks(std::mem::take(release)));
                 }
-                // A driver call is slow: made without the state lock, its
-                // bytes claimed meanwhile so that no other allocation counts
-                // on them (a snapshot taken during it sees them reserved).
-                st.stats.reserved_bytes += size;
                 let made = MutexGuard::unlocked(&mut st, || {
                     BackendTime::timed(&self.backend_time.allocate, || self.backend.allocate(size))
                 });

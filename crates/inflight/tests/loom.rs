@@ -393,6 +393,47 @@ fn malloc_trims_then_waits_for_in_flight_work() {
     });
 }
 
+/// Two misses race for room under the memory limit. One must trim the ready
+/// list to fit; it releases the trimmed blocks without the state lock, and
+/// the other miss runs meanwhile. The room it made is its own: the bytes it
+/// asks for are claimed before the lock is let go, so reserved bytes never
+/// pass the limit. (12 KiB and 4 KiB cannot both fit under 12 KiB: one of
+/// the two fails, whichever comes second.)
+#[test]
+fn trimmed_room_is_claimed_before_the_release() {
+    model("trimmed_room_is_claimed_before_the_release", || {
+        let gpu = LoomGpu::new(1 << 20);
+        let lim = Limits {
+            memory: 3 * KB4,
+            cache: 3 * KB4,
+            gc: 3 * KB4,
+        };
+        let a = alloc_over(&gpu, lim);
+        let q = a.create_queue().unwrap();
+        let (x, y) = (malloc(&gpu, &a, KB4, &q), malloc(&gpu, &a, KB4, &q));
+        drop((x, y)); // never bound: both ready, 8 KiB reserved
+        let (a2, g2) = (a.clone(), gpu.clone());
+        let q2 = a.create_queue().unwrap();
+        let small = loom::thread::spawn(move || {
+            let b = a2.malloc(KB4, &q2).ok();
+            if let Some(b) = &b {
+                g2.new_owner(b.raw());
+            }
+            (b, q2) // kept live until both have run
+        });
+        let big = a.malloc(3 * KB4, &q).ok();
+        let (small, q2) = small.join().unwrap();
+        let s = a.stats();
+        assert!(
+            s.peak_reserved_bytes <= 3 * KB4,
+            "reserved passed the memory limit: {s:?}"
+        );
+        assert!(small.is_none() || big.is_none(), "both fit: {s:?}");
+        drop((small, big, q, q2));
+        finish(&gpu, a);
+    });
+}
+
 /// clear_cache and a limit change on one thread, a free on another, the
 /// completion signal on a third.
 #[test]
