@@ -160,9 +160,9 @@ struct ReproArgs {
     /// nothing has seen its block yet (`Config::rebind_unseen = false`).
     #[arg(long)]
     no_rebind: bool,
-    /// Let a device allocation raise reserved bytes past their previous
-    /// peak while ready blocks could be released instead
-    /// (`Config::hold_peak = false`).
+    /// Let a device allocation raise the bytes held (reserved less pending)
+    /// past their previous peak while ready blocks could be released
+    /// instead (`Config::hold_peak = false`).
     #[arg(long)]
     no_hold_peak: bool,
     /// Keep no idle blocks in per-thread front caches: every allocation and

@@ -228,7 +228,7 @@ struct State<B: Backend> {
     /// the slots.
     stats: Stats,
     next_block_id: u64,
-    /// The highest reserved bytes ever reached (`Config::hold_peak`).
+    /// The highest `held()` figure ever reached (`Config::hold_peak`).
     high_water: u64,
     /// Empty buffer shells, recycled so that a cache hit allocates nothing.
     spares: Vec<Shell<B>>,
@@ -241,6 +241,11 @@ impl<B: Backend> State<B> {
     /// Bytes the allocator holds or has handed out.
     fn reserved(&self) -> u64 {
         self.stats.reserved_bytes
+    }
+
+    /// Reserved bytes less those on the pending list (`Config::hold_peak`).
+    fn held(&self) -> u64 {
+        self.stats.reserved_bytes - self.pending.bytes()
     }
 
     /// This state's figures, without the front caches (see `Shared::snapshot`).
@@ -288,7 +293,7 @@ impl<B: Backend> State<B> {
             .stats
             .peak_reserved_bytes
             .max(self.stats.reserved_bytes);
-        self.high_water = self.high_water.max(self.stats.reserved_bytes);
+        self.high_water = self.high_water.max(self.held());
         self.stats.device_allocations += 1;
     }
 }
@@ -870,9 +875,10 @@ impl<B: Backend> Shared<B> {
                 fronts_drained = true;
             }
             // Hold the peak: release ready blocks, oldest first, rather
-            // than pass the high-water mark (`Config::hold_peak`).
-            if self.config.hold_peak && st.reserved() + size > st.high_water {
-                let over = st.reserved() + size - st.high_water;
+            // than let the bytes held (all but pending ones) pass their
+            // high-water mark (`Config::hold_peak`).
+            if self.config.hold_peak && st.held() + size > st.high_water {
+                let over = st.held() + size - st.high_water;
                 let target = st.ready.bytes().saturating_sub(over);
                 let before = release.len();
                 st.trim_ready_to(target, release);

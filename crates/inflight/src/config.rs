@@ -115,15 +115,19 @@ pub struct Config {
     /// [`Config::reuse_wait`] decide.
     pub rebind_unseen: bool,
     /// Whether a device allocation releases cached blocks first rather than
-    /// raise reserved bytes past their high-water mark (on by default): at
-    /// a miss that would pass it, the oldest ready blocks go back to the
-    /// device until the request fits under the mark, or the ready list is
-    /// empty. So reserved bytes pass their previous peak only when live
-    /// buffers, blocks still in flight and the front caches fill it. The
-    /// ready list's blocks are there because none fitted the requests
-    /// that missed; without this rule a peak of live bytes lands on top of
-    /// them. The mark is the highest reserved figure the allocator has
-    /// reached (not reset by [`crate::Allocator::reset_peak`]).
+    /// raise the bytes the allocator holds past their high-water mark (on
+    /// by default). The bytes held are reserved bytes less pending ones:
+    /// live buffers, the ready list and the front caches. At a miss that
+    /// would pass the mark, the oldest ready blocks go back to the device
+    /// until the request fits under it, or the ready list is empty; so the
+    /// mark rises only when live buffers and the front caches fill it. The
+    /// ready list's blocks are there because none fitted the requests that
+    /// missed; without this rule a peak of live bytes lands on top of them.
+    /// Pending blocks are left out: they are work in flight, the GPU's lag
+    /// rather than the cache's, and trimming whenever it spikes would throw
+    /// away blocks the next allocations need (on the simulated GPU,
+    /// counting them doubled `deferred`'s device allocations). The mark is
+    /// the allocator's own, not reset by [`crate::Allocator::reset_peak`].
     pub hold_peak: bool,
 }
 

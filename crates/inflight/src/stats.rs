@@ -68,7 +68,7 @@ pub struct Stats {
     /// [`crate::Config::rebind_unseen`]): nobody waited.
     pub reuse_rebinds: u64,
     /// Device allocations before which ready blocks were released so that
-    /// reserved bytes stayed at their high-water mark
+    /// the bytes held (reserved less pending) stayed at their high-water mark
     /// ([`crate::Config::hold_peak`]); the blocks count in `trims`.
     pub peak_holds: u64,
     /// Host time in the backend's device allocations, summed over threads
