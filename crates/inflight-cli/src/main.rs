@@ -160,11 +160,11 @@ struct ReproArgs {
     /// nothing has seen its block yet (`Config::rebind_unseen = false`).
     #[arg(long)]
     no_rebind: bool,
-    /// Let a device allocation raise the bytes held (reserved less pending)
-    /// past their previous peak while ready blocks could be released
-    /// instead (`Config::hold_peak = false`).
+    /// Release ready blocks rather than let a device allocation raise the
+    /// bytes held (reserved less pending) past their previous peak
+    /// (`Config::hold_peak`).
     #[arg(long)]
-    no_hold_peak: bool,
+    hold_peak: bool,
     /// Keep no idle blocks in per-thread front caches: every allocation and
     /// free goes through the shared lists (`Config::front_cache = false`).
     #[arg(long)]
@@ -326,7 +326,7 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
             ReuseWaitArg::Device => inflight::ReuseWait::Device,
         },
         rebind_unseen: !a.no_rebind,
-        hold_peak: !a.no_hold_peak,
+        hold_peak: a.hold_peak,
         front_cache: !a.no_front_cache,
         size_classes: a.size_classes,
         ..Workload::default()

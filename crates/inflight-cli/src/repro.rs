@@ -112,7 +112,7 @@ impl Default for Workload {
             in_order_reuse: true,
             reuse_wait: inflight::ReuseWait::Adaptive,
             rebind_unseen: true,
-            hold_peak: true,
+            hold_peak: false,
             front_cache: true,
             size_classes: inflight::DEFAULT_SIZE_CLASSES,
         }

@@ -15,12 +15,9 @@ fn setup(config: Config) -> (ManualGpu, Allocator<ManualGpu>, Queue<ManualGpu>) 
     (gpu, alloc, q)
 }
 
-/// Peaks not held: these tests arrange which blocks are cached, and a
-/// miss of a new size must not release them (tests/hold_peak.rs).
 fn config() -> Config {
     Config {
         pressure_timeout: Duration::from_millis(50),
-        hold_peak: false,
         ..Config::default()
     }
 }
