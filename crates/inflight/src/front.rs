@@ -75,8 +75,13 @@ use crate::buffer::Shell;
 use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use crate::timeline::{QueueId, Stamps};
 
-/// Idle blocks one slot holds at most.
-pub(crate) const FRONT_BLOCKS: usize = 16;
+/// Idle blocks one slot holds at most (its bytes are capped apart). With
+/// sizes that vary, more blocks mean more frees taken back by the same
+/// thread without the state lock: the mixed benchmark (64 live buffers,
+/// 1 KiB-64 MiB) took 151, 95-104, 83-84 and 66-89 ns a pair at 16, 32, 64
+/// and 128 on the 2-core development machine (docs/BENCHMARKS.md). A miss
+/// in the slot scans them, newest first.
+pub(crate) const FRONT_BLOCKS: usize = 64;
 
 /// Deferred shells one slot gathers before filing them as a batch.
 pub(crate) const FRONT_DEFERRED: usize = 32;
