@@ -129,7 +129,7 @@ pub struct Config {
     ///
     /// The price is the cache's reach. Where live bytes rise and fall (the
     /// `repro` workload on CUDA) it lowered every policy's peak reserved
-    /// bytes by a quarter for 5-10% more device allocations. Where they
+    /// bytes by a quarter for 2-11% more device allocations. Where they
     /// stay at their peak, the ready list can hold only what was cached
     /// when the peak was first reached, and a workload of varied sizes
     /// misses at nearly every step (the mixed benchmark: 154 ns a pair
