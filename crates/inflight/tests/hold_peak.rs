@@ -1,5 +1,5 @@
 //! Holding the peak (`Config::hold_peak`): a device allocation releases
-//! ready blocks, oldest first, rather than raise reserved bytes past their
+//! ready blocks, oldest first, rather than raise the bytes held past their
 //! high-water mark, and releases no more of them than the request needs.
 //! The bytes held are reserved bytes less those pending: in-flight work is
 //! the GPU's lag, not the cache's, and trimming when it spikes would only
@@ -106,10 +106,9 @@ fn the_peak_rises_when_the_ready_list_cannot_cover_the_request() {
 }
 
 #[test]
-fn the_mark_outlives_reset_peak_and_live_blocks_are_never_released() {
+fn live_blocks_are_never_released() {
     let (_, alloc, q) = setup(true);
     four_ready_blocks(&alloc, &q);
-    alloc.reset_peak();
     // Three of the four cached blocks back in use: only one is ready, and
     // a 3 MiB miss (4 + 3 over the 4 MiB mark) can release only that one.
     let live: Vec<_> = (0..3).map(|_| alloc.malloc(MIB, &q).unwrap()).collect();
@@ -123,6 +122,26 @@ fn the_mark_outlives_reset_peak_and_live_blocks_are_never_released() {
     assert_eq!(s.reserved_bytes, 6 * MIB, "{s:?}");
     assert!(live.iter().all(|b| b.capacity() == MIB));
     drop((live, big));
+}
+
+#[test]
+fn the_mark_outlives_reset_peak() {
+    let (_, alloc, q) = setup(true);
+    four_ready_blocks(&alloc, &q);
+    // Down to 2 MiB cached, and the statistics' peak reset to that.
+    assert_eq!(alloc.trim(2 * MIB), 2 * MIB);
+    alloc.reset_peak();
+    assert_eq!(alloc.stats().peak_reserved_bytes, 2 * MIB);
+    // The mark is still 4 MiB: 2 cached + 2 asked for fit under it, and
+    // nothing is released.
+    let big = alloc.malloc(2 * MIB, &q).unwrap();
+    let s = balanced(alloc.stats());
+    assert_eq!(
+        (s.ready_count, s.peak_holds, s.reserved_bytes),
+        (2, 0, 4 * MIB),
+        "{s:?}"
+    );
+    drop(big);
 }
 
 #[test]
