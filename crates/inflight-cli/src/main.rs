@@ -211,6 +211,11 @@ struct ReplayArgs {
     /// Cache limit (default: the memory limit).
     #[arg(long, value_parser = parse_bytes)]
     cache_limit: Option<u64>,
+    /// Release ready blocks rather than let a device allocation raise the
+    /// bytes held (reserved less pending) past their previous peak
+    /// (`Config::hold_peak`).
+    #[arg(long)]
+    hold_peak: bool,
     /// Submissions a stream may have in flight before replay waits for its
     /// oldest, as a runtime that reads results does; 0 for no limit (the
     /// host then runs as far ahead of the GPU as memory allows).
@@ -538,6 +543,7 @@ fn replay_command(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         commit_every: a.commit_every,
         memory_limit: a.memory_limit,
         cache_limit: a.cache_limit,
+        hold_peak: a.hold_peak,
         sim_cost,
         max_in_flight: a.max_in_flight,
         drain_timeout: Duration::from_secs(600),

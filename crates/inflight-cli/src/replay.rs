@@ -41,6 +41,8 @@ pub struct ReplaySettings {
     pub commit_every: u64,
     pub memory_limit: u64,
     pub cache_limit: Option<u64>,
+    /// `Config::hold_peak`.
+    pub hold_peak: bool,
     /// The simulated GPU's costs, where the backend is the simulated GPU.
     pub sim_cost: Option<SimCost>,
     /// Submissions a stream may have in flight before replay waits for
@@ -213,6 +215,7 @@ pub fn run<B: Backend>(
         policy,
         memory_limit: Some(settings.memory_limit),
         cache_limit: settings.cache_limit.map(|c| c.min(settings.memory_limit)),
+        hold_peak: settings.hold_peak,
         ..Config::default()
     };
     let alloc = Allocator::new(backend, config)?;

@@ -283,3 +283,43 @@ fn a_multi_gib_trace_replays_without_backing_its_bytes() {
     }
     let _ = std::fs::remove_file(&path);
 }
+
+/// `--hold-peak`: four 1 MiB buffers freed never bound (ready, the cache
+/// limit too small for the front caches to keep them), then a 2 MiB one
+/// that fits none. Without the rule the device grows to 6 MiB; with it
+/// the two oldest cached blocks go back first and the peak stays at 4 MiB,
+/// under every policy (nothing was in flight).
+#[test]
+fn hold_peak_releases_cached_blocks_before_passing_the_peak() {
+    let mib = 1u64 << 20;
+    let mut text = String::new();
+    for id in 1..=4 {
+        text += &format!("{{\"ev\":\"alloc\",\"id\":{id},\"bytes\":{mib},\"stream\":0}}\n");
+    }
+    for id in 1..=4 {
+        text += &format!("{{\"ev\":\"free\",\"id\":{id}}}\n");
+    }
+    text += &format!(
+        "{{\"ev\":\"alloc\",\"id\":5,\"bytes\":{},\"stream\":0}}\n",
+        2 * mib
+    );
+    text += "{\"ev\":\"use\",\"id\":5,\"stream\":0}\n{\"ev\":\"commit\",\"stream\":0}\n";
+    text += "{\"ev\":\"free\",\"id\":5}\n";
+    let path = write_trace("hold-peak.jsonl", &text);
+    let peaks = |extra: &[&str]| -> Vec<(u64, u64)> {
+        let mut args = vec!["--cache-limit", "4MiB"];
+        args.extend_from_slice(extra);
+        replay_json(&path, &args)
+            .iter()
+            .map(|r| {
+                (
+                    r["peak_reserved_bytes"].as_u64().unwrap(),
+                    r["device_allocations"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(peaks(&[]), vec![(6 * mib, 5); 3]);
+    assert_eq!(peaks(&["--hold-peak"]), vec![(4 * mib, 5); 3]);
+    let _ = std::fs::remove_file(&path);
+}
