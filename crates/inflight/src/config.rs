@@ -124,7 +124,9 @@ pub struct Config {
     /// Pending blocks are left out: they are work in flight, the GPU's lag
     /// rather than the cache's, and trimming whenever it spikes would throw
     /// away blocks the next allocations need (on the simulated GPU,
-    /// counting them doubled `deferred`'s device allocations). The mark is
+    /// counting them doubled `deferred`'s device allocations). Under
+    /// `Retained` the buffers kept for in-flight work are live, not
+    /// pending, so they do count. The mark is
     /// the allocator's own, not reset by [`crate::Allocator::reset_peak`].
     ///
     /// The price is the cache's reach. Where live bytes rise and fall (the
