@@ -1,10 +1,11 @@
 //! Model-based property test: random sequences of allocate, bind, commit,
 //! complete (in any order across queues), drop, trim, clear and limit
-//! changes, on the driven backend. After every step the allocator agrees with
-//! a small reference model on which blocks are live and which are pending,
-//! the ready and released blocks together are exactly the idle ones, the
-//! statistics balance, ready bytes respect the cache limit, and the driven
-//! device saw no release or reuse in flight.
+//! changes, on the driven backend, with `Config::hold_peak` on or off. After
+//! every step the allocator agrees with a small reference model on which
+//! blocks are live and which are pending, the ready and released blocks
+//! together are exactly the idle ones, the statistics balance, ready bytes
+//! respect the cache limit, and the driven device saw no release or reuse in
+//! flight.
 //!
 //! Shrunk failures are kept as named regression tests at the end of this
 //! file and run on every `cargo test`. `PROPTEST_CASES` sets the number of
@@ -66,9 +67,10 @@ struct Harness {
 }
 
 impl Harness {
-    fn new(in_order: bool) -> Self {
+    fn new(in_order: bool, hold_peak: bool) -> Self {
         let gpu = ManualGpu::new(64 * MB, in_order);
         let config = Config {
+            hold_peak,
             memory_limit: Some(48 * MB),
             cache_limit: Some(8 * MB),
             gc_limit: Some(40 * MB),
@@ -228,8 +230,11 @@ proptest! {
     ))]
 
     #[test]
-    fn allocator_agrees_with_the_model_on_unordered_queues(steps in prop::collection::vec(step(), 1..120)) {
-        let mut h = Harness::new(false);
+    fn allocator_agrees_with_the_model_on_unordered_queues(
+        steps in prop::collection::vec(step(), 1..120),
+        hold_peak in any::<bool>(),
+    ) {
+        let mut h = Harness::new(false, hold_peak);
         for s in &steps {
             h.apply(s, false);
         }
@@ -237,8 +242,11 @@ proptest! {
     }
 
     #[test]
-    fn allocator_agrees_with_the_model_on_in_order_queues(steps in prop::collection::vec(step(), 1..120)) {
-        let mut h = Harness::new(true);
+    fn allocator_agrees_with_the_model_on_in_order_queues(
+        steps in prop::collection::vec(step(), 1..120),
+        hold_peak in any::<bool>(),
+    ) {
+        let mut h = Harness::new(true, hold_peak);
         for s in &steps {
             h.apply(s, true);
         }
@@ -248,7 +256,7 @@ proptest! {
 
 /// Runs a saved sequence.
 fn replay(in_order: bool, steps: &[Step]) {
-    let mut h = Harness::new(in_order);
+    let mut h = Harness::new(in_order, false);
     for s in steps {
         h.apply(s, in_order);
     }
