@@ -270,6 +270,26 @@ impl<B: Backend> State<B> {
         }
     }
 
+    /// Takes blocks off the ready list, oldest first, by as many bytes as
+    /// `used + size` is over `limit` (all of them if that is more), and
+    /// accounts them as released. Returns whether it took any.
+    fn trim_ready_over(
+        &mut self,
+        used: u64,
+        size: u64,
+        limit: u64,
+        out: &mut Vec<Block<B::Buffer>>,
+    ) -> bool {
+        let over = (used + size).saturating_sub(limit);
+        if over == 0 {
+            return false;
+        }
+        let before = out.len();
+        let target = self.ready.bytes().saturating_sub(over);
+        self.trim_ready_to(target, out);
+        out.len() > before
+    }
+
     /// Parks an emptied shell as a spare, or in `spare` when there are
     /// enough (the caller drops those after the lock).
     #[inline]
@@ -877,31 +897,21 @@ impl<B: Backend> Shared<B> {
             // Hold the peak: release ready blocks, oldest first, rather
             // than let the bytes held (all but pending ones) pass their
             // high-water mark (`Config::hold_peak`).
-            if self.config.hold_peak && st.held() + size > st.high_water {
-                let over = st.held() + size - st.high_water;
-                let target = st.ready.bytes().saturating_sub(over);
-                let before = release.len();
-                st.trim_ready_to(target, release);
-                if release.len() > before {
+            if self.config.hold_peak {
+                let (held, mark) = (st.held(), st.high_water);
+                if st.trim_ready_over(held, size, mark, release) {
                     st.stats.peak_holds += 1;
                 }
             }
             // GC limit: trim ready blocks while used + request would pass it.
-            let used = st.reserved();
-            if used + size > st.limits.gc {
-                let target = st.ready.bytes().saturating_sub(used + size - st.limits.gc);
-                st.trim_ready_to(target, release);
-            }
+            let (used, gc) = (st.reserved(), st.limits.gc);
+            st.trim_ready_over(used, size, gc, release);
             // Memory limit, or the device said no: trim harder.
-            if st.reserved() + size > st.limits.memory || device_refused {
-                let target = if device_refused {
-                    0
-                } else {
-                    st.ready
-                        .bytes()
-                        .saturating_sub(st.reserved() + size - st.limits.memory)
-                };
-                st.trim_ready_to(target, release);
+            if device_refused {
+                st.trim_ready_to(0, release);
+            } else {
+                let (used, memory) = (st.reserved(), st.limits.memory);
+                st.trim_ready_over(used, size, memory, release);
             }
             let fits = st.reserved() + size <= st.limits.memory;
             if fits {
