@@ -2,7 +2,8 @@
 # Issue 6's figures from one H100 session: the fast path on the host CPU
 # (criterion pairs, mixed, threads), `inflight bench` beside cuMemAllocAsync,
 # cuMemAlloc and PyTorch, thread scaling to 16 threads, `repro` per policy on
-# CUDA and on the simulated GPU (three seeds each), the CUDA conformance suite
+# CUDA and on the simulated GPU (three seeds each), a CUDA `repro` trace
+# replayed on CUDA under each policy, the CUDA conformance suite
 # and a compute-sanitizer pass.
 # Logs go to $OUT/h100-perf-logs.tar.gz, a summary to $OUT/summary.txt.
 #
@@ -42,11 +43,19 @@ for seed in 1 2 3; do
   step "repro-sim-seed$seed" 300 $B/inflight repro --backend sim --policy all --seed "$seed" \
     --repeat "${REPEAT:-3}" -q
 done
+# One order of events for every policy (their live bytes equal): a CUDA
+# trace of `repro` replayed on CUDA (docs/BENCHMARKS.md, eighth session).
+step record-cuda 120 $B/inflight repro --backend cuda --policy deferred --allocations 300000 \
+  --streams 2 -q --record "$L/trace.jsonl"
+step replay-cuda 200 $B/inflight replay "$L/trace.jsonl" --backend cuda --cache-limit 256MiB \
+  --memory-limit 4GiB
+rm -f "$L/trace.jsonl"
 step cuda-conformance 120 $B/cuda_conformance --test-threads=1
 step memcheck 90 compute-sanitizer --tool memcheck $B/inflight repro --backend cuda \
   --policy deferred --allocations 20000 --streams 2 -q
 (cd "$L" && grep -H -E "time:|test result|ERROR SUMMARY|^pair|^mixed|^ *[0-9]+ +[0-9]|^over |^  (deferred|retained|immediate) " \
   ./*.log) >> "$S" 2>/dev/null
+grep -H -E "^(peak live|peak reserved|device allocations) " "$L/replay-cuda.log" >> "$S" 2>/dev/null
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/h100-perf-logs.tar.gz" -C "$L" .
   cp "$S" "$OUT/summary.txt"
