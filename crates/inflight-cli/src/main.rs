@@ -5,7 +5,7 @@
 //!   allocation events as a trace ([`trace`]).
 //! - `replay`: a trace through the allocator, per policy ([`replay`]).
 //! - `bench`: inflight's allocation fast path beside CUDA's allocators and
-//!   PyTorch's, over the same sequences in one run ([`bench`]).
+//!   PyTorch's, over the same sequences in one run ([`mod@bench`]).
 //!
 //! Exit codes: 0 success; 1 a safe policy (`deferred`, `retained`) showed a
 //! violation or a corrupted checksum; 2 bad arguments or a failed run.

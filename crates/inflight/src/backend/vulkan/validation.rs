@@ -3,12 +3,12 @@
 //!
 //! When validation is on, the instance enables `VK_LAYER_KHRONOS_validation`
 //! and a `VK_EXT_debug_utils` messenger whose callback lands in
-//! [`ValidationLog::record`]: every error- or warning-severity message from
+//! `ValidationLog::record`: every error- or warning-severity message from
 //! the layer is counted, and the first [`KEPT_MESSAGES`] are kept in full.
 //! The counts are the layer's own, never inferred from our bookkeeping.
 //!
 //! lavapipe really frees memory, so a release in flight may crash the process
-//! right after the layer's message: [`ValidationLog::record`] also writes each
+//! right after the layer's message: `ValidationLog::record` also writes each
 //! error to stderr at once (when [`ValidationLog::echo`] is set), so that a
 //! parent process sees the message even if the child dies.
 
