@@ -5,7 +5,7 @@
 //! with `--backend cuda` also `cuMemAllocAsync`/`cuMemFreeAsync` on the
 //! device's default pool, `cuMemAlloc`/`cuMemFree`, and PyTorch's
 //! CUDACachingAllocator through a C++ harness compiled on the fly
-//! (the `torch` module, with `--features cuda`), where its headers and libraries are found.
+//! (`bench/torch.rs`), where its headers and libraries are found.
 //!
 //! Sequences: cache-hit pairs (alloc + free of one size, repeated) at each
 //! `--sizes`, and the mixed workload (`--live` buffers of log-uniform sizes

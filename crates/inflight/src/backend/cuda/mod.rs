@@ -18,7 +18,7 @@
 //!   earlier work's memory effects: [`Backend::orders_memory`] is true, and
 //!   the allocator may hand a block still in use on a stream to new work on
 //!   that same stream.
-//! - **Operations** are NVRTC-compiled kernels (the `kernels` module). Checksums add
+//! - **Operations** are NVRTC-compiled kernels (`kernels.rs`). Checksums add
 //!   into a small device results slab per submission (zeroed first), which is
 //!   copied into pinned host memory at the end of the submission, before its
 //!   event; once the event completes the host copy is final.
