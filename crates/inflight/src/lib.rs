@@ -84,6 +84,7 @@ mod config;
 pub mod conformance;
 mod error;
 mod front;
+pub mod history;
 pub mod pending;
 mod policy;
 mod stats;
