@@ -1,0 +1,446 @@
+//! The allocator: the [`Allocator`] handle, its public calls, and the shared
+//! state every handle points to.
+//!
+//! The files of this folder follow the data flow: `queues.rs` (queues,
+//! their timelines and faults), `malloc.rs` (the fast path, the state
+//! lock's path, memory pressure), `reuse.rs` (binding a block reused in
+//! order on another queue), `free.rs` (free, filing, promotion, release),
+//! `state.rs` (the state behind the lock, and statistics), `teardown.rs`
+//! (the last handle).
+//!
+//! One [`Allocator`] owns a backend, its queues, the per-thread front caches
+//! (`front.rs`), the ready list and the pending list. The lists sit behind
+//! one mutex, the state lock; backends are only called for cheap queries
+//! under it (device allocation is made with it let go; release, rare next
+//! to cache hits, under it).
+//!
+//! # Paths
+//!
+//! - **free** (the last handle of a buffer is dropped): the buffer's home
+//!   slot counts it gone (K1); never bound, or every stamp passed by the
+//!   cached watermarks → the freeing thread's front cache (no state lock),
+//!   its older half going to the ready list when it is full; else gathered
+//!   in that front cache as deferred, then filed on the pending list under
+//!   its first incomplete stamp, 32 at a time or at the thread's next miss.
+//!   Ready bytes are trimmed to their share of the cache limit, oldest
+//!   first. (Under `Immediate`, a block that was ever bound skips the front
+//!   cache and goes to the ready list, its stamps ignored: that is the
+//!   defect.)
+//! - **malloc**: a block of the rounded size (its size class) from the
+//!   calling thread's front cache, with no shared lock. Else, under the
+//!   state lock: file the thread's deferred shells; best fit from ready;
+//!   else promote due pending blocks by the cached watermarks and try again;
+//!   else, on a queue that orders memory, a pending block whose only stamp
+//!   is on that queue; else promote again after asking the backend (the
+//!   state lock let go), and try again; else trim the ready list to its
+//!   share of the cache limit and make a device allocation: drain the front
+//!   caches, trim to the GC limit, trim to the memory limit, ask the device
+//!   (the state lock let go), wait (boundedly) for the oldest in-flight
+//!   stamp, and finally fail with [`Error::OutOfMemory`].
+//! - **bind** on another queue of a buffer reused in order ahead of its
+//!   previous owner's work (`order_reuse`): nothing, if that work has
+//!   completed; else, if nothing has seen the buffer's block (rule S2 in
+//!   `buffer.rs`), another block under the state lock: a ready one, or
+//!   one in flight on the binding queue alone; else a wait, on the host or
+//!   on the device ([`crate::ReuseWait`]).
+//!
+//! # Lock order
+//!
+//! `State` (allocator) → front-cache slots (in index order) → `SubmitState`
+//! (queue) → stamps (buffer). Dropping a buffer enters a slot and may take
+//! `State`, so nothing may drop a buffer handle while holding a queue's
+//! submit lock, a slot or the state lock: handles are collected and dropped
+//! after those locks are released.
+
+mod free;
+mod malloc;
+mod queues;
+mod reuse;
+mod state;
+mod teardown;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_utils::CachePadded;
+
+use crate::backend::{Backend, DeviceInfo};
+use crate::biased::Section;
+use crate::cache::ReadyList;
+use crate::config::{validate_sizing, Config, Limits};
+use crate::error::{Error, Result};
+use crate::front::{Fronts, Home, SlotState};
+use crate::pending::PendingList;
+use crate::policy::PolicyKind;
+use crate::stats::Stats;
+use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
+use crate::timeline::{QueueId, Watermark};
+use crate::{Buffer, Queue};
+
+pub(crate) use self::queues::{QueueRegistry, QueueShared, SubmitState};
+use self::state::State;
+
+/// The most queues one allocator supports.
+pub const MAX_QUEUES: usize = 64;
+
+// A process-wide counter: std's atomic even under loom (a `static`).
+static NEXT_ALLOCATOR_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A GPU buffer caching allocator over backend `B`. Cheap to clone: clones
+/// share one cache.
+///
+/// # Drop order
+///
+/// Every handle ([`Buffer`], [`Queue`], [`crate::CommandBuffer`],
+/// [`crate::Ticket`]) keeps the allocator's shared state alive, so they may
+/// be dropped in any order, and a command buffer may still be committed
+/// after the last `Allocator` is gone. When the last handle goes, ready
+/// blocks are released and pending ones are released once their work
+/// completes, waiting up to [`Config::pressure_timeout`]; memory whose work
+/// has not completed by then (or whose device was lost) is leaked, never
+/// released in flight (I1), and a line says so on stderr.
+pub struct Allocator<B: Backend> {
+    pub(crate) shared: Arc<Shared<B>>,
+}
+
+impl<B: Backend> Clone for Allocator<B> {
+    fn clone(&self) -> Self {
+        self.shared
+            .allocator_handles
+            .fetch_add(1, Ordering::Relaxed);
+        Allocator {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<B: Backend> Drop for Allocator<B> {
+    /// Under `Retained`, the last `Allocator` handle waits (up to
+    /// [`Config::pressure_timeout`]) for the submissions that still hold
+    /// references and lets them go. Those references point back at the
+    /// allocator through their buffers, so without this a program that drops
+    /// everything while such work is in flight would keep the allocator and
+    /// its device memory alive for good.
+    fn drop(&mut self) {
+        let s = &self.shared;
+        if s.allocator_handles.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        // No allocation can follow: slots with no live buffer let their
+        // references go (the others at their last free). `self.shared`
+        // outlives these, so none of them is the last.
+        drop(s.fronts.close());
+        if s.config.policy.kind() != PolicyKind::Retained {
+            return;
+        }
+        let deadline = Instant::now() + s.config.pressure_timeout;
+        for q in s.queues.iter() {
+            let last = q.submit.lock().retained.back().map(|(v, _)| *v);
+            if let Some(value) = last {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let _ = s.backend.wait(&q.raw, value, left);
+            }
+        }
+        s.drain_retained();
+    }
+}
+
+/// What every handle of one allocator points to.
+pub(crate) struct Shared<B: Backend> {
+    pub(crate) id: u64,
+    pub(crate) config: Config,
+    pub(crate) info: DeviceInfo,
+    /// On cache lines of its own: the fast path reads the fields around it
+    /// while other threads write the state under the lock.
+    state: CachePadded<Mutex<State<B>>>,
+    /// The per-thread front caches, and the references that keep this
+    /// state alive while buffers are (K1).
+    pub(crate) fronts: Fronts<B>,
+    /// `Deferred` with in-order reuse and front caches: a slot's deferred
+    /// shells may go to new buffers on their queue (see `front.rs`).
+    slot_in_order: bool,
+    pub(crate) queues: QueueRegistry<B>,
+    /// Cross-queue binds of in-order reused blocks ordered on the device.
+    reuse_device_waits: AtomicU64,
+    /// ... and those the host had to wait for.
+    reuse_host_waits: AtomicU64,
+    /// Host time in backend calls (see `Stats::device_allocation_ns` and
+    /// the two after it): only the slow calls are timed.
+    backend_time: BackendTime,
+    /// Live `Allocator` handles (the last one drains `Retained` references).
+    allocator_handles: AtomicUsize,
+    // Declared last: dropped after the queues and blocks that need it.
+    pub(crate) backend: B,
+}
+
+/// The state lock, held.
+type StateGuard<'a, B> = MutexGuard<'a, State<B>>;
+
+/// What `Shared::free_through` gives: the freeing thread's slot, entered;
+/// the home slot's reference to the allocator if it goes now (K1); and the
+/// freeing thread's `Home`.
+type FreeThrough<'a, B> = (Section<'a, SlotState<B>>, Option<Arc<Shared<B>>>, Home);
+
+/// Nanoseconds spent in the backend's slow calls, summed over threads.
+/// Statistics only, ordering nothing: std's atomics even under loom, so that
+/// they add no scheduling points to the models.
+#[derive(Default)]
+pub(super) struct BackendTime {
+    allocate: std::sync::atomic::AtomicU64,
+    release: std::sync::atomic::AtomicU64,
+    completed: std::sync::atomic::AtomicU64,
+}
+
+impl BackendTime {
+    /// Runs `f`, adding its duration to `counter`.
+    #[inline]
+    pub(super) fn timed<R>(counter: &std::sync::atomic::AtomicU64, f: impl FnOnce() -> R) -> R {
+        let t = Instant::now();
+        let r = f();
+        let ns = t.elapsed().as_nanos() as u64;
+        counter.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    /// The three sums.
+    fn load(&self) -> (u64, u64, u64) {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        (
+            get(&self.allocate),
+            get(&self.release),
+            get(&self.completed),
+        )
+    }
+}
+
+impl<B: Backend> Allocator<B> {
+    /// Creates an allocator over `backend`. Limits left `None` in `config`
+    /// take their defaults from the device's capacity (see [`Config`]).
+    pub fn new(backend: B, config: Config) -> Result<Self> {
+        validate_sizing(&config)?;
+        let info = backend.info();
+        if info.max_buffer_size < 4 {
+            return Err(Error::InvalidConfig(format!(
+                "device {} reports a largest buffer of {} bytes",
+                info.name, info.max_buffer_size
+            )));
+        }
+        let limits = Limits::resolve(&config, info.memory_capacity)?;
+        let fronts = Fronts::new(config.front_cache, config.biased_front_cache, limits.cache);
+        let ready_cap = limits.cache - fronts.reserve();
+        let slot_in_order = config.policy.kind() == PolicyKind::Deferred
+            && config.in_order_reuse
+            && config.front_cache;
+        Ok(Allocator {
+            shared: Arc::new(Shared {
+                id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),
+                config,
+                info,
+                state: CachePadded::new(Mutex::new(State {
+                    ready: ReadyList::default(),
+                    pending: PendingList::default(),
+                    limits,
+                    ready_cap,
+                    stats: Stats::default(),
+                    next_block_id: 1,
+                    high_water: 0,
+                    spares: Vec::new(),
+                })),
+                fronts,
+                slot_in_order,
+                queues: QueueRegistry::new(),
+                reuse_device_waits: AtomicU64::new(0),
+                reuse_host_waits: AtomicU64::new(0),
+                backend_time: BackendTime::default(),
+                allocator_handles: AtomicUsize::new(1),
+                backend,
+            }),
+        })
+    }
+
+    /// Creates a queue: an in-order stream with its own timeline.
+    pub fn create_queue(&self) -> Result<Queue<B>> {
+        let s = &self.shared;
+        let _grow = s.queues.grow.lock();
+        let id = s.queues.len.load(Ordering::Acquire);
+        if id >= MAX_QUEUES {
+            return Err(Error::TooManyQueues(MAX_QUEUES));
+        }
+        let raw = s.backend.create_queue()?;
+        let q = Arc::new(QueueShared {
+            id: id as QueueId,
+            orders_memory: s.backend.orders_memory(&raw),
+            raw,
+            watermark: Watermark::default(),
+            submit: Mutex::new(SubmitState {
+                next: 1,
+                retained: VecDeque::new(),
+            }),
+            retained_len: AtomicUsize::new(0),
+            submitted: AtomicU64::new(0),
+            fault: Mutex::new(None),
+            faulted: AtomicBool::new(false),
+        });
+        s.queues.slots[id]
+            .set(q.clone())
+            .unwrap_or_else(|_| unreachable!("slot {id} filled twice"));
+        s.queues.len.store(id + 1, Ordering::Release);
+        Ok(Queue {
+            shared: s.clone(),
+            q,
+        })
+    }
+
+    /// Allocates a buffer of `size` bytes for work on `queue`.
+    ///
+    /// `size` 0 is [`Error::ZeroSize`]; above the device's largest buffer,
+    /// [`Error::TooLarge`]. Under memory pressure the cache is trimmed, then
+    /// the call waits up to [`Config::pressure_timeout`] for in-flight work,
+    /// then returns [`Error::OutOfMemory`] with a statistics snapshot.
+    pub fn malloc(&self, size: u64, queue: &Queue<B>) -> Result<Buffer<B>> {
+        if !Arc::ptr_eq(&queue.shared, &self.shared) {
+            return Err(Error::ForeignQueue);
+        }
+        self.shared.malloc(size, &queue.q)
+    }
+
+    /// A snapshot of the statistics, after promoting what has completed.
+    pub fn stats(&self) -> Stats {
+        let s = &self.shared;
+        s.drain_retained();
+        s.refresh_all();
+        let mut st = s.state.lock();
+        // One visit to the slots (one heavy fence): their deferred shells,
+        // filed so that promotion sees them, and their figures.
+        let mut deferred = Vec::new();
+        let slots = s
+            .fronts
+            .totals(|slot| deferred.append(&mut slot.take_deferred()));
+        let mut spare = Vec::new();
+        s.file_deferred(&mut st, deferred, &mut spare);
+        let release = s.promote(&mut st);
+        let snap = s.snapshot_with(&st, &slots);
+        drop(st);
+        s.release_blocks(release);
+        snap
+    }
+
+    /// Promotes completed pending blocks and drops references held for
+    /// completed submissions, without allocating.
+    pub fn poll(&self) {
+        let _ = self.stats();
+    }
+
+    /// Resets the peak figures to the current ones.
+    pub fn reset_peak(&self) {
+        let mut st = self.shared.state.lock();
+        st.stats.peak_active_bytes = st.stats.active_bytes;
+        st.stats.peak_reserved_bytes = st.stats.reserved_bytes;
+    }
+
+    /// Releases every ready block now, and every pending block once its work
+    /// completes. Returns the bytes released now.
+    pub fn clear_cache(&self) -> u64 {
+        let s = &self.shared;
+        s.drain_retained();
+        s.refresh_all();
+        let mut st = s.state.lock();
+        s.drain_fronts(&mut st);
+        let mut release = s.promote(&mut st);
+        st.trim_ready_to(0, &mut release);
+        st.pending.mark_all_for_release();
+        drop(st);
+        s.release_blocks(release)
+    }
+
+    /// Releases ready blocks, oldest first, until at most `ready_bytes` remain.
+    /// Never touches pending blocks. Returns the bytes released.
+    pub fn trim(&self, ready_bytes: u64) -> u64 {
+        let s = &self.shared;
+        s.refresh_all();
+        let mut st = s.state.lock();
+        s.drain_fronts(&mut st);
+        let mut release = s.promote(&mut st);
+        st.trim_ready_to(ready_bytes, &mut release);
+        drop(st);
+        s.release_blocks(release)
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.shared.state.lock().limits
+    }
+
+    /// Replaces all three limits at once, after checking them against each
+    /// other and the device; then trims to the new cache limit.
+    pub fn set_limits(&self, limits: Limits) -> Result<()> {
+        limits.validate(self.shared.info.memory_capacity)?;
+        let s = &self.shared;
+        let mut st = s.state.lock();
+        st.limits = limits;
+        s.fronts.set_cache_limit(limits.cache);
+        st.ready_cap = limits.cache - s.fronts.reserve();
+        s.drain_fronts(&mut st);
+        let mut release = Vec::new();
+        let ready_cap = st.ready_cap;
+        st.trim_ready_to(ready_cap, &mut release);
+        drop(st);
+        self.shared.release_blocks(release);
+        Ok(())
+    }
+
+    /// Sets the memory limit (see [`Config`]); the others must still fit under it.
+    ///
+    /// Lowering it below the bytes reserved now is accepted: live and pending
+    /// blocks stay until freed and completed, and allocations trim, wait, and
+    /// fail with [`Error::OutOfMemory`] until reserved bytes fit again.
+    pub fn set_memory_limit(&self, bytes: u64) -> Result<()> {
+        self.set_limits(Limits {
+            memory: bytes,
+            ..self.limits()
+        })
+    }
+
+    /// Sets the cache limit and trims to it.
+    pub fn set_cache_limit(&self, bytes: u64) -> Result<()> {
+        self.set_limits(Limits {
+            cache: bytes,
+            ..self.limits()
+        })
+    }
+
+    /// Sets the GC limit.
+    pub fn set_gc_limit(&self, bytes: u64) -> Result<()> {
+        self.set_limits(Limits {
+            gc: bytes,
+            ..self.limits()
+        })
+    }
+
+    /// A process-unique id of this allocator.
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    /// The release policy.
+    pub fn policy(&self) -> PolicyKind {
+        self.shared.config.policy.kind()
+    }
+
+    /// The configuration it was created with.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The device, as the backend describes it.
+    pub fn device_info(&self) -> &DeviceInfo {
+        &self.shared.info
+    }
+
+    /// The backend, for backend-specific calls (the simulator's validation
+    /// report, for instance).
+    pub fn backend(&self) -> &B {
+        &self.shared.backend
+    }
+}
