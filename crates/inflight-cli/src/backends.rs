@@ -1,7 +1,7 @@
 //! Building a backend by name, with its validation layer, for the commands.
 //!
 //! Each backend is one arm of [`with_backend`]; everything else in the CLI is
-//! generic over [`inflight::Backend`].
+//! generic over [`inflight::Harness`].
 
 use inflight::backend::sim::faults::Faults;
 use inflight::backend::sim::validation::ValidationMode;
@@ -103,7 +103,7 @@ pub fn sim_config(opts: &BackendOptions) -> SimConfig {
 /// Something to do with a freshly built backend, whatever its type.
 pub trait BackendJob {
     type Output;
-    fn run<B: inflight::Backend>(
+    fn run<B: inflight::Harness>(
         self,
         backend: B,
         validator: &dyn Validator,

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use inflight::{Allocator, Backend, Config, Policy, Queue};
+use inflight::{Allocator, Config, Harness, Policy, Queue};
 use serde::Serialize;
 
 use crate::backends::{with_backend, BackendJob, BackendName, BackendOptions, SimOptions};
@@ -407,13 +407,13 @@ fn measure_all<S: Subject>(
     Ok(rows)
 }
 
-struct InflightSubject<B: Backend> {
+struct InflightSubject<B: Harness> {
     alloc: Allocator<B>,
     queue: Queue<B>,
     base_device_allocations: u64,
 }
 
-impl<B: Backend> Subject for InflightSubject<B> {
+impl<B: Harness> Subject for InflightSubject<B> {
     type Handle = inflight::Buffer<B>;
 
     #[inline]
@@ -496,7 +496,7 @@ struct InflightJob<'a> {
 impl BackendJob for InflightJob<'_> {
     type Output = Vec<Row>;
 
-    fn run<B: Backend>(self, backend: B, _: &dyn Validator) -> anyhow::Result<Vec<Row>> {
+    fn run<B: Harness>(self, backend: B, _: &dyn Validator) -> anyhow::Result<Vec<Row>> {
         let alloc = Allocator::new(backend, Config::default().with_policy(self.policy))?;
         let info = alloc.device_info().clone();
         let queue = alloc.create_queue()?;

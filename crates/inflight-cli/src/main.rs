@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use inflight::{Allocator, Backend, Policy, PolicyKind};
+use inflight::{Allocator, Harness, Policy, PolicyKind};
 
 use crate::backends::{
     sim_config, with_backend, BackendJob, BackendName, BackendOptions, SimOptions,
@@ -266,7 +266,7 @@ struct ReproJob<'a> {
 impl BackendJob for ReproJob<'_> {
     type Output = Report;
 
-    fn run<B: Backend>(self, backend: B, validator: &dyn Validator) -> anyhow::Result<Report> {
+    fn run<B: Harness>(self, backend: B, validator: &dyn Validator) -> anyhow::Result<Report> {
         let w = self.workload;
         let goal = match w.duration {
             Some(d) => Goal::Duration(d),
@@ -503,7 +503,7 @@ struct ReplayJob<'a> {
 impl BackendJob for ReplayJob<'_> {
     type Output = ReplayReport;
 
-    fn run<B: Backend>(
+    fn run<B: Harness>(
         self,
         backend: B,
         validator: &dyn Validator,

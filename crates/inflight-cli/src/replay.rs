@@ -13,7 +13,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use inflight::backend::{Backend, Span};
+use inflight::backend::{Harness, Span};
 use inflight::{Allocator, Buffer, CommandBuffer, Config, Policy, PolicyKind, Queue, Ticket};
 use serde::Serialize;
 
@@ -99,7 +99,7 @@ pub struct ReplayReport {
 }
 
 /// One stream's open submission.
-struct Open<B: Backend> {
+struct Open<B: Harness> {
     cb: CommandBuffer<B>,
     /// Simulated cost recorded so far, ns.
     cost_ns: f64,
@@ -107,7 +107,7 @@ struct Open<B: Backend> {
     largest: Option<Buffer<B>>,
 }
 
-struct Replayer<'a, B: Backend> {
+struct Replayer<'a, B: Harness> {
     alloc: &'a Allocator<B>,
     queues: &'a [Queue<B>],
     open: Vec<Option<Open<B>>>,
@@ -119,7 +119,7 @@ struct Replayer<'a, B: Backend> {
     in_flight_waits: u64,
 }
 
-impl<B: Backend> Replayer<'_, B> {
+impl<B: Harness> Replayer<'_, B> {
     fn bind(&mut self, stream: usize, buf: &Buffer<B>) -> anyhow::Result<()> {
         let len = buf.len().min(USE_BYTES) & !3;
         if len == 0 {
@@ -204,7 +204,7 @@ impl<B: Backend> Replayer<'_, B> {
 }
 
 /// Replays `trace` once under `policy`.
-pub fn run<B: Backend>(
+pub fn run<B: Harness>(
     backend: B,
     validator: &dyn Validator,
     policy: Policy,

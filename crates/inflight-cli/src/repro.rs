@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use inflight::backend::{Backend, Span};
+use inflight::backend::{Harness, Span};
 use inflight::{Allocator, Buffer, Config, Error, Policy, PolicyKind, Queue, Stats, Ticket};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -303,13 +303,13 @@ struct Expect {
     value: u64,
 }
 
-struct InFlight<B: Backend> {
+struct InFlight<B: Harness> {
     ticket: Ticket<B>,
     expect: Vec<Expect>,
 }
 
 /// Runs the workload once under `policy` and reports.
-pub fn run<B: Backend>(
+pub fn run<B: Harness>(
     backend: B,
     validator: &dyn Validator,
     policy: Policy,
@@ -512,7 +512,7 @@ fn draw_size(rng: &mut StdRng, w: &Workload) -> u64 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn request_loop<B: Backend>(
+fn request_loop<B: Harness>(
     alloc: &Allocator<B>,
     queues: &[Queue<B>],
     t: usize,
@@ -595,7 +595,7 @@ fn expected(e: &Error, live: &Live) -> bool {
 
 /// One round: allocate on `home`, record, commit on `q`, drop the handles.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-fn one_round<B: Backend>(
+fn one_round<B: Harness>(
     alloc: &Allocator<B>,
     ((home, home_idx), (q, q_idx)): ((&Queue<B>, usize), (&Queue<B>, usize)),
     groups: usize,
@@ -667,7 +667,7 @@ fn one_round<B: Backend>(
 
 /// Waits for a submission and compares its checksums with the model.
 /// Returns false if the device is lost (nothing more will complete).
-fn check<B: Backend>(
+fn check<B: Harness>(
     f: InFlight<B>,
     w: &Workload,
     live: &Live,

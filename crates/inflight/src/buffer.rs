@@ -130,6 +130,7 @@ pub(crate) struct Live<B: Backend> {
 /// The block a buffer holds (see [`Live::held`]).
 pub(crate) struct Held<B: Backend> {
     pub(crate) raw: Option<B::Buffer>,
+    pub(crate) offset: u64,
     pub(crate) size: u64,
     pub(crate) id: u64,
 }
@@ -161,6 +162,7 @@ impl<B: Backend> BufferInner<B> {
                 home: 0,
                 held: UnsafeCell::new(Held {
                     raw: None,
+                    offset: 0,
                     size: 0,
                     id: 0,
                 }),
@@ -201,6 +203,7 @@ impl<B: Backend> Buffer<B> {
                 home,
                 held: UnsafeCell::new(Held {
                     raw: Some(block.raw),
+                    offset: block.offset,
                     size: block.size,
                     id: block.id,
                 }),
@@ -313,11 +316,23 @@ impl<B: Backend> Buffer<B> {
             .expect("a live buffer has its raw buffer")
     }
 
+    /// Where the buffer starts in its raw buffer (fixed from now on: see
+    /// [`Buffer::block_id`]).
+    pub fn offset(&self) -> u64 {
+        self.held().offset
+    }
+
     /// The whole buffer as a span, rounded down to whole words. Empty for a
     /// buffer of under 4 bytes: whole-buffer operations on it return
     /// [`crate::Error::InvalidSpan`].
     pub fn span(&self) -> Span {
         Span::prefix(self.live().len & !3)
+    }
+
+    /// The last recorded use on each queue that used it: one stamp a
+    /// queue, (queue, timeline value of the submission).
+    pub fn stamps(&self) -> Vec<Stamp> {
+        self.inner.stamps.lock().iter().copied().collect()
     }
 
     /// Whether two handles are the same buffer.
@@ -409,6 +424,7 @@ impl<B: Backend> BufferInner<B> {
         let held = live.held.get_mut();
         Block {
             raw: held.raw.take().expect("a filled shell has its raw buffer"),
+            offset: held.offset,
             size: held.size,
             id: held.id,
             stamps: std::mem::take(stamps),

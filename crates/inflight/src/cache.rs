@@ -60,6 +60,8 @@ use crate::timeline::Stamps;
 pub struct Block<R> {
     /// The raw device buffer.
     pub raw: R,
+    /// Where the block starts in `raw`.
+    pub offset: u64,
     /// Its size in bytes (the rounded request).
     pub size: u64,
     /// The allocator-wide id of the device allocation.
@@ -361,6 +363,7 @@ mod tests {
     fn block(size: u64, id: u64) -> Block<()> {
         Block {
             raw: (),
+            offset: 0,
             size,
             id,
             stamps: Stamps::default(),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::allocator::{QueueShared, Shared};
-use crate::backend::{Backend, Span};
+use crate::backend::{Backend, Binding, Span};
 use crate::buffer::Buffer;
 use crate::error::{Error, Result};
 use crate::policy::PolicyKind;
@@ -63,7 +63,6 @@ impl<B: Backend> Queue<B> {
             cmds: Some(cmds),
             bound: Vec::new(),
             device_waits: Vec::new(),
-            checksums: 0,
             scrubbed: Vec::new(),
         })
     }
@@ -102,18 +101,36 @@ pub struct CommandBuffer<B: Backend> {
     bound: Vec<Buffer<B>>,
     /// Device-side waits already recorded (queue, value), not to repeat.
     device_waits: Vec<Stamp>,
-    checksums: usize,
     /// Under `Config::scrub`: buffers whose zero fill this command buffer
     /// recorded; their scrub is owed again if it is never submitted.
     scrubbed: Vec<Buffer<B>>,
 }
 
 impl<B: Backend> CommandBuffer<B> {
-    /// Checks that `buf` belongs to this allocator and `span` fits it, and
-    /// records the binding.
-    fn bind(&mut self, buf: &Buffer<B>, span: Span) -> Result<()> {
-        // The block is read (and so fixed, rule S2) only by the recording
-        // after this, or by an error: a rebinding may still replace it.
+    /// Binds the whole of `buf` to this submission and returns where it
+    /// lies: the backend's raw buffer, and the buffer's offset and length in
+    /// it. The program records its own work on it through
+    /// [`CommandBuffer::native`]; [`CommandBuffer::commit`] stamps every
+    /// bound buffer with the submission's timeline value, so that none is
+    /// released or reused while the work may still use it (I1, I2).
+    ///
+    /// The raw handle is fixed from now on (see [`Buffer::block_id`]); if
+    /// the buffer's block was reused ahead of earlier work on another queue,
+    /// this orders the submission after that work first (I2).
+    pub fn bind<'b>(&mut self, buf: &'b Buffer<B>) -> Result<Binding<'b, B::Buffer>> {
+        self.bind_span(buf, buf.span())
+    }
+
+    /// Binds `buf` as [`CommandBuffer::bind`] does, for work on `span` of it
+    /// alone: checks that the span is word-aligned, not empty, inside the
+    /// buffer and no longer than the device's largest operation.
+    pub fn bind_span<'b>(
+        &mut self,
+        buf: &'b Buffer<B>,
+        span: Span,
+    ) -> Result<Binding<'b, B::Buffer>> {
+        // The block is read (and so fixed, rule S2) only after the checks
+        // and the reuse ordering: until then a rebinding may replace it.
         if !std::ptr::eq(buf.shared(), Arc::as_ptr(&self.shared)) {
             return Err(Error::ForeignBuffer {
                 buffer: buf.block_id(),
@@ -154,7 +171,30 @@ impl<B: Backend> CommandBuffer<B> {
         if !self.bound.last().is_some_and(|b| b.same(buf)) {
             self.bound.push(buf.clone());
         }
-        Ok(())
+        Ok(Binding {
+            raw: buf.raw(),
+            offset: buf.offset(),
+            len,
+        })
+    }
+
+    /// The backend and its native recording for this submission (the
+    /// simulated GPU's list of operations, the Vulkan command buffer, the
+    /// CUDA work to enqueue on the submission's stream), to record the
+    /// program's own work on buffers bound with [`CommandBuffer::bind`].
+    /// Work on a buffer that was not bound is not tracked: the allocator
+    /// may then release or reuse it while that work runs.
+    pub fn native(&mut self) -> (&B, &mut B::Commands) {
+        let cmds = self
+            .cmds
+            .as_mut()
+            .expect("commands exist until commit consumes self");
+        (&self.shared.backend, cmds)
+    }
+
+    /// The queue this submission is for.
+    pub fn queue_id(&self) -> QueueId {
+        self.queue.id
     }
 
     /// Records a fill of zeros over the whole of a recycled buffer, before
@@ -164,90 +204,20 @@ impl<B: Backend> CommandBuffer<B> {
         self.scrubbed.push(buf.clone());
         let total = buf.len() & !3;
         let piece = (self.shared.info.max_op_span & !3).max(4);
-        let shared = self.shared.clone();
+        let binding = Binding {
+            raw: buf.raw(),
+            offset: buf.offset(),
+            len: buf.len(),
+        };
+        let (backend, cmds) = self.native();
         let mut offset = 0;
         while offset < total {
             let len = piece.min(total - offset);
             let span = Span { offset, len };
-            shared.backend.fill(self.cmds(), buf.raw(), span, 0)?;
+            backend.zero(cmds, binding, span)?;
             offset += len;
         }
         Ok(())
-    }
-
-    fn cmds(&mut self) -> &mut B::Commands {
-        self.cmds
-            .as_mut()
-            .expect("commands exist until commit consumes self")
-    }
-
-    /// Records: fill the whole buffer with `pattern`.
-    pub fn fill(&mut self, dst: &Buffer<B>, pattern: u32) -> Result<()> {
-        self.fill_span(dst, dst.span(), pattern)
-    }
-
-    /// Records: fill `dst[span]` with `pattern`.
-    pub fn fill_span(&mut self, dst: &Buffer<B>, span: Span, pattern: u32) -> Result<()> {
-        self.bind(dst, span)?;
-        let shared = self.shared.clone();
-        shared.backend.fill(self.cmds(), dst.raw(), span, pattern)?;
-        Ok(())
-    }
-
-    /// Records: copy the first `min(len)` words of `src` to `dst`.
-    pub fn copy(&mut self, src: &Buffer<B>, dst: &Buffer<B>) -> Result<()> {
-        let span = Span::prefix(src.span().len.min(dst.span().len));
-        self.copy_span(src, dst, span)
-    }
-
-    /// Records: `dst[span] = src[span]`.
-    pub fn copy_span(&mut self, src: &Buffer<B>, dst: &Buffer<B>, span: Span) -> Result<()> {
-        self.bind(src, span)?;
-        self.bind(dst, span)?;
-        let shared = self.shared.clone();
-        shared
-            .backend
-            .copy(self.cmds(), src.raw(), dst.raw(), span)?;
-        Ok(())
-    }
-
-    /// Records: `out = a + b` (wrapping, per word) over the shortest of the three.
-    pub fn add(&mut self, a: &Buffer<B>, b: &Buffer<B>, out: &Buffer<B>) -> Result<()> {
-        let len = a.span().len.min(b.span().len).min(out.span().len);
-        self.add_span(a, b, out, Span::prefix(len))
-    }
-
-    /// Records: `out[i] = a[i] + b[i]` (wrapping) over `span`.
-    pub fn add_span(
-        &mut self,
-        a: &Buffer<B>,
-        b: &Buffer<B>,
-        out: &Buffer<B>,
-        span: Span,
-    ) -> Result<()> {
-        self.bind(a, span)?;
-        self.bind(b, span)?;
-        self.bind(out, span)?;
-        let shared = self.shared.clone();
-        shared
-            .backend
-            .add(self.cmds(), a.raw(), b.raw(), out.raw(), span)?;
-        Ok(())
-    }
-
-    /// Records: checksum (see [`crate::backend::checksum_words`]) of `src[span]`
-    /// into the next result slot; returns the slot, for [`Ticket::checksum`].
-    pub fn checksum_span(&mut self, src: &Buffer<B>, span: Span) -> Result<usize> {
-        self.bind(src, span)?;
-        let shared = self.shared.clone();
-        let slot = shared.backend.checksum(self.cmds(), src.raw(), span)?;
-        self.checksums = self.checksums.max(slot + 1);
-        Ok(slot)
-    }
-
-    /// Records: checksum of the whole buffer.
-    pub fn checksum(&mut self, src: &Buffer<B>) -> Result<usize> {
-        self.checksum_span(src, src.span())
     }
 
     /// Buffers bound so far (with repeats where bindings alternate).
@@ -301,7 +271,6 @@ impl<B: Backend> CommandBuffer<B> {
             queue: self.queue.clone(),
             value,
             submission,
-            checksums: self.checksums,
         })
     }
 }
@@ -322,7 +291,6 @@ pub struct Ticket<B: Backend> {
     queue: Arc<QueueShared<B>>,
     value: u64,
     submission: B::Submission,
-    checksums: usize,
 }
 
 impl<B: Backend> Ticket<B> {
@@ -349,13 +317,15 @@ impl<B: Backend> Ticket<B> {
             // The submission's own status: the queue's stored fault may
             // already have been reported to (and cleared by) another call.
             if let Some(e) = self.shared.backend.submission_failure(&self.submission) {
-                return Err(self.submission_error(e));
+                return Err(self.error(e));
             }
         }
         Ok(done)
     }
 
-    fn submission_error(&self, e: crate::backend::DeviceError) -> Error {
+    /// This submission's error for a backend error about it: a failed
+    /// submission names its queue.
+    pub fn error(&self, e: crate::backend::DeviceError) -> Error {
         match e {
             crate::backend::DeviceError::SubmissionFailed { value, reason } => {
                 Error::SubmissionFailed {
@@ -384,33 +354,13 @@ impl<B: Backend> Ticket<B> {
         Ok(done)
     }
 
-    /// Every checksum the submission recorded, in slot order. An error if
-    /// it has not completed.
-    pub fn checksums(&self) -> Result<Vec<u64>> {
-        if !self.is_complete()? {
-            return Err(Error::NotComplete {
-                queue: self.queue.id,
-                value: self.value,
-            });
-        }
-        self.shared
-            .backend
-            .results(&self.submission)
-            .map_err(|e| self.submission_error(e))
+    /// The backend's submission, for backend-specific results.
+    pub fn submission(&self) -> &B::Submission {
+        &self.submission
     }
 
-    /// The checksum in `slot`. An error if it has not completed.
-    pub fn checksum(&self, slot: usize) -> Result<u64> {
-        if slot >= self.checksums {
-            return Err(Error::NoSuchSlot {
-                slot,
-                recorded: self.checksums,
-            });
-        }
-        let all = self.checksums()?;
-        all.get(slot).copied().ok_or(Error::NoSuchSlot {
-            slot,
-            recorded: all.len(),
-        })
+    /// The backend the submission went to.
+    pub fn backend(&self) -> &B {
+        &self.shared.backend
     }
 }

@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use crate::backend::{checksum_uniform, checksum_words, Backend, Span};
+use crate::backend::{checksum_uniform, checksum_words, Harness, Span};
 use crate::{Allocator, Buffer, Config, Error, Limits, Policy, Queue, ReuseWait};
 
 /// How long a check waits for work that should finish at once.
@@ -24,18 +24,18 @@ pub const WAIT: Duration = Duration::from_secs(30);
 /// A factory of fresh backends.
 pub type Factory<'a, B> = &'a dyn Fn() -> B;
 
-fn allocator<B: Backend>(make: Factory<'_, B>, policy: Policy) -> Allocator<B> {
+fn allocator<B: Harness>(make: Factory<'_, B>, policy: Policy) -> Allocator<B> {
     allocator_with(make, Config::default().with_policy(policy))
 }
 
-fn allocator_with<B: Backend>(make: Factory<'_, B>, config: Config) -> Allocator<B> {
+fn allocator_with<B: Harness>(make: Factory<'_, B>, config: Config) -> Allocator<B> {
     Allocator::new(make(), config).expect("allocator over a fresh backend")
 }
 
 /// Records `fills` fills of the whole of `buf` on `q` (patterns `base`,
 /// `base + 1`, …) and commits, without waiting: work for another queue's
 /// to race.
-fn fill_many<B: Backend>(q: &Queue<B>, buf: &Buffer<B>, base: u32, fills: u32) {
+fn fill_many<B: Harness>(q: &Queue<B>, buf: &Buffer<B>, base: u32, fills: u32) {
     let mut cb = q.command_buffer().unwrap();
     for i in 0..fills {
         cb.fill(buf, base + i).unwrap();
@@ -45,7 +45,7 @@ fn fill_many<B: Backend>(q: &Queue<B>, buf: &Buffer<B>, base: u32, fills: u32) {
 
 /// Fills the whole of `buf` with `pattern` on `q`, checksums it, waits, and
 /// asserts the work saw only its own fill; `why` says what it means if not.
-fn fill_and_check<B: Backend>(
+fn fill_and_check<B: Harness>(
     q: &Queue<B>,
     buf: &Buffer<B>,
     pattern: u32,
@@ -65,7 +65,7 @@ fn fill_and_check<B: Backend>(
 }
 
 /// Runs every check, in order.
-pub fn run_all<B: Backend>(make: Factory<'_, B>) {
+pub fn run_all<B: Harness>(make: Factory<'_, B>) {
     ops_compute(make);
     timeline_advances_in_order(make);
     wait_times_out_on_unsubmitted_value(make);
@@ -82,7 +82,7 @@ pub fn run_all<B: Backend>(make: Factory<'_, B>) {
 
 /// fill, copy, add and checksum compute what the CPU model says, on whole
 /// buffers and on spans at an offset.
-pub fn ops_compute<B: Backend>(make: Factory<'_, B>) {
+pub fn ops_compute<B: Harness>(make: Factory<'_, B>) {
     let alloc = allocator(make, Policy::DEFERRED);
     let q = alloc.create_queue().unwrap();
     let len = 64 * 1024 + 12; // not a page multiple
@@ -131,7 +131,7 @@ pub fn ops_compute<B: Backend>(make: Factory<'_, B>) {
 }
 
 /// Values are assigned 1, 2, 3, …; the watermark reaches the last.
-pub fn timeline_advances_in_order<B: Backend>(make: Factory<'_, B>) {
+pub fn timeline_advances_in_order<B: Harness>(make: Factory<'_, B>) {
     let alloc = allocator(make, Policy::DEFERRED);
     let q = alloc.create_queue().unwrap();
     let buf = alloc.malloc(4096, &q).unwrap();
@@ -155,7 +155,7 @@ pub fn timeline_advances_in_order<B: Backend>(make: Factory<'_, B>) {
 }
 
 /// Waiting for a value never submitted times out and says so.
-pub fn wait_times_out_on_unsubmitted_value<B: Backend>(make: Factory<'_, B>) {
+pub fn wait_times_out_on_unsubmitted_value<B: Harness>(make: Factory<'_, B>) {
     let alloc = allocator(make, Policy::DEFERRED);
     let q = alloc.create_queue().unwrap();
     let b = alloc.backend();
@@ -170,7 +170,7 @@ pub fn wait_times_out_on_unsubmitted_value<B: Backend>(make: Factory<'_, B>) {
 
 /// A buffer dropped right after commit is pending or ready, never released;
 /// after completion it is ready and a same-size malloc reuses it.
-pub fn freed_buffers_become_reusable_after_completion<B: Backend>(make: Factory<'_, B>) {
+pub fn freed_buffers_become_reusable_after_completion<B: Harness>(make: Factory<'_, B>) {
     let alloc = allocator(make, Policy::DEFERRED);
     let q = alloc.create_queue().unwrap();
     let buf = alloc.malloc(1 << 20, &q).unwrap();
@@ -201,7 +201,7 @@ pub fn freed_buffers_become_reusable_after_completion<B: Backend>(make: Factory<
 
 /// A block freed while queue A still writes it, reused on queue B: B's
 /// results are B's alone (I2).
-pub fn reuse_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
+pub fn reuse_on_another_queue_is_ordered<B: Harness>(make: Factory<'_, B>) {
     let alloc = allocator(make, Policy::DEFERRED);
     let qa = alloc.create_queue().unwrap();
     let qb = alloc.create_queue().unwrap();
@@ -227,7 +227,7 @@ pub fn reuse_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
 /// unseen buffer may take another block instead, rule S2) and off (the
 /// wait is the only way). Nothing to check where queues do not order
 /// memory.
-pub fn in_order_reuse_bound_on_another_queue_is_ordered<B: Backend>(make: Factory<'_, B>) {
+pub fn in_order_reuse_bound_on_another_queue_is_ordered<B: Harness>(make: Factory<'_, B>) {
     for wait in [ReuseWait::Adaptive, ReuseWait::Host, ReuseWait::Device] {
         for rebind in [false, true] {
             in_order_reuse_bound_on_another_queue_is_ordered_with(make, wait, rebind);
@@ -235,7 +235,7 @@ pub fn in_order_reuse_bound_on_another_queue_is_ordered<B: Backend>(make: Factor
     }
 }
 
-fn in_order_reuse_bound_on_another_queue_is_ordered_with<B: Backend>(
+fn in_order_reuse_bound_on_another_queue_is_ordered_with<B: Harness>(
     make: Factory<'_, B>,
     wait: ReuseWait,
     rebind_unseen: bool,
@@ -280,7 +280,7 @@ fn in_order_reuse_bound_on_another_queue_is_ordered_with<B: Backend>(
 /// work finished first there is nothing to rebind, and the check is the
 /// plain ordering one. Returns how many binds were rebound. Nothing to
 /// check where queues do not order memory.
-pub fn an_unseen_buffer_rebound_sees_only_its_own_writes<B: Backend>(make: Factory<'_, B>) -> u64 {
+pub fn an_unseen_buffer_rebound_sees_only_its_own_writes<B: Harness>(make: Factory<'_, B>) -> u64 {
     // Front caches off: a never-bound free goes straight to the ready list.
     let alloc = allocator_with(
         make,
@@ -312,7 +312,7 @@ pub fn an_unseen_buffer_rebound_sees_only_its_own_writes<B: Backend>(make: Facto
 }
 
 /// A buffer allocated for queue A and used on queue B is stamped for B.
-pub fn cross_queue_use_is_stamped<B: Backend>(make: Factory<'_, B>) {
+pub fn cross_queue_use_is_stamped<B: Harness>(make: Factory<'_, B>) {
     let alloc = allocator(make, Policy::DEFERRED);
     let qa = alloc.create_queue().unwrap();
     let qb = alloc.create_queue().unwrap();
@@ -320,7 +320,7 @@ pub fn cross_queue_use_is_stamped<B: Backend>(make: Factory<'_, B>) {
     let mut cb = qb.command_buffer().unwrap();
     cb.fill(&buf, 3).unwrap();
     let t = cb.commit().unwrap();
-    let stamps: Vec<_> = buf.inner.stamps.lock().iter().copied().collect();
+    let stamps = buf.stamps();
     assert_eq!(stamps.len(), 1);
     assert_eq!((stamps[0].queue, stamps[0].value), (qb.id(), t.value()));
     drop(buf);
@@ -329,7 +329,7 @@ pub fn cross_queue_use_is_stamped<B: Backend>(make: Factory<'_, B>) {
 }
 
 /// After the device drains, clearing the cache releases everything (I3).
-pub fn clear_cache_releases_everything<B: Backend>(make: Factory<'_, B>) {
+pub fn clear_cache_releases_everything<B: Harness>(make: Factory<'_, B>) {
     let alloc = allocator(make, Policy::DEFERRED);
     let q = alloc.create_queue().unwrap();
     let mut last = None;
@@ -352,7 +352,7 @@ pub fn clear_cache_releases_everything<B: Backend>(make: Factory<'_, B>) {
 
 /// Under `Retained` a dropped buffer stays active until its submission
 /// completes, then becomes ready.
-pub fn retained_policy_keeps_bindings_alive<B: Backend>(make: Factory<'_, B>) {
+pub fn retained_policy_keeps_bindings_alive<B: Harness>(make: Factory<'_, B>) {
     let alloc = allocator(make, Policy::RETAINED);
     let q = alloc.create_queue().unwrap();
     let buf = alloc.malloc(1 << 16, &q).unwrap();
@@ -369,7 +369,7 @@ pub fn retained_policy_keeps_bindings_alive<B: Backend>(make: Factory<'_, B>) {
 }
 
 /// Bad input gets a clear error, never a panic.
-pub fn bad_input_is_refused<B: Backend>(make: Factory<'_, B>) {
+pub fn bad_input_is_refused<B: Harness>(make: Factory<'_, B>) {
     let alloc = allocator(make, Policy::DEFERRED);
     let q = alloc.create_queue().unwrap();
     assert!(matches!(alloc.malloc(0, &q), Err(Error::ZeroSize)));
@@ -421,7 +421,7 @@ pub fn bad_input_is_refused<B: Backend>(make: Factory<'_, B>) {
 
 /// Past the memory limit with nothing to trim or wait for: out of memory,
 /// with statistics; the allocator stays usable.
-pub fn memory_limit_gives_out_of_memory<B: Backend>(make: Factory<'_, B>) {
+pub fn memory_limit_gives_out_of_memory<B: Harness>(make: Factory<'_, B>) {
     let config = Config {
         memory_limit: Some(1 << 20),
         pressure_timeout: Duration::from_millis(100),

@@ -84,6 +84,7 @@ mod config;
 pub mod conformance;
 mod error;
 mod front;
+mod harness;
 pub mod history;
 pub mod pending;
 mod policy;
@@ -92,7 +93,7 @@ mod sync;
 pub mod timeline;
 
 pub use allocator::{Allocator, MAX_QUEUES};
-pub use backend::{Backend, DeviceError, DeviceInfo, Span};
+pub use backend::{Backend, Binding, DeviceError, DeviceInfo, Harness, Span};
 pub use buffer::Buffer;
 pub use command::{CommandBuffer, Queue, Ticket};
 pub use config::{

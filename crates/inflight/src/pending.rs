@@ -326,6 +326,7 @@ mod tests {
         }
         Block {
             raw: (),
+            offset: 0,
             size,
             id,
             stamps: s,

@@ -11,7 +11,7 @@ use std::hint::black_box;
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
-use inflight::{Allocator, Backend, Config, Policy};
+use inflight::{Allocator, Config, Harness, Policy};
 use serde::Serialize;
 
 use crate::backends::BackendJob;
@@ -40,7 +40,7 @@ pub struct ScalingJob {
 impl BackendJob for ScalingJob {
     type Output = Vec<ScalingRow>;
 
-    fn run<B: Backend>(self, backend: B, _: &dyn Validator) -> anyhow::Result<Vec<ScalingRow>> {
+    fn run<B: Harness>(self, backend: B, _: &dyn Validator) -> anyhow::Result<Vec<ScalingRow>> {
         let alloc = Allocator::new(backend, Config::default().with_policy(Policy::DEFERRED))?;
         let name = alloc.device_info().backend.to_string();
         let most = self.threads.iter().copied().max().unwrap_or(1);

@@ -282,6 +282,7 @@ impl<B: Backend> Shared<B> {
                         st.next_block_id += 1;
                         let block = Block {
                             raw,
+                            offset: 0,
                             size,
                             id,
                             stamps: Stamps::default(),

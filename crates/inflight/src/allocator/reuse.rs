@@ -139,6 +139,7 @@ impl<B: Backend> Shared<B> {
         let mut stamps = buf.inner.stamps.lock();
         let reused = Block {
             raw: std::mem::replace(raw, fresh.raw),
+            offset: std::mem::replace(&mut held.offset, fresh.offset),
             size: std::mem::replace(&mut held.size, fresh.size),
             id: std::mem::replace(&mut held.id, fresh.id),
             stamps: std::mem::replace(&mut *stamps, fresh.stamps),

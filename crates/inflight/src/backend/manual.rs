@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::backend::{Backend, DeviceError, DeviceInfo, Span};
+use crate::backend::{Backend, Binding, DeviceError, DeviceInfo, Harness, Span};
 
 /// A driven device. Clones share it.
 #[derive(Clone)]
@@ -267,49 +267,13 @@ impl Backend for ManualGpu {
         })
     }
 
-    fn fill(
+    fn zero(
         &self,
-        c: &mut ManualCommands,
-        dst: &ManualBuffer,
-        _: Span,
-        _: u32,
+        cmds: &mut Self::Commands,
+        dst: Binding<'_, Self::Buffer>,
+        span: Span,
     ) -> Result<(), DeviceError> {
-        c.uses.push(dst.id);
-        Ok(())
-    }
-
-    fn copy(
-        &self,
-        c: &mut ManualCommands,
-        src: &ManualBuffer,
-        dst: &ManualBuffer,
-        _: Span,
-    ) -> Result<(), DeviceError> {
-        c.uses.extend([src.id, dst.id]);
-        Ok(())
-    }
-
-    fn add(
-        &self,
-        c: &mut ManualCommands,
-        a: &ManualBuffer,
-        b: &ManualBuffer,
-        out: &ManualBuffer,
-        _: Span,
-    ) -> Result<(), DeviceError> {
-        c.uses.extend([a.id, b.id, out.id]);
-        Ok(())
-    }
-
-    fn checksum(
-        &self,
-        c: &mut ManualCommands,
-        src: &ManualBuffer,
-        _: Span,
-    ) -> Result<usize, DeviceError> {
-        c.uses.push(src.id);
-        c.checksums += 1;
-        Ok(c.checksums - 1)
+        Harness::fill(self, cmds, dst, span, 0)
     }
 
     fn submit(
@@ -385,6 +349,57 @@ impl Backend for ManualGpu {
                 None => self.inner.cv.wait(&mut st),
             }
         }
+    }
+}
+
+impl Harness for ManualGpu {
+    fn fill(
+        &self,
+        c: &mut ManualCommands,
+        dst: Binding<'_, ManualBuffer>,
+        _: Span,
+        _: u32,
+    ) -> Result<(), DeviceError> {
+        c.uses.push(dst.raw.id);
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        c: &mut ManualCommands,
+        src: Binding<'_, ManualBuffer>,
+        dst: Binding<'_, ManualBuffer>,
+        _: Span,
+    ) -> Result<(), DeviceError> {
+        c.uses.extend([src.raw.id, dst.raw.id]);
+        Ok(())
+    }
+
+    fn add(
+        &self,
+        c: &mut ManualCommands,
+        a: Binding<'_, ManualBuffer>,
+        b: Binding<'_, ManualBuffer>,
+        out: Binding<'_, ManualBuffer>,
+        _: Span,
+    ) -> Result<(), DeviceError> {
+        c.uses.extend([a.raw.id, b.raw.id, out.raw.id]);
+        Ok(())
+    }
+
+    fn checksum(
+        &self,
+        c: &mut ManualCommands,
+        src: Binding<'_, ManualBuffer>,
+        _: Span,
+    ) -> Result<usize, DeviceError> {
+        c.uses.push(src.raw.id);
+        c.checksums += 1;
+        Ok(c.checksums - 1)
+    }
+
+    fn slots(&self, s: &ManualSubmission) -> usize {
+        s.checksums
     }
 
     fn results(&self, s: &ManualSubmission) -> Result<Vec<u64>, DeviceError> {

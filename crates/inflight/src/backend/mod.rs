@@ -1,11 +1,17 @@
-//! The backend trait: the small surface a GPU API must offer the allocator.
+//! The backend traits: the small surface a GPU API must offer the allocator,
+//! and the harness operations its tests and demonstrations use.
 //!
-//! A backend allocates and releases raw device buffers, creates queues, records
-//! the few operations the harness and tests need (fill, copy, add, checksum)
-//! into a command list, submits that list with a timeline value, and reports
-//! which values have completed. Everything about lifetimes, caching and reuse
-//! lives above this trait, in the allocator; a backend keeps no per-buffer
-//! bookkeeping of its own beyond what its API requires.
+//! [`Backend`] is what the allocator needs: allocate and release raw device
+//! buffers, create queues, start a recording (the backend's native command
+//! list, which programs record their own work into), submit it with a
+//! timeline value, and report which values have completed. Everything about
+//! lifetimes, caching and reuse lives above it, in the allocator; a backend
+//! keeps no per-buffer bookkeeping of its own beyond what its API requires.
+//!
+//! [`Harness`] adds four operations with results the host can check (fill,
+//! copy, add, checksum): what `repro`, the conformance suite and the tests
+//! record to see whether memory was corrupted. A program's own work needs
+//! none of them.
 //!
 //! # Timeline contract
 //!
@@ -76,6 +82,52 @@ impl Span {
             )));
         }
         Ok(())
+    }
+}
+
+/// A buffer as work records it: the backend's raw buffer (a segment of
+/// device memory that other buffers may share), and where the buffer lies
+/// in it. Spans given with a binding count from `offset`.
+#[derive(Debug)]
+pub struct Binding<'a, R> {
+    /// The backend's raw buffer.
+    pub raw: &'a R,
+    /// The buffer's first byte in `raw`.
+    pub offset: u64,
+    /// The buffer's length in bytes.
+    pub len: u64,
+}
+
+impl<R> Clone for Binding<'_, R> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<R> Copy for Binding<'_, R> {}
+
+impl<'a, R> Binding<'a, R> {
+    /// The whole of `raw` as one binding (for backends' own tests).
+    pub fn whole(raw: &'a R, len: u64) -> Self {
+        Binding {
+            raw,
+            offset: 0,
+            len,
+        }
+    }
+
+    /// `span` of the buffer as a span of the raw buffer.
+    pub fn absolute(&self, span: Span) -> Span {
+        Span {
+            offset: self.offset + span.offset,
+            len: span.len,
+        }
+    }
+
+    /// Checks that `span` is word-aligned, not empty and inside the buffer
+    /// (the check every backend makes when an operation is recorded).
+    pub fn check(&self, span: Span) -> Result<(), DeviceError> {
+        span.check_fits(self.len)
     }
 }
 
@@ -164,43 +216,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Starts recording a submission for `queue`.
     fn begin(&self, queue: &Self::Queue) -> Result<Self::Commands, DeviceError>;
 
-    /// Records: write `pattern` to every word of `dst[span]`.
-    fn fill(
+    /// Records: write zeros to every byte of `dst[span]` (`vkCmdFillBuffer`,
+    /// `cuMemsetD8Async`): how a recycled buffer is scrubbed for its new
+    /// owner ([`crate::Config::scrub`]).
+    fn zero(
         &self,
         cmds: &mut Self::Commands,
-        dst: &Self::Buffer,
-        span: Span,
-        pattern: u32,
-    ) -> Result<(), DeviceError>;
-
-    /// Records: `dst[span] = src[span]`.
-    fn copy(
-        &self,
-        cmds: &mut Self::Commands,
-        src: &Self::Buffer,
-        dst: &Self::Buffer,
+        dst: Binding<'_, Self::Buffer>,
         span: Span,
     ) -> Result<(), DeviceError>;
-
-    /// Records: `out[i] = a[i] + b[i]` (wrapping) for every word of `span`.
-    fn add(
-        &self,
-        cmds: &mut Self::Commands,
-        a: &Self::Buffer,
-        b: &Self::Buffer,
-        out: &Self::Buffer,
-        span: Span,
-    ) -> Result<(), DeviceError>;
-
-    /// Records: compute [`checksum_words`] over `src[span]` into the next
-    /// result slot of this submission, and returns that slot's index
-    /// (0, 1, 2, … in recording order).
-    fn checksum(
-        &self,
-        cmds: &mut Self::Commands,
-        src: &Self::Buffer,
-        span: Span,
-    ) -> Result<usize, DeviceError>;
 
     /// Records, ahead of the work recorded next, a device-side wait until
     /// `other`'s completed watermark reaches `value` (a GPU-side event wait,
@@ -234,11 +258,6 @@ pub trait Backend: Send + Sync + 'static {
     fn wait(&self, queue: &Self::Queue, value: u64, timeout: Duration)
         -> Result<bool, DeviceError>;
 
-    /// The checksums a completed submission computed, in slot order; for a
-    /// submission that completed with an error, that error
-    /// ([`DeviceError::SubmissionFailed`]): its results are undefined.
-    fn results(&self, submission: &Self::Submission) -> Result<Vec<u64>, DeviceError>;
-
     /// Takes the oldest not yet taken failure of a submission on `queue`: one
     /// that completed *with an error* (a Metal command buffer whose status is
     /// `error`, a faulting kernel). A failed submission still counts as
@@ -262,6 +281,58 @@ pub trait Backend: Send + Sync + 'static {
         let _ = submission;
         None
     }
+}
+/// The harness operations: four kernels whose results the host can check,
+/// recorded into a [`Backend`]'s command list. The conformance suite,
+/// `repro` and the tests use them to see whether memory was corrupted; a
+/// program records its own work instead (see [`crate::CommandBuffer::native`]).
+pub trait Harness: Backend {
+    /// Records: write `pattern` to every word of `span` of `dst`.
+    fn fill(
+        &self,
+        cmds: &mut Self::Commands,
+        dst: Binding<'_, Self::Buffer>,
+        span: Span,
+        pattern: u32,
+    ) -> Result<(), DeviceError>;
+
+    /// Records: `dst[span] = src[span]`.
+    fn copy(
+        &self,
+        cmds: &mut Self::Commands,
+        src: Binding<'_, Self::Buffer>,
+        dst: Binding<'_, Self::Buffer>,
+        span: Span,
+    ) -> Result<(), DeviceError>;
+
+    /// Records: `out[i] = a[i] + b[i]` (wrapping) for every word of `span`.
+    fn add(
+        &self,
+        cmds: &mut Self::Commands,
+        a: Binding<'_, Self::Buffer>,
+        b: Binding<'_, Self::Buffer>,
+        out: Binding<'_, Self::Buffer>,
+        span: Span,
+    ) -> Result<(), DeviceError>;
+
+    /// Records: compute [`checksum_words`] over `span` of `src` (indices
+    /// counted from the span's first word) into the next result slot of
+    /// this submission, and returns that slot's index (0, 1, 2, … in
+    /// recording order).
+    fn checksum(
+        &self,
+        cmds: &mut Self::Commands,
+        src: Binding<'_, Self::Buffer>,
+        span: Span,
+    ) -> Result<usize, DeviceError>;
+
+    /// How many checksum slots a submission recorded (known at submit).
+    fn slots(&self, submission: &Self::Submission) -> usize;
+
+    /// The checksums a completed submission computed, in slot order; for a
+    /// submission that completed with an error, that error
+    /// ([`DeviceError::SubmissionFailed`]): its results are undefined.
+    fn results(&self, submission: &Self::Submission) -> Result<Vec<u64>, DeviceError>;
 }
 
 /// The checksum every backend computes: the wrapping u64 sum over the words

@@ -48,7 +48,7 @@ use parking_lot::Mutex;
 use self::driver::{map_err, Context, DevicePtr, Event, EventState, HostPtr, MemPool, Stream};
 pub use self::driver::{probe_driver, probe_nvrtc};
 use self::kernels::{Kernels, Op};
-use crate::backend::{Backend, DeviceError, DeviceInfo, Span};
+use crate::backend::{Backend, Binding, DeviceError, DeviceInfo, Harness, Span};
 
 /// Where raw buffers come from.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -130,7 +130,7 @@ struct InFlight {
 
 /// Work being recorded for one CUDA submission.
 pub struct CudaCommands {
-    ops: Vec<Op>,
+    steps: Vec<Step>,
     checksums: usize,
     /// Other queues' values this submission must wait for on the device.
     waits: Vec<(Arc<QueueState>, u64)>,
@@ -139,6 +139,7 @@ pub struct CudaCommands {
 /// A submitted CUDA submission.
 pub struct CudaSubmission {
     results: Arc<OnceLock<Vec<u64>>>,
+    slots: usize,
     state: Arc<QueueState>,
     dev: Arc<Device>,
 }
@@ -418,80 +419,19 @@ impl Backend for CudaGpu {
 
     fn begin(&self, _queue: &CudaQueue) -> Result<CudaCommands, DeviceError> {
         Ok(CudaCommands {
-            ops: Vec::new(),
+            steps: Vec::new(),
             checksums: 0,
             waits: Vec::new(),
         })
     }
 
-    fn fill(
+    fn zero(
         &self,
-        cmds: &mut CudaCommands,
-        dst: &CudaBuffer,
-        span: Span,
-        pattern: u32,
-    ) -> Result<(), DeviceError> {
-        span.check_fits(dst.size)?;
-        cmds.ops.push(Op::Fill {
-            dst: dst.ptr + span.offset,
-            words: span.words(),
-            pattern,
-        });
-        Ok(())
-    }
-
-    fn copy(
-        &self,
-        cmds: &mut CudaCommands,
-        src: &CudaBuffer,
-        dst: &CudaBuffer,
+        cmds: &mut Self::Commands,
+        dst: Binding<'_, Self::Buffer>,
         span: Span,
     ) -> Result<(), DeviceError> {
-        span.check_fits(src.size)?;
-        span.check_fits(dst.size)?;
-        cmds.ops.push(Op::Copy {
-            src: src.ptr + span.offset,
-            dst: dst.ptr + span.offset,
-            words: span.words(),
-        });
-        Ok(())
-    }
-
-    fn add(
-        &self,
-        cmds: &mut CudaCommands,
-        a: &CudaBuffer,
-        b: &CudaBuffer,
-        out: &CudaBuffer,
-        span: Span,
-    ) -> Result<(), DeviceError> {
-        for buf in [a, b, out] {
-            span.check_fits(buf.size)?;
-        }
-        cmds.ops.push(Op::Add {
-            a: a.ptr + span.offset,
-            b: b.ptr + span.offset,
-            out: out.ptr + span.offset,
-            words: span.words(),
-        });
-        Ok(())
-    }
-
-    fn checksum(
-        &self,
-        cmds: &mut CudaCommands,
-        src: &CudaBuffer,
-        span: Span,
-    ) -> Result<usize, DeviceError> {
-        span.check_fits(src.size)?;
-        let slot = cmds.checksums;
-        cmds.checksums += 1;
-        cmds.ops.push(Op::Checksum {
-            src: src.ptr + span.offset,
-            words: span.words(),
-            slot,
-        });
-        Ok(slot)
+        Harness::fill(self, cmds, dst, span, 0)
     }
 
     fn wait_on_device(
@@ -537,13 +477,16 @@ impl Backend for CudaGpu {
                 unsafe { cu::memset_d8_async(slab.dev, 0, slots * 8, s.0) }
                     .map_err(|e| map_err("cuMemsetD8Async", e))?;
             }
-            for &op in &cmds.ops {
-                // SAFETY: every address in `op` was checked against its
-                // buffer's size when recorded, and the allocator keeps those
-                // buffers allocated until this submission completes (I1);
-                // the results slab is zeroed above on the same stream; the
-                // context is current.
-                unsafe { d.kernels.launch(s, op, results_dev) }?;
+            for step in cmds.steps {
+                match step {
+                    // SAFETY: every address in `op` was checked against its
+                    // buffer's size when recorded, and the allocator keeps
+                    // those buffers allocated until this submission
+                    // completes (I1); the results slab is zeroed above on
+                    // the same stream; the context is current.
+                    Step::Kernel(op) => unsafe { d.kernels.launch(s, op, results_dev) }?,
+                    Step::User(work) => work(s.0)?,
+                }
             }
             if let Some(slab) = &slab {
                 // SAFETY: pinned host memory of `cap >= slots` u64, read only
@@ -581,6 +524,7 @@ impl Backend for CudaGpu {
         });
         Ok(CudaSubmission {
             results,
+            slots,
             state: queue.state.clone(),
             dev: self.dev.clone(),
         })
@@ -615,6 +559,83 @@ impl Backend for CudaGpu {
             }
         }
     }
+}
+
+impl Harness for CudaGpu {
+    fn fill(
+        &self,
+        cmds: &mut CudaCommands,
+        dst: Binding<'_, CudaBuffer>,
+        span: Span,
+        pattern: u32,
+    ) -> Result<(), DeviceError> {
+        let dst = device_ptr(dst, span)?;
+        cmds.steps.push(Step::Kernel(Op::Fill {
+            dst,
+            words: span.words(),
+            pattern,
+        }));
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        cmds: &mut CudaCommands,
+        src: Binding<'_, CudaBuffer>,
+        dst: Binding<'_, CudaBuffer>,
+        span: Span,
+    ) -> Result<(), DeviceError> {
+        let (src, dst) = (device_ptr(src, span)?, device_ptr(dst, span)?);
+        cmds.steps.push(Step::Kernel(Op::Copy {
+            src,
+            dst,
+            words: span.words(),
+        }));
+        Ok(())
+    }
+
+    fn add(
+        &self,
+        cmds: &mut CudaCommands,
+        a: Binding<'_, CudaBuffer>,
+        b: Binding<'_, CudaBuffer>,
+        out: Binding<'_, CudaBuffer>,
+        span: Span,
+    ) -> Result<(), DeviceError> {
+        let (a, b, out) = (
+            device_ptr(a, span)?,
+            device_ptr(b, span)?,
+            device_ptr(out, span)?,
+        );
+        cmds.steps.push(Step::Kernel(Op::Add {
+            a,
+            b,
+            out,
+            words: span.words(),
+        }));
+        Ok(())
+    }
+
+    fn checksum(
+        &self,
+        cmds: &mut CudaCommands,
+        src: Binding<'_, CudaBuffer>,
+        span: Span,
+    ) -> Result<usize, DeviceError> {
+        let src = device_ptr(src, span)?;
+        let slot = cmds.checksums;
+        cmds.checksums += 1;
+        cmds.steps.push(Step::Kernel(Op::Checksum {
+            src,
+            words: span.words(),
+            slot,
+        }));
+        Ok(slot)
+    }
+
+    fn slots(&self, submission: &CudaSubmission) -> usize {
+        submission.slots
+    }
 
     fn results(&self, submission: &CudaSubmission) -> Result<Vec<u64>, DeviceError> {
         if submission.results.get().is_none() {
@@ -624,5 +645,52 @@ impl Backend for CudaGpu {
         submission.results.get().cloned().ok_or_else(|| {
             DeviceError::Other("results asked for before the submission completed".into())
         })
+    }
+}
+
+/// The device address of `span` of a binding, checked against the binding
+/// and its raw buffer.
+fn device_ptr(b: Binding<'_, CudaBuffer>, span: Span) -> Result<DevicePtr, DeviceError> {
+    b.check(span)?;
+    let abs = b.absolute(span);
+    abs.check_fits(b.raw.size)?;
+    Ok(b.raw.ptr + abs.offset)
+}
+
+impl Binding<'_, CudaBuffer> {
+    /// The buffer's device address (`CUdeviceptr`): its raw buffer's base
+    /// plus its offset.
+    pub fn device_ptr(&self) -> u64 {
+        self.raw.ptr + self.offset
+    }
+}
+
+/// A program's own work on a submission's stream (see
+/// [`CudaCommands::user`]).
+pub type UserWork =
+    Box<dyn FnOnce(cudarc::driver::sys::CUstream) -> Result<(), DeviceError> + Send>;
+
+/// One recorded step of a submission.
+enum Step {
+    /// A harness kernel.
+    Kernel(Op),
+    /// The program's own work.
+    User(UserWork),
+}
+
+impl CudaCommands {
+    /// Records the program's own work: at commit, `work` is called with the
+    /// submission's stream, in recording order among this submission's
+    /// steps, to enqueue whatever it likes there (kernel launches, copies,
+    /// library calls) on buffers bound to the command buffer
+    /// ([`crate::CommandBuffer::bind`], whose [`Binding::device_ptr`] gives
+    /// their addresses). The submission's completion event is recorded after
+    /// it. `work` must only enqueue: it must not synchronise the stream or
+    /// free memory.
+    pub fn user(
+        &mut self,
+        work: impl FnOnce(cudarc::driver::sys::CUstream) -> Result<(), DeviceError> + Send + 'static,
+    ) {
+        self.steps.push(Step::User(Box::new(work)));
     }
 }

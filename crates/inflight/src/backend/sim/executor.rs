@@ -29,53 +29,77 @@ use super::validation::ViolationKind;
 use super::{Memory, SimConfig, SimGpu};
 use crate::backend::{DeviceError, Span};
 
+/// An operand: a raw buffer's memory and the span of it an operation
+/// covers (absolute: the binding's offset added).
+pub(crate) struct Operand {
+    pub(crate) mem: Arc<Memory>,
+    pub(crate) span: Span,
+}
+
+/// A program's own operation: the memory it declared, and what it does to
+/// it (see [`super::SimCommands::user`]).
+pub(crate) type UserFn = Box<dyn FnOnce(&[super::SimView<'_>]) + Send>;
+
 /// One recorded operation.
 pub(crate) enum Op {
     Fill {
-        dst: Arc<Memory>,
-        span: Span,
+        dst: Operand,
         pattern: u32,
     },
     Copy {
-        src: Arc<Memory>,
-        dst: Arc<Memory>,
-        span: Span,
+        src: Operand,
+        dst: Operand,
     },
     Add {
-        a: Arc<Memory>,
-        b: Arc<Memory>,
-        out: Arc<Memory>,
-        span: Span,
+        a: Operand,
+        b: Operand,
+        out: Operand,
     },
     Checksum {
-        src: Arc<Memory>,
-        span: Span,
+        src: Operand,
         slot: usize,
+    },
+    /// A program's own operation on the spans it declared.
+    User {
+        operands: Vec<Operand>,
+        run: UserFn,
     },
     /// Wait until another queue's timeline reaches `value` (a device-side
     /// event wait).
-    Wait { timeline: Arc<Timeline>, value: u64 },
+    Wait {
+        timeline: Arc<Timeline>,
+        value: u64,
+    },
 }
 
 impl Op {
-    pub(crate) fn buffers(&self) -> impl Iterator<Item = &Arc<Memory>> {
-        let (x, y, z) = match self {
-            Op::Fill { dst, .. } => (Some(dst), None, None),
-            Op::Copy { src, dst, .. } => (Some(src), Some(dst), None),
-            Op::Add { a, b, out, .. } => (Some(a), Some(b), Some(out)),
-            Op::Checksum { src, .. } => (Some(src), None, None),
-            Op::Wait { .. } => (None, None, None),
-        };
-        x.into_iter().chain(y).chain(z)
+    /// The operands, in order.
+    pub(crate) fn operands(&self) -> &[Operand] {
+        match self {
+            Op::Fill { dst, .. } => std::slice::from_ref(dst),
+            Op::Copy { src, .. } => std::slice::from_ref(src),
+            Op::Add { a, .. } => std::slice::from_ref(a),
+            Op::Checksum { src, .. } => std::slice::from_ref(src),
+            Op::User { operands, .. } => operands,
+            Op::Wait { .. } => &[],
+        }
     }
 
-    fn span(&self) -> Span {
+    /// Every buffer the operation touches.
+    pub(crate) fn buffers(&self) -> Vec<&Arc<Memory>> {
         match self {
-            Op::Fill { span, .. }
-            | Op::Copy { span, .. }
-            | Op::Add { span, .. }
-            | Op::Checksum { span, .. } => *span,
-            Op::Wait { .. } => Span::prefix(0),
+            Op::Copy { src, dst } => vec![&src.mem, &dst.mem],
+            Op::Add { a, b, out } => vec![&a.mem, &b.mem, &out.mem],
+            Op::User { operands, .. } => operands.iter().map(|o| &o.mem).collect(),
+            other => other.operands().iter().map(|o| &o.mem).collect(),
+        }
+    }
+
+    /// Bytes of work it simulates.
+    fn work(&self) -> u64 {
+        match self {
+            Op::User { operands, .. } => operands.iter().map(|o| o.span.len).sum(),
+            other => other.operands().first().map_or(0, |o| o.span.len),
         }
     }
 }
@@ -167,7 +191,7 @@ impl Executor {
             .name(format!("inflight-sim-q{id}"))
             .spawn(move || {
                 let mut busy_until = Instant::now();
-                for job in rx {
+                for mut job in rx {
                     if g.is_lost() {
                         continue; // a lost device completes nothing
                     }
@@ -184,8 +208,11 @@ impl Executor {
                     busy_until = busy_until.max(job.submitted);
                     busy_until += Duration::from_nanos((submit_cost * jitter.factor()) as u64);
                     let mut sums = Vec::new();
-                    for op in job.ops.iter().take(fault.unwrap_or(n_ops)) {
-                        if let Op::Wait { timeline, value } = op {
+                    for op in std::mem::take(&mut job.ops)
+                        .into_iter()
+                        .take(fault.unwrap_or(n_ops))
+                    {
+                        if let Op::Wait { timeline, value } = &op {
                             // Idle until the other queue gets there: the
                             // wait costs no simulated work. A GPU's queue
                             // resumes as soon as the signal lands; a thread
@@ -210,8 +237,8 @@ impl Executor {
                             busy_until = busy_until.max(now);
                             continue;
                         }
+                        let ns = op_cost + op.work() as f64 / 1024.0 * ns_per_kib;
                         run_op(&g, id, job.value, op, &mut sums);
-                        let ns = op_cost + op.span().len as f64 / 1024.0 * ns_per_kib;
                         busy_until += Duration::from_nanos((ns * jitter.factor()) as u64);
                         pace(busy_until, MIN_SLEEP * 4);
                     }
@@ -328,7 +355,7 @@ fn pace(deadline: Instant, slack: Duration) {
 }
 
 /// Validates and performs one operation.
-fn run_op(gpu: &SimGpu, queue: u32, value: u64, op: &Op, sums: &mut Vec<(usize, u64)>) {
+fn run_op(gpu: &SimGpu, queue: u32, value: u64, op: Op, sums: &mut Vec<(usize, u64)>) {
     let v = &gpu.inner.validation;
     let mut ok = true;
     for m in op.buffers() {
@@ -344,52 +371,64 @@ fn run_op(gpu: &SimGpu, queue: u32, value: u64, op: &Op, sums: &mut Vec<(usize, 
             ok = false;
         }
     }
-    if !ok || gpu.inner.config.backing == super::Backing::Accounting {
+    let accounting = gpu.inner.config.backing == super::Backing::Accounting;
+    if !ok || (accounting && !matches!(op, Op::User { .. })) {
         if let Op::Checksum { slot, .. } = op {
-            sums.push((*slot, 0));
+            sums.push((slot, 0));
         }
         return;
     }
     let at = |s: Span| ((s.offset / 4) as usize, s.words() as usize);
     // Reads a span into a scratch vector (None if released meanwhile), so
     // that no two buffer locks are ever held at once.
-    let read = |m: &Arc<Memory>, s: Span| {
-        let (start, len) = at(s);
-        m.data.lock().as_ref().map(|d| d.read(start, len))
+    let read = |o: &Operand| {
+        let (start, len) = at(o.span);
+        o.mem.data.lock().as_ref().map(|d| d.read(start, len))
     };
-    let write = |m: &Arc<Memory>, s: Span, src: &[u32]| {
-        if let Some(d) = m.data.lock().as_mut() {
-            d.write(at(s).0, src);
+    let write = |o: &Operand, src: &[u32]| {
+        if let Some(d) = o.mem.data.lock().as_mut() {
+            d.write(at(o.span).0, src);
         }
     };
     match op {
-        Op::Fill { dst, span, pattern } => {
-            if let Some(d) = dst.data.lock().as_mut() {
-                let (start, len) = at(*span);
-                d.fill(start, len, *pattern);
+        Op::Fill { dst, pattern } => {
+            if let Some(d) = dst.mem.data.lock().as_mut() {
+                let (start, len) = at(dst.span);
+                d.fill(start, len, pattern);
             }
         }
-        Op::Copy { src, dst, span } => {
-            if let Some(tmp) = read(src, *span) {
-                write(dst, *span, &tmp);
+        Op::Copy { src, dst } => {
+            if let Some(tmp) = read(&src) {
+                write(&dst, &tmp);
             }
         }
-        Op::Add { a, b, out, span } => {
-            if let (Some(mut x), Some(y)) = (read(a, *span), read(b, *span)) {
+        Op::Add { a, b, out } => {
+            if let (Some(mut x), Some(y)) = (read(&a), read(&b)) {
                 for (x, y) in x.iter_mut().zip(&y) {
                     *x = x.wrapping_add(*y);
                 }
-                write(out, *span, &x);
+                write(&out, &x);
             }
         }
-        Op::Checksum { src, span, slot } => {
-            let (start, len) = at(*span);
+        Op::Checksum { src, slot } => {
+            let (start, len) = at(src.span);
             let sum = src
+                .mem
                 .data
                 .lock()
                 .as_ref()
                 .map_or(0, |d| d.checksum(start, len));
-            sums.push((*slot, sum));
+            sums.push((slot, sum));
+        }
+        Op::User { operands, run } => {
+            let views: Vec<super::SimView<'_>> = operands
+                .iter()
+                .map(|o| super::SimView {
+                    mem: &o.mem,
+                    span: o.span,
+                })
+                .collect();
+            run(&views);
         }
         Op::Wait { .. } => unreachable!("the executor loop handles waits"),
     }

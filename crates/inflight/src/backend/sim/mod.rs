@@ -33,11 +33,11 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use self::executor::{Executor, Job, Op, Outcome};
+use self::executor::{Executor, Job, Op, Operand, Outcome};
 use self::faults::{Faults, Injected, Injector};
 use self::pages::Pages;
 use self::validation::{Validation, ValidationMode, Violation, ViolationKind};
-use crate::backend::{Backend, DeviceError, DeviceInfo, Span};
+use crate::backend::{Backend, Binding, DeviceError, DeviceInfo, Harness, Span};
 
 /// How simulated buffers are backed.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -354,74 +354,13 @@ impl Backend for SimGpu {
         })
     }
 
-    fn fill(
+    fn zero(
         &self,
-        cmds: &mut SimCommands,
-        dst: &SimBuffer,
-        span: Span,
-        pattern: u32,
-    ) -> Result<(), DeviceError> {
-        span.check_fits(dst.mem.size)?;
-        cmds.ops.push(Op::Fill {
-            dst: dst.mem.clone(),
-            span,
-            pattern,
-        });
-        Ok(())
-    }
-
-    fn copy(
-        &self,
-        cmds: &mut SimCommands,
-        src: &SimBuffer,
-        dst: &SimBuffer,
+        cmds: &mut Self::Commands,
+        dst: Binding<'_, Self::Buffer>,
         span: Span,
     ) -> Result<(), DeviceError> {
-        span.check_fits(src.mem.size)?;
-        span.check_fits(dst.mem.size)?;
-        cmds.ops.push(Op::Copy {
-            src: src.mem.clone(),
-            dst: dst.mem.clone(),
-            span,
-        });
-        Ok(())
-    }
-
-    fn add(
-        &self,
-        cmds: &mut SimCommands,
-        a: &SimBuffer,
-        b: &SimBuffer,
-        out: &SimBuffer,
-        span: Span,
-    ) -> Result<(), DeviceError> {
-        for buf in [a, b, out] {
-            span.check_fits(buf.mem.size)?;
-        }
-        cmds.ops.push(Op::Add {
-            a: a.mem.clone(),
-            b: b.mem.clone(),
-            out: out.mem.clone(),
-            span,
-        });
-        Ok(())
-    }
-
-    fn checksum(
-        &self,
-        cmds: &mut SimCommands,
-        src: &SimBuffer,
-        span: Span,
-    ) -> Result<usize, DeviceError> {
-        span.check_fits(src.mem.size)?;
-        let slot = cmds.checksums;
-        cmds.checksums += 1;
-        cmds.ops.push(Op::Checksum {
-            src: src.mem.clone(),
-            span,
-            slot,
-        });
-        Ok(slot)
+        Harness::fill(self, cmds, dst, span, 0)
     }
 
     fn wait_on_device(
@@ -485,6 +424,70 @@ impl Backend for SimGpu {
         Ok(reached)
     }
 
+    fn take_failure(&self, queue: &SimQueue) -> Option<DeviceError> {
+        queue.exec.take_failure()
+    }
+
+    fn submission_failure(&self, submission: &SimSubmission) -> Option<DeviceError> {
+        submission.outcome.lock().failure.clone()
+    }
+}
+
+impl Harness for SimGpu {
+    fn fill(
+        &self,
+        cmds: &mut SimCommands,
+        dst: Binding<'_, SimBuffer>,
+        span: Span,
+        pattern: u32,
+    ) -> Result<(), DeviceError> {
+        let dst = operand(dst, span)?;
+        cmds.ops.push(Op::Fill { dst, pattern });
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        cmds: &mut SimCommands,
+        src: Binding<'_, SimBuffer>,
+        dst: Binding<'_, SimBuffer>,
+        span: Span,
+    ) -> Result<(), DeviceError> {
+        let (src, dst) = (operand(src, span)?, operand(dst, span)?);
+        cmds.ops.push(Op::Copy { src, dst });
+        Ok(())
+    }
+
+    fn add(
+        &self,
+        cmds: &mut SimCommands,
+        a: Binding<'_, SimBuffer>,
+        b: Binding<'_, SimBuffer>,
+        out: Binding<'_, SimBuffer>,
+        span: Span,
+    ) -> Result<(), DeviceError> {
+        let (a, b, out) = (operand(a, span)?, operand(b, span)?, operand(out, span)?);
+        cmds.ops.push(Op::Add { a, b, out });
+        Ok(())
+    }
+
+    fn checksum(
+        &self,
+        cmds: &mut SimCommands,
+        src: Binding<'_, SimBuffer>,
+        span: Span,
+    ) -> Result<usize, DeviceError> {
+        let src = operand(src, span)?;
+        let slot = cmds.checksums;
+        cmds.checksums += 1;
+        cmds.ops.push(Op::Checksum { src, slot });
+        Ok(slot)
+    }
+
+    fn slots(&self, submission: &SimSubmission) -> usize {
+        submission.outcome.lock().sums.len()
+    }
+
     fn results(&self, submission: &SimSubmission) -> Result<Vec<u64>, DeviceError> {
         let o = submission.outcome.lock();
         match &o.failure {
@@ -492,13 +495,85 @@ impl Backend for SimGpu {
             None => Ok(o.sums.clone()),
         }
     }
+}
 
-    fn take_failure(&self, queue: &SimQueue) -> Option<DeviceError> {
-        queue.exec.take_failure()
+/// `span` of a binding as an operand: checked against the binding and the
+/// raw buffer, made absolute.
+fn operand(b: Binding<'_, SimBuffer>, span: Span) -> Result<Operand, DeviceError> {
+    b.check(span)?;
+    let span = b.absolute(span);
+    span.check_fits(b.raw.mem.size)?;
+    Ok(Operand {
+        mem: b.raw.mem.clone(),
+        span,
+    })
+}
+
+impl SimCommands {
+    /// Records the program's own operation: `run` is called on the queue's
+    /// executor, in submission order, with one [`SimView`] per binding in
+    /// `buffers` (each its whole buffer, rounded down to whole words), after
+    /// the validation layer has checked that none of them was released (a
+    /// released one is a violation, and `run` is then not called). Under
+    /// [`Backing::Accounting`] the views read zeros and writes are dropped.
+    pub fn user(
+        &mut self,
+        buffers: &[Binding<'_, SimBuffer>],
+        run: impl FnOnce(&[SimView<'_>]) + Send + 'static,
+    ) -> Result<(), DeviceError> {
+        let operands = buffers
+            .iter()
+            .map(|b| operand(*b, Span::prefix(b.len & !3)))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.ops.push(Op::User {
+            operands,
+            run: Box::new(run),
+        });
+        Ok(())
     }
 
-    fn submission_failure(&self, submission: &SimSubmission) -> Option<DeviceError> {
-        submission.outcome.lock().failure.clone()
+    /// Operations recorded so far.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// A program's view of one buffer while its operation runs on the
+/// simulated GPU (see [`SimCommands::user`]): 32-bit words.
+pub struct SimView<'a> {
+    pub(crate) mem: &'a Memory,
+    pub(crate) span: Span,
+}
+
+impl SimView<'_> {
+    /// Words in the view.
+    pub fn words(&self) -> usize {
+        self.span.words() as usize
+    }
+
+    /// Reads every word.
+    pub fn read(&self) -> Vec<u32> {
+        let start = (self.span.offset / 4) as usize;
+        self.mem
+            .data
+            .lock()
+            .as_ref()
+            .map_or_else(|| vec![0; self.words()], |d| d.read(start, self.words()))
+    }
+
+    /// Writes `words` from the view's first word on (at most the view's
+    /// length; the rest is ignored).
+    pub fn write(&self, words: &[u32]) {
+        let start = (self.span.offset / 4) as usize;
+        let n = words.len().min(self.words());
+        if let Some(d) = self.mem.data.lock().as_mut() {
+            d.write(start, &words[..n]);
+        }
     }
 }
 

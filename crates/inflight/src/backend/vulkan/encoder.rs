@@ -128,14 +128,15 @@ impl Encoder {
         }
     }
 
-    /// Records `kernel` over `span` of `bufs` (one to three buffers, bound
-    /// at bindings 0, 1, 2), split into chunks that fit one binding.
-    /// `arg` is the fill pattern; `slot` the checksum slot.
+    /// Records `kernel` over `span` of `bufs` (one to three buffers, each
+    /// with the byte offset its operand starts at, bound at bindings 0, 1,
+    /// 2), split into chunks that fit one binding. `arg` is the fill
+    /// pattern; `slot` the checksum slot.
     pub(crate) fn record(
         &mut self,
         dev: &DeviceShared,
         kernel: Kernel,
-        bufs: &[vk::Buffer],
+        bufs: &[(vk::Buffer, u64)],
         span: Span,
         arg: u32,
         slot: usize,
@@ -147,12 +148,12 @@ impl Encoder {
         let mut done = 0u64;
         while done < span.len {
             let len = (span.len - done).min(max_chunk);
-            let start = span.offset + done;
-            let bind_at = start & !(align - 1);
-            let skip = start - bind_at;
             let mut params = [0u32; 6];
             let mut bindings = Vec::with_capacity(4);
-            for (b, &buf) in bufs.iter().enumerate() {
+            for (b, &(buf, base)) in bufs.iter().enumerate() {
+                let start = base + span.offset + done;
+                let bind_at = start & !(align - 1);
+                let skip = start - bind_at;
                 params[b] = (skip / 4) as u32;
                 bindings.push((b as u32, buf, bind_at, skip + len));
             }

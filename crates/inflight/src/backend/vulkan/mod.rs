@@ -35,7 +35,7 @@ use self::device::DeviceShared;
 use self::encoder::{Encoder, Kernel};
 use self::queue::{QueueInner, ResultCell};
 pub use self::validation::{LayerMessage, ValidationRequest};
-use crate::backend::{Backend, DeviceError, DeviceInfo, Span};
+use crate::backend::{Backend, Binding, DeviceError, DeviceInfo, Harness, Span};
 
 /// Environment variable choosing the device: an index or a name substring.
 pub const DEVICE_ENV: &str = "INFLIGHT_VULKAN_DEVICE";
@@ -108,6 +108,7 @@ pub struct VulkanCommands {
 /// A submitted piece of work.
 pub struct VulkanSubmission {
     queue: Arc<QueueInner>,
+    slots: usize,
     value: u64,
     results: ResultCell,
 }
@@ -161,16 +162,17 @@ impl VulkanGpu {
         &self,
         cmds: &mut VulkanCommands,
         kernel: Kernel,
-        bufs: &[&VulkanBuffer],
+        bufs: &[Binding<'_, VulkanBuffer>],
         span: Span,
         arg: u32,
         slot: usize,
     ) -> Result<(), DeviceError> {
         for b in bufs {
-            self.same_device(&b.dev)?;
-            span.check_fits(b.size)?;
+            self.same_device(&b.raw.dev)?;
+            b.check(span)?;
+            b.absolute(span).check_fits(b.raw.size)?;
         }
-        let raw: Vec<vk::Buffer> = bufs.iter().map(|b| b.buffer).collect();
+        let raw: Vec<(vk::Buffer, u64)> = bufs.iter().map(|b| (b.raw.buffer, b.offset)).collect();
         let enc = cmds
             .encoder
             .as_mut()
@@ -246,49 +248,13 @@ impl Backend for VulkanGpu {
         })
     }
 
-    fn fill(
+    fn zero(
         &self,
-        cmds: &mut VulkanCommands,
-        dst: &VulkanBuffer,
-        span: Span,
-        pattern: u32,
-    ) -> Result<(), DeviceError> {
-        self.record(cmds, Kernel::Fill, &[dst], span, pattern, 0)
-    }
-
-    fn copy(
-        &self,
-        cmds: &mut VulkanCommands,
-        src: &VulkanBuffer,
-        dst: &VulkanBuffer,
+        cmds: &mut Self::Commands,
+        dst: Binding<'_, Self::Buffer>,
         span: Span,
     ) -> Result<(), DeviceError> {
-        self.record(cmds, Kernel::Copy, &[src, dst], span, 0, 0)
-    }
-
-    fn add(
-        &self,
-        cmds: &mut VulkanCommands,
-        a: &VulkanBuffer,
-        b: &VulkanBuffer,
-        out: &VulkanBuffer,
-        span: Span,
-    ) -> Result<(), DeviceError> {
-        self.record(cmds, Kernel::Add, &[a, b, out], span, 0, 0)
-    }
-
-    fn checksum(
-        &self,
-        cmds: &mut VulkanCommands,
-        src: &VulkanBuffer,
-        span: Span,
-    ) -> Result<usize, DeviceError> {
-        let slot = cmds.encoder.as_ref().map_or(0, |e| e.slots);
-        self.record(cmds, Kernel::Checksum, &[src], span, 0, slot)?;
-        if let Some(e) = cmds.encoder.as_mut() {
-            e.slots += 1;
-        }
-        Ok(slot)
+        Harness::fill(self, cmds, dst, span, 0)
     }
 
     fn submit(
@@ -306,8 +272,10 @@ impl Backend for VulkanGpu {
             .encoder
             .take()
             .ok_or_else(|| DeviceError::Other("commands already submitted".into()))?;
+        let slots = enc.slots;
         let results = queue.inner.submit(enc, value)?;
         Ok(VulkanSubmission {
+            slots,
             queue: queue.inner.clone(),
             value,
             results,
@@ -327,6 +295,57 @@ impl Backend for VulkanGpu {
         timeout: Duration,
     ) -> Result<bool, DeviceError> {
         Ok(queue.inner.wait(value, timeout)?)
+    }
+}
+
+impl Harness for VulkanGpu {
+    fn fill(
+        &self,
+        cmds: &mut VulkanCommands,
+        dst: Binding<'_, VulkanBuffer>,
+        span: Span,
+        pattern: u32,
+    ) -> Result<(), DeviceError> {
+        self.record(cmds, Kernel::Fill, &[dst], span, pattern, 0)
+    }
+
+    fn copy(
+        &self,
+        cmds: &mut VulkanCommands,
+        src: Binding<'_, VulkanBuffer>,
+        dst: Binding<'_, VulkanBuffer>,
+        span: Span,
+    ) -> Result<(), DeviceError> {
+        self.record(cmds, Kernel::Copy, &[src, dst], span, 0, 0)
+    }
+
+    fn add(
+        &self,
+        cmds: &mut VulkanCommands,
+        a: Binding<'_, VulkanBuffer>,
+        b: Binding<'_, VulkanBuffer>,
+        out: Binding<'_, VulkanBuffer>,
+        span: Span,
+    ) -> Result<(), DeviceError> {
+        self.record(cmds, Kernel::Add, &[a, b, out], span, 0, 0)
+    }
+
+    fn checksum(
+        &self,
+        cmds: &mut VulkanCommands,
+        src: Binding<'_, VulkanBuffer>,
+        span: Span,
+    ) -> Result<usize, DeviceError> {
+        let slot = cmds.encoder.as_ref().map_or(0, |e| e.slots);
+        self.record(cmds, Kernel::Checksum, &[src], span, 0, slot)?;
+        if let Some(e) = cmds.encoder.as_mut() {
+            e.slots += 1;
+        }
+        Ok(slot)
+    }
+
+    fn slots(&self, submission: &VulkanSubmission) -> usize {
+        submission.slots
     }
 
     fn results(&self, submission: &VulkanSubmission) -> Result<Vec<u64>, DeviceError> {
@@ -386,6 +405,34 @@ impl VulkanGpu {
                 Err(e)
             }
         }
+    }
+}
+
+impl VulkanCommands {
+    /// The command buffer this submission records into, in the recording
+    /// state, for the program's own commands on bound buffers
+    /// ([`crate::CommandBuffer::bind`]; [`Binding::buffer`] and the
+    /// binding's offset say where each lies). The program records between
+    /// the harness's dispatches, in order, and adds the barriers its own
+    /// commands need; it must not end, reset or submit the command buffer.
+    /// `None` once submitted.
+    pub fn command_buffer(&self) -> Option<vk::CommandBuffer> {
+        self.encoder.as_ref().map(|e| e.cmd)
+    }
+}
+
+impl VulkanGpu {
+    /// The logical device, for recording the program's own commands (see
+    /// [`VulkanCommands::command_buffer`]).
+    pub fn device(&self) -> &ash::Device {
+        &self.dev.device
+    }
+}
+
+impl Binding<'_, VulkanBuffer> {
+    /// The `VkBuffer` the buffer lies in, at the binding's offset.
+    pub fn buffer(&self) -> vk::Buffer {
+        self.raw.buffer
     }
 }
 
