@@ -335,6 +335,26 @@ impl<B: Backend> Buffer<B> {
         self.inner.stamps.lock().iter().copied().collect()
     }
 
+    /// Declares a use of the buffer on `queue` by work the program records
+    /// on that queue's native stream itself (PyTorch's `record_stream`):
+    /// at the buffer's free the use is fixed as `queue`'s next submission,
+    /// and the block is neither reused by another queue nor released until
+    /// that completes (see [`crate::Allocator::adopt_queue`]). Work recorded
+    /// through command buffers is stamped at commit and needs no
+    /// declaration. The program must order that work after the buffer's
+    /// allocation on its own queue (its first use there), as any use of a
+    /// stream-ordered allocation on another stream must be.
+    pub fn record_stream(&self, queue: &crate::Queue<B>) -> crate::Result<()> {
+        if !std::ptr::eq(Arc::as_ptr(&queue.shared), self.shared()) {
+            return Err(crate::Error::ForeignQueue);
+        }
+        self.inner
+            .stamps
+            .lock()
+            .record(queue.id(), crate::timeline::AT_FREE);
+        Ok(())
+    }
+
     /// Whether two handles are the same buffer.
     pub fn same(&self, other: &Buffer<B>) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)

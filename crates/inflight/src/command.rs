@@ -251,6 +251,8 @@ impl<B: Backend> CommandBuffer<B> {
             };
             sub.next += 1;
             q.submitted.store(value, Ordering::Release);
+            // Any use fixed at a free as this value is covered now.
+            q.marker_owed.store(false, Ordering::Release);
             for b in &bound {
                 b.inner.stamps.lock().record(q.id, value);
             }

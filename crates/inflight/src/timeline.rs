@@ -26,6 +26,13 @@ pub struct Stamp {
     pub value: u64,
 }
 
+/// The value of a use the program records on a queue's native stream
+/// itself (a stream-ordered queue's allocations, [`crate::Buffer::record_stream`]):
+/// the allocator does not see that work, so the use is fixed at the
+/// buffer's free, as the value of the next submission on that queue, which
+/// the stream runs after everything enqueued before the free.
+pub const AT_FREE: u64 = u64::MAX;
+
 /// The stamps of one buffer: at most one per queue, almost always one in all.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stamps {
@@ -79,6 +86,43 @@ impl Stamps {
     /// The first stamp not yet passed by `completed(queue)`, if any.
     pub fn first_incomplete(&self, mut completed: impl FnMut(QueueId) -> u64) -> Option<Stamp> {
         self.iter().copied().find(|s| s.value > completed(s.queue))
+    }
+
+    /// Whether a use is still to be fixed at the free ([`AT_FREE`]).
+    #[inline]
+    pub fn has_uses_at_free(&self) -> bool {
+        self.iter().any(|s| s.value == AT_FREE)
+    }
+
+    /// Fixes every use recorded [`AT_FREE`] to `value(queue)`.
+    pub fn resolve_at_free(&mut self, mut value: impl FnMut(QueueId) -> u64) {
+        for s in self.iter_mut() {
+            if s.value == AT_FREE {
+                s.value = value(s.queue);
+            }
+        }
+    }
+
+    /// Takes the uses recorded [`AT_FREE`] out of these stamps.
+    pub fn take_uses_at_free(&mut self) -> Stamps {
+        let mut taken = Stamps::default();
+        let kept: Vec<Stamp> = self
+            .iter()
+            .copied()
+            .filter(|s| {
+                if s.value == AT_FREE {
+                    taken.record(s.queue, AT_FREE);
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect();
+        self.clear();
+        for s in kept {
+            self.record(s.queue, s.value);
+        }
+        taken
     }
 
     /// Forgets every stamp (after all of them completed).

@@ -111,6 +111,10 @@ impl<B: Backend> Shared<B> {
         // SAFETY: S1: the shell has no handle and is ours (the free path's).
         let (stamps, live) = unsafe { (shell.owned_stamps(), shell.owned_live()) };
         let (home, size) = (live.home, live.held.get_mut().size);
+        if stamps.has_uses_at_free() {
+            // Stream-ordered: the program's work on those streams up to now.
+            stamps.resolve_at_free(|q| self.queues.get(q).mark_use());
+        }
         if self.config.policy.kind() == PolicyKind::Immediate {
             let (slot, keep, _) = self.free_through(home);
             drop(slot);

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::front::{Deferred, Home};
 use crate::policy::PolicyKind;
 use crate::sync::{lock_spinning, MutexGuard, Ordering};
-use crate::timeline::{QueueId, Stamp, Stamps};
+use crate::timeline::{QueueId, Stamp, Stamps, AT_FREE};
 use crate::Buffer;
 
 use super::queues::QueueShared;
@@ -58,7 +58,11 @@ impl<B: Backend> Shared<B> {
         if let Some((shell, fence)) = taken {
             drop(slot);
             let (scrub, home) = (self.config.scrub, home.slot());
-            return Ok(Buffer::reissue(shell, size, queue.id, scrub, home, fence));
+            let buf = Buffer::reissue(shell, size, queue.id, scrub, home, fence);
+            if queue.stream_ordered {
+                buf.inner.stamps.lock().record(queue.id, AT_FREE);
+            }
+            return Ok(buf);
         }
         // Else the slot's deferred shells go on the pending list under the
         // state lock the miss takes anyway, where promotion and in-order
@@ -166,7 +170,10 @@ impl<B: Backend> Shared<B> {
             st.stats.in_order_hits += 1;
         }
         if hit.is_none() && (kept || !st.pending.is_empty()) {
-            MutexGuard::unlocked(&mut st, || self.refresh_all());
+            MutexGuard::unlocked(&mut st, || {
+                self.flush_markers();
+                self.refresh_all();
+            });
             release.extend(self.promote(&mut st));
             hit = st.ready.take_best_fit(rounded, bound);
         }
@@ -210,6 +217,9 @@ impl<B: Backend> Shared<B> {
         }
         let shell = shell.unwrap_or_else(BufferInner::shell);
         let buf = Buffer::adopt(shell, self, block, size, queue.id, fence, home);
+        if queue.stream_ordered {
+            buf.inner.stamps.lock().record(queue.id, AT_FREE);
+        }
         if recycled && self.config.scrub {
             // Zeroed at its first binding (see `Config::scrub`).
             buf.inner.needs_scrub.store(true, Ordering::Relaxed);
@@ -314,6 +324,7 @@ impl<B: Backend> Shared<B> {
                     st.stats.waits += 1;
                     let waited = MutexGuard::unlocked(&mut st, || {
                         let q = self.queues.get(stamp.queue);
+                        self.ensure_submitted(q, stamp.value);
                         let r = self.backend.wait(&q.raw, stamp.value, deadline - now);
                         self.refresh_all();
                         self.drain_retained();

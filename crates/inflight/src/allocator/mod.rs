@@ -59,7 +59,6 @@ mod reuse;
 mod state;
 mod teardown;
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -74,11 +73,11 @@ use crate::front::{Fronts, Home, SlotState};
 use crate::pending::PendingList;
 use crate::policy::PolicyKind;
 use crate::stats::Stats;
-use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
-use crate::timeline::{QueueId, Watermark};
+use crate::sync::{AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
+use crate::timeline::QueueId;
 use crate::{Buffer, Queue};
 
-pub(crate) use self::queues::{QueueRegistry, QueueShared, SubmitState};
+pub(crate) use self::queues::{QueueRegistry, QueueShared};
 use self::state::State;
 
 /// The most queues one allocator supports.
@@ -268,20 +267,44 @@ impl<B: Backend> Allocator<B> {
             return Err(Error::TooManyQueues(MAX_QUEUES));
         }
         let raw = s.backend.create_queue()?;
-        let q = Arc::new(QueueShared {
-            id: id as QueueId,
-            orders_memory: s.backend.orders_memory(&raw),
+        self.register_queue(id, raw, false)
+    }
+
+    /// Adopts a queue the program owns and records its own work on (on
+    /// CUDA, a stream from [`crate::backend::cuda::CudaGpu::adopt_stream`]):
+    /// a *stream-ordered* queue, as `cuMemAllocAsync`'s streams are.
+    ///
+    /// A buffer allocated for it is taken to be used on its stream from its
+    /// allocation to its free, by work the allocator does not see. Its free
+    /// (the last handle dropped) is stream-ordered: the allocator fixes the
+    /// use as the queue's next submission, so the block may go to the next
+    /// allocation for this queue at once (the stream runs that work after
+    /// the old), and to another queue, or back to the device, only once
+    /// that submission completes. If no commit comes first, the allocator
+    /// makes it an empty submission of its own (a marker: a CUDA event
+    /// recorded on the stream) when it needs the block. Uses on other
+    /// queues are declared with [`Buffer::record_stream`]. Command buffers
+    /// may be committed to it too.
+    pub fn adopt_queue(&self, raw: B::Queue) -> Result<Queue<B>> {
+        let s = &self.shared;
+        let _grow = s.queues.grow.lock();
+        let id = s.queues.len.load(Ordering::Acquire);
+        if id >= MAX_QUEUES {
+            return Err(Error::TooManyQueues(MAX_QUEUES));
+        }
+        self.register_queue(id, raw, true)
+    }
+
+    /// Registers queue `id` (the caller holds the registry's grow lock).
+    fn register_queue(&self, id: usize, raw: B::Queue, stream_ordered: bool) -> Result<Queue<B>> {
+        let s = &self.shared;
+        let orders_memory = s.backend.orders_memory(&raw);
+        let q = Arc::new(QueueShared::new(
+            id as QueueId,
             raw,
-            watermark: Watermark::default(),
-            submit: Mutex::new(SubmitState {
-                next: 1,
-                retained: VecDeque::new(),
-            }),
-            retained_len: AtomicUsize::new(0),
-            submitted: AtomicU64::new(0),
-            fault: Mutex::new(None),
-            faulted: AtomicBool::new(false),
-        });
+            orders_memory,
+            stream_ordered,
+        ));
         s.queues.slots[id]
             .set(q.clone())
             .unwrap_or_else(|_| unreachable!("slot {id} filled twice"));
@@ -309,6 +332,7 @@ impl<B: Backend> Allocator<B> {
     pub fn stats(&self) -> Stats {
         let s = &self.shared;
         s.drain_retained();
+        s.flush_markers();
         s.refresh_all();
         let mut st = s.state.lock();
         // One visit to the slots (one heavy fence): their deferred shells,
@@ -344,6 +368,7 @@ impl<B: Backend> Allocator<B> {
     pub fn clear_cache(&self) -> u64 {
         let s = &self.shared;
         s.drain_retained();
+        s.flush_markers();
         s.refresh_all();
         let mut st = s.state.lock();
         s.drain_fronts(&mut st);
@@ -358,6 +383,7 @@ impl<B: Backend> Allocator<B> {
     /// Never touches pending blocks. Returns the bytes released.
     pub fn trim(&self, ready_bytes: u64) -> u64 {
         let s = &self.shared;
+        s.flush_markers();
         s.refresh_all();
         let mut st = s.state.lock();
         s.drain_fronts(&mut st);

@@ -30,6 +30,15 @@ pub(crate) struct QueueShared<B: Backend> {
     pub(super) fault: Mutex<Option<Error>>,
     /// Whether `fault` may hold an error: lets the fast path skip the lock.
     pub(super) faulted: AtomicBool,
+    /// Adopted from the program ([`crate::Allocator::adopt_queue`]): the
+    /// program records its own work on the queue's native stream, so a
+    /// buffer allocated for it is used there from its allocation to its
+    /// free, and its free is stream-ordered.
+    pub(crate) stream_ordered: bool,
+    /// Whether some block was stamped with the value the next submission
+    /// takes (a use fixed at a free, see [`QueueShared::mark_use`]): set
+    /// under the submit lock by such a free, cleared by every submission.
+    pub(crate) marker_owed: AtomicBool,
 }
 
 /// A queue's submission bookkeeping, behind `QueueShared::submit`.
@@ -41,6 +50,43 @@ pub(crate) struct SubmitState<B: Backend> {
 }
 
 impl<B: Backend> QueueShared<B> {
+    /// Creates the shared state of queue `id` over `raw`.
+    pub(super) fn new(
+        id: QueueId,
+        raw: B::Queue,
+        orders_memory: bool,
+        stream_ordered: bool,
+    ) -> Self {
+        QueueShared {
+            id,
+            orders_memory,
+            raw,
+            watermark: Watermark::default(),
+            submit: Mutex::new(SubmitState {
+                next: 1,
+                retained: VecDeque::new(),
+            }),
+            retained_len: AtomicUsize::new(0),
+            submitted: AtomicU64::new(0),
+            fault: Mutex::new(None),
+            faulted: AtomicBool::new(false),
+            stream_ordered,
+            marker_owed: AtomicBool::new(false),
+        }
+    }
+
+    /// Fixes a use the program recorded on this queue's native stream up to
+    /// now (a free, see [`crate::timeline::AT_FREE`]): the value of the next
+    /// submission, which starts after the lock is let go and so runs after
+    /// everything enqueued on the stream before this call. That submission
+    /// is owed: [`Shared::flush_markers`] makes it an empty one (a marker)
+    /// if no commit comes first.
+    pub(crate) fn mark_use(&self) -> u64 {
+        let sub = self.submit.lock();
+        self.marker_owed.store(true, Ordering::Release);
+        sub.next
+    }
+
     /// Stores an error raised where it cannot be returned.
     pub(super) fn record_fault(&self, e: DeviceError) {
         let mut f = self.fault.lock();
@@ -144,6 +190,52 @@ impl<B: Backend> Shared<B> {
             q.record_fault(e);
         }
         completed
+    }
+
+    /// Submits an empty submission (a marker: on CUDA, an event recorded on
+    /// the stream) on every queue that owes one, so that the uses fixed at
+    /// stream-ordered frees can complete. Takes the queues' submit locks:
+    /// never called with the state lock held.
+    pub(crate) fn flush_markers(&self) {
+        for q in self.queues.iter() {
+            if q.marker_owed.load(Ordering::Acquire) {
+                self.submit_marker(q);
+            }
+        }
+    }
+
+    /// Makes sure a submission of value `value` on `q` exists (submitting
+    /// the marker owed if that is the one), so that waiting for it ends.
+    pub(crate) fn ensure_submitted(&self, q: &QueueShared<B>, value: u64) {
+        if value > q.submitted.load(Ordering::Acquire) {
+            self.submit_marker(q);
+        }
+    }
+
+    /// Submits the marker `q` owes, if it still owes one. A failure is
+    /// stored on the queue (reported at its next call) and the marker stays
+    /// owed.
+    fn submit_marker(&self, q: &QueueShared<B>) {
+        let mut sub = q.submit.lock();
+        if !q.marker_owed.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let value = sub.next;
+        let made = self
+            .backend
+            .begin(&q.raw)
+            .and_then(|cmds| self.backend.submit(&q.raw, cmds, value));
+        match made {
+            Ok(_submission) => {
+                sub.next += 1;
+                q.submitted.store(value, Ordering::Release);
+            }
+            Err(e) => {
+                q.marker_owed.store(true, Ordering::Release);
+                drop(sub);
+                q.record_fault(e);
+            }
+        }
     }
 
     /// Asks the backend how far every queue got (no allocator lock needed:

@@ -39,6 +39,8 @@ impl<B: Backend> Shared<B> {
             return Ok(());
         }
         let q = self.queues.get(home);
+        // A value fixed at a stream-ordered free may be a marker still owed.
+        self.ensure_submitted(q, value);
         if q.watermark.get() >= value || self.refresh(q) >= value {
             buf.inner.reuse_fence.store(0, Ordering::Release);
             return Ok(());
@@ -137,6 +139,17 @@ impl<B: Backend> Shared<B> {
         };
         let raw = held.raw.as_mut().expect("a live buffer has its raw buffer");
         let mut stamps = buf.inner.stamps.lock();
+        // Uses to be fixed at the free are the buffer's, not the block's:
+        // they move to the new block with it.
+        let mine = stamps.take_uses_at_free();
+        let mut fresh_stamps = fresh.stamps;
+        for s in mine.iter() {
+            fresh_stamps.record(s.queue, s.value);
+        }
+        let fresh = Block {
+            stamps: fresh_stamps,
+            ..fresh
+        };
         let reused = Block {
             raw: std::mem::replace(raw, fresh.raw),
             offset: std::mem::replace(&mut held.offset, fresh.offset),

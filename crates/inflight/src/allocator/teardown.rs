@@ -36,6 +36,7 @@ impl<B: Backend> Drop for Shared<B> {
             // SAFETY: S1: a deferred shell in a slot is the allocator's.
             pending.push(unsafe { shell.unfill() });
         }
+        self.flush_markers();
         let deadline = Instant::now() + self.teardown_timeout();
         let mut leaked = 0usize;
         for b in pending {

@@ -111,6 +111,9 @@ pub struct CudaQueue {
     dev: Arc<Device>,
     stream: Stream,
     state: Arc<QueueState>,
+    /// Created by this backend (destroyed with the queue), or adopted from
+    /// the program ([`CudaGpu::adopt_stream`]: left to it).
+    owned: bool,
 }
 
 struct QueueState {
@@ -175,6 +178,36 @@ impl CudaGpu {
                 slabs: Mutex::new(Vec::new()),
             }),
         })
+    }
+
+    /// A queue over a stream the program owns (for
+    /// [`crate::Allocator::adopt_queue`]): its submissions (markers, and any
+    /// command buffers committed to it) are enqueued on `stream`, and the
+    /// queue never destroys it. `stream` may be the legacy default stream
+    /// (null) or a per-thread one.
+    ///
+    /// # Safety
+    ///
+    /// 1. `stream` is a valid stream of this device's primary context, and
+    ///    stays valid until the queue (and the allocator's handles to it)
+    ///    are dropped.
+    pub unsafe fn adopt_stream(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<CudaQueue, DeviceError> {
+        Ok(self.queue_over(Stream(stream), false))
+    }
+
+    fn queue_over(&self, stream: Stream, owned: bool) -> CudaQueue {
+        CudaQueue {
+            dev: self.dev.clone(),
+            stream,
+            state: Arc::new(QueueState {
+                completed: AtomicU64::new(0),
+                inflight: Mutex::new(VecDeque::new()),
+            }),
+            owned,
+        }
     }
 
     /// Device 0 with default settings.
@@ -330,8 +363,10 @@ impl Drop for CudaQueue {
         let _ = self.state.harvest(&self.dev);
         // Whatever is left failed; its slabs and events are leaked rather
         // than reused while the device may still touch them.
-        // SAFETY: the stream is not used after this.
-        unsafe { self.stream.destroy() };
+        if self.owned {
+            // SAFETY: the stream is ours and not used after this.
+            unsafe { self.stream.destroy() };
+        }
     }
 }
 
@@ -403,14 +438,7 @@ impl Backend for CudaGpu {
     }
 
     fn create_queue(&self) -> Result<CudaQueue, DeviceError> {
-        Ok(CudaQueue {
-            dev: self.dev.clone(),
-            stream: Stream::new(&self.dev.ctx)?,
-            state: Arc::new(QueueState {
-                completed: AtomicU64::new(0),
-                inflight: Mutex::new(VecDeque::new()),
-            }),
-        })
+        Ok(self.queue_over(Stream::new(&self.dev.ctx)?, true))
     }
 
     fn orders_memory(&self, _queue: &CudaQueue) -> bool {
@@ -655,6 +683,26 @@ fn device_ptr(b: Binding<'_, CudaBuffer>, span: Span) -> Result<DevicePtr, Devic
     let abs = b.absolute(span);
     abs.check_fits(b.raw.size)?;
     Ok(b.raw.ptr + abs.offset)
+}
+
+impl CudaQueue {
+    /// The stream (`CUstream`) its submissions are enqueued on.
+    pub fn stream(&self) -> cudarc::driver::sys::CUstream {
+        self.stream.0
+    }
+}
+
+impl CudaBuffer {
+    /// The raw buffer's device address (`CUdeviceptr`); a buffer's own
+    /// address adds its offset ([`crate::Buffer::offset`]).
+    pub fn device_ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Bytes of the raw buffer.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
 }
 
 impl Binding<'_, CudaBuffer> {

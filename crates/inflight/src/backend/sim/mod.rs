@@ -389,15 +389,7 @@ impl Backend for SimGpu {
         }));
         // Record the uses now: from here until completion, releasing any of
         // these buffers is a release in flight.
-        let tag = (u64::from(queue.id) << 48) | value;
-        let mut touched: Vec<&Arc<Memory>> = cmds.ops.iter().flat_map(Op::buffers).collect();
-        touched.sort_unstable_by_key(|m| Arc::as_ptr(m) as usize);
-        touched.dedup_by(|a, b| Arc::ptr_eq(a, b));
-        let touched: Vec<Arc<Memory>> = touched.into_iter().cloned().collect();
-        for m in &touched {
-            m.in_flight.fetch_add(1, Ordering::AcqRel);
-            m.last_use.store(tag, Ordering::Release);
-        }
+        let touched = touch(&cmds, (u64::from(queue.id) << 48) | value);
         let sent = queue.exec.send(Job {
             value,
             submitted: std::time::Instant::now(),
@@ -575,6 +567,45 @@ impl SimView<'_> {
             d.write(start, &words[..n]);
         }
     }
+}
+
+impl SimGpu {
+    /// Enqueues work the program records itself on `queue`'s executor,
+    /// outside the allocator's timeline (as a program launches kernels on a
+    /// CUDA stream it owns): it runs in order with the queue's submissions,
+    /// after everything enqueued before it, and advances no watermark. The
+    /// validation layer checks it like any submission: releasing a buffer
+    /// it uses before it has run is a violation. For stream-ordered queues
+    /// ([`crate::Allocator::adopt_queue`]).
+    pub fn launch(&self, queue: &SimQueue, cmds: SimCommands) -> Result<(), DeviceError> {
+        self.check_lost()?;
+        let outcome = Arc::new(Mutex::new(Outcome {
+            sums: vec![0u64; cmds.checksums],
+            failure: None,
+        }));
+        let touched = touch(&cmds, u64::from(queue.id) << 48);
+        queue.exec.send(Job {
+            value: 0,
+            submitted: std::time::Instant::now(),
+            ops: cmds.ops,
+            touched,
+            outcome,
+        })
+    }
+}
+
+/// Marks every buffer `cmds` uses as in flight under `tag` (queue << 48 |
+/// value), and returns them, once each.
+fn touch(cmds: &SimCommands, tag: u64) -> Vec<Arc<Memory>> {
+    let mut touched: Vec<&Arc<Memory>> = cmds.ops.iter().flat_map(Op::buffers).collect();
+    touched.sort_unstable_by_key(|m| Arc::as_ptr(m) as usize);
+    touched.dedup_by(|a, b| Arc::ptr_eq(a, b));
+    let touched: Vec<Arc<Memory>> = touched.into_iter().cloned().collect();
+    for m in &touched {
+        m.in_flight.fetch_add(1, Ordering::AcqRel);
+        m.last_use.store(tag, Ordering::Release);
+    }
+    touched
 }
 
 impl SimBuffer {
