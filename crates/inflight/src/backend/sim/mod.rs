@@ -613,6 +613,19 @@ impl SimBuffer {
     pub fn generation(&self) -> u64 {
         self.mem.generation
     }
+
+    /// A device address for the raw buffer, as a real device would give
+    /// one: unique per device allocation while it lives, aligned to 1 MiB,
+    /// with its bytes at `address()..address() + size` (a simulated address
+    /// space: nothing is mapped there on the host).
+    pub fn address(&self) -> u64 {
+        (1 << 40) + (self.mem.generation << 36)
+    }
+
+    /// Bytes of the raw buffer.
+    pub fn size(&self) -> u64 {
+        self.mem.size
+    }
 }
 
 /// Spins for `cost` on the calling thread: host time a driver call spends
