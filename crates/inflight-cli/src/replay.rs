@@ -204,12 +204,26 @@ impl<B: Backend> Replayer<'_, B> {
 }
 
 /// Replays `trace` once under `policy`.
+#[allow(dead_code)] // `replay` and `plot` use `run_with_tap`
 pub fn run<B: Backend>(
     backend: B,
     validator: &dyn Validator,
     policy: Policy,
     trace: &Trace,
     settings: &ReplaySettings,
+) -> anyhow::Result<ReplayReport> {
+    run_with_tap(backend, validator, policy, trace, settings, &mut |_, _| {})
+}
+
+/// As [`run`], calling `tap` after each event with its index and the
+/// allocator: for progress, and for `plot` to sample the statistics.
+pub fn run_with_tap<B: Backend>(
+    backend: B,
+    validator: &dyn Validator,
+    policy: Policy,
+    trace: &Trace,
+    settings: &ReplaySettings,
+    tap: &mut dyn FnMut(usize, &Allocator<B>),
 ) -> anyhow::Result<ReplayReport> {
     let config = Config {
         policy,
@@ -268,6 +282,7 @@ pub fn run<B: Backend>(
             Ok(())
         })();
         result.map_err(|e| e.context(format!("replaying line {line}")))?;
+        tap(i, &alloc);
     }
     r.commit_all()?;
     let (submissions, padding_ops, in_flight_waits) =
