@@ -444,7 +444,7 @@ mod tests {
             ("action", PyValue::str(action)),
             ("addr", PyValue::int(addr)),
             ("size", PyValue::int(size)),
-            ("stream", PyValue::Int(stream)),
+            ("stream", PyValue::int(stream)),
             ("time_us", PyValue::int(t)),
             (
                 "frames",
@@ -479,7 +479,7 @@ mod tests {
                 ("action", PyValue::str("oom")),
                 ("device_free", PyValue::int(1u64 << 20)),
                 ("size", PyValue::int(1u64 << 40)),
-                ("stream", PyValue::Int(S1)),
+                ("stream", PyValue::int(S1)),
                 ("time_us", PyValue::int(T0 + 8)),
             ]),
             PyValue::dict([

@@ -141,8 +141,42 @@ struct Machine<'a> {
     at: usize,
     stack: Vec<Item>,
     marks: Vec<usize>,
-    memo: HashMap<u32, Item>,
+    memo: Memo,
     arena: Vec<Obj>,
+}
+
+/// The memo: dense keys (MEMOIZE's, and BINPUT's as Python writes them)
+/// in a vector, others in a map. The vector grows by one entry at a time,
+/// so a hostile key cannot make it large.
+#[derive(Default)]
+struct Memo {
+    dense: Vec<Option<Item>>,
+    sparse: HashMap<u32, Item>,
+    len: usize,
+}
+
+impl Memo {
+    fn put(&mut self, key: u32, v: Item) {
+        let k = key as usize;
+        let fresh = if k < self.dense.len() {
+            self.dense[k].replace(v).is_none()
+        } else if k == self.dense.len() && !self.sparse.contains_key(&key) {
+            self.dense.push(Some(v));
+            true
+        } else {
+            self.sparse.insert(key, v).is_none()
+        };
+        if fresh {
+            self.len += 1;
+        }
+    }
+
+    fn get(&self, key: u32) -> Option<&Item> {
+        match self.dense.get(key as usize) {
+            Some(v) => v.as_ref(),
+            None => self.sparse.get(&key),
+        }
+    }
 }
 
 impl Machine<'_> {
@@ -269,7 +303,7 @@ impl Machine<'_> {
                 *x = 0xff;
             }
         }
-        self.push(PyValue::Int(i128::from_le_bytes(buf)));
+        self.push(PyValue::int(i128::from_le_bytes(buf)));
         Ok(())
     }
 
@@ -324,12 +358,12 @@ impl Machine<'_> {
 
     fn memo_put(&mut self, key: u32, name: &str) -> Result<(), PickleError> {
         let top = self.top(name)?.clone();
-        self.memo.insert(key, top);
+        self.memo.put(key, top);
         Ok(())
     }
 
     fn memo_get(&mut self, key: u32, name: &str) -> Result<(), PickleError> {
-        let v = self.memo.get(&key).cloned().ok_or_else(|| {
+        let v = self.memo.get(key).cloned().ok_or_else(|| {
             self.err(format!(
                 "{name} of memo entry {key}, which was never stored"
             ))
@@ -492,7 +526,7 @@ impl Machine<'_> {
                 self.set_items(&target, items, "SETITEMS")?;
             }
             op::MEMOIZE => {
-                let key = self.memo.len() as u32;
+                let key = self.memo.len as u32;
                 self.memo_put(key, "MEMOIZE")?;
             }
             op::BINPUT => {
@@ -525,15 +559,16 @@ impl Machine<'_> {
     }
 }
 
-/// Turns the arena's containers into shared values, each once.
-struct Freezer<'a> {
-    arena: &'a [Obj],
+/// Turns the arena's containers into shared values, each once, emptying
+/// the arena as it goes (so the two copies are not held at once).
+struct Freezer {
+    arena: Vec<Obj>,
     done: Vec<Option<PyValue>>,
     busy: Vec<bool>,
     offset: usize,
 }
 
-impl Freezer<'_> {
+impl Freezer {
     fn freeze(&mut self, item: &Item, depth: usize) -> Result<PyValue, PickleError> {
         let i = match item {
             Item::Value(v) => return Ok(v.clone()),
@@ -555,13 +590,13 @@ impl Freezer<'_> {
             ));
         }
         self.busy[i] = true;
-        let arena = self.arena;
-        let v = match &arena[i] {
-            Obj::List(items) => PyValue::List(self.freeze_all(items, depth)?.into()),
-            Obj::Tuple(items) => PyValue::Tuple(self.freeze_all(items, depth)?.into()),
+        let obj = std::mem::replace(&mut self.arena[i], Obj::List(Vec::new()));
+        let v = match obj {
+            Obj::List(items) => PyValue::List(self.freeze_all(&items, depth)?.into()),
+            Obj::Tuple(items) => PyValue::Tuple(self.freeze_all(&items, depth)?.into()),
             Obj::Dict(pairs) => {
                 let mut out = Vec::with_capacity(pairs.len());
-                for (k, v) in pairs {
+                for (k, v) in &pairs {
                     out.push((self.freeze(k, depth + 1)?, self.freeze(v, depth + 1)?));
                 }
                 PyValue::Dict(out.into())
@@ -589,7 +624,7 @@ pub fn read_with_progress(
         at: 0,
         stack: Vec::new(),
         marks: Vec::new(),
-        memo: HashMap::new(),
+        memo: Memo::default(),
         arena: Vec::new(),
     };
     if data.first() != Some(&op::PROTO) {
@@ -617,7 +652,7 @@ pub fn read_with_progress(
     let mut f = Freezer {
         done: vec![None; arena.len()],
         busy: vec![false; arena.len()],
-        arena: &arena,
+        arena,
         offset: stop,
     };
     f.freeze(&root, 0)
@@ -644,7 +679,8 @@ impl<'a, W: Write> Writer<'a, W> {
             PyValue::None => self.w.write_all(&[op::NONE]),
             PyValue::Bool(true) => self.w.write_all(&[op::NEWTRUE]),
             PyValue::Bool(false) => self.w.write_all(&[op::NEWFALSE]),
-            PyValue::Int(i) => self.int(*i),
+            PyValue::Int(i) => self.int((*i).into()),
+            PyValue::BigInt(i) => self.int(**i),
             PyValue::Float(x) => {
                 self.w.write_all(&[op::BINFLOAT])?;
                 self.w.write_all(&x.to_be_bytes())
@@ -820,7 +856,7 @@ mod tests {
                         i128::MIN,
                     ]
                     .into_iter()
-                    .map(PyValue::Int)
+                    .map(PyValue::int)
                     .collect(),
                 ),
             ),

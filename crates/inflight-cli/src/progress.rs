@@ -140,7 +140,8 @@ impl Steps {
             return;
         }
         if std::io::stderr().is_terminal() {
-            let bar = ProgressBar::with_draw_target(Some(self.total), ProgressDrawTarget::stderr());
+            let bar = ProgressBar::with_draw_target(Some(self.total), ProgressDrawTarget::stderr())
+                .with_elapsed(elapsed);
             bar.set_style(
                 ProgressStyle::with_template(&format!(
                     "{{prefix:>10}} [{{bar:30}}] {{percent:>3}}% {{human_pos}}/{{human_len}} {}  {{elapsed}}, {{eta}} left",

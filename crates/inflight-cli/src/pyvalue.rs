@@ -18,8 +18,11 @@ use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 pub enum PyValue {
     None,
     Bool(bool),
-    /// Python's int, within 128 bits.
-    Int(i128),
+    /// Python's int, within 64 bits (see [`PyValue::int`]).
+    Int(i64),
+    /// Python's int, past 64 bits but within 128 (boxed, to keep values
+    /// small: most ints fit in 64 bits).
+    BigInt(Arc<i128>),
     Float(f64),
     Str(Arc<str>),
     Bytes(Arc<[u8]>),
@@ -36,9 +39,13 @@ impl PyValue {
         PyValue::Str(s.into())
     }
 
-    /// An `int`.
+    /// An `int`: [`PyValue::Int`] where it fits, else [`PyValue::BigInt`].
     pub fn int(i: impl Into<i128>) -> PyValue {
-        PyValue::Int(i.into())
+        let i = i.into();
+        match i64::try_from(i) {
+            Ok(v) => PyValue::Int(v),
+            Err(_) => PyValue::BigInt(Arc::new(i)),
+        }
     }
 
     /// A `list`.
@@ -67,7 +74,7 @@ impl PyValue {
         match self {
             PyValue::None => "None",
             PyValue::Bool(_) => "bool",
-            PyValue::Int(_) => "int",
+            PyValue::Int(_) | PyValue::BigInt(_) => "int",
             PyValue::Float(_) => "float",
             PyValue::Str(_) => "str",
             PyValue::Bytes(_) => "bytes",
@@ -91,7 +98,8 @@ impl PyValue {
 
     pub fn as_int(&self) -> Option<i128> {
         match self {
-            PyValue::Int(i) => Some(*i),
+            PyValue::Int(i) => Some((*i).into()),
+            PyValue::BigInt(i) => Some(**i),
             _ => None,
         }
     }
@@ -138,6 +146,7 @@ impl fmt::Display for PyValue {
             PyValue::None => write!(f, "None"),
             PyValue::Bool(b) => write!(f, "{}", if *b { "True" } else { "False" }),
             PyValue::Int(i) => write!(f, "{i}"),
+            PyValue::BigInt(i) => write!(f, "{i}"),
             PyValue::Float(x) => write!(f, "{x}"),
             PyValue::Str(s) if s.chars().count() > 40 => {
                 let short: String = s.chars().take(40).collect();
@@ -159,10 +168,10 @@ impl Serialize for PyValue {
         match self {
             PyValue::None => s.serialize_unit(),
             PyValue::Bool(b) => s.serialize_bool(*b),
-            PyValue::Int(i) => match (i64::try_from(*i), u64::try_from(*i)) {
-                (Ok(v), _) => s.serialize_i64(v),
-                (_, Ok(v)) => s.serialize_u64(v),
-                _ => s.serialize_i128(*i),
+            PyValue::Int(i) => s.serialize_i64(*i),
+            PyValue::BigInt(i) => match u64::try_from(**i) {
+                Ok(v) => s.serialize_u64(v),
+                _ => s.serialize_i128(**i),
             },
             PyValue::Float(x) => s.serialize_f64(*x),
             PyValue::Str(v) => s.serialize_str(v),
@@ -185,7 +194,9 @@ impl Serialize for PyValue {
                 for (k, v) in d.iter() {
                     match k {
                         PyValue::Str(k) => map.serialize_entry(&**k, v)?,
-                        PyValue::Int(i) => map.serialize_entry(&i.to_string(), v)?,
+                        PyValue::Int(_) | PyValue::BigInt(_) => {
+                            map.serialize_entry(&k.to_string(), v)?
+                        }
                         other => map.serialize_entry(&other.to_string(), v)?,
                     }
                 }
@@ -221,13 +232,13 @@ impl<'de> Visitor<'de> for PyVisitor {
         Ok(PyValue::Bool(v))
     }
     fn visit_i64<E>(self, v: i64) -> Result<PyValue, E> {
-        Ok(PyValue::Int(v.into()))
+        Ok(PyValue::Int(v))
     }
     fn visit_u64<E>(self, v: u64) -> Result<PyValue, E> {
-        Ok(PyValue::Int(v.into()))
+        Ok(PyValue::int(v))
     }
     fn visit_i128<E>(self, v: i128) -> Result<PyValue, E> {
-        Ok(PyValue::Int(v))
+        Ok(PyValue::int(v))
     }
     fn visit_f64<E>(self, v: f64) -> Result<PyValue, E> {
         Ok(PyValue::Float(v))
@@ -272,6 +283,14 @@ mod tests {
         let back: PyValue = serde_json::from_str(&text).unwrap();
         assert_eq!(back.get("e").and_then(PyValue::as_u64), Some(u64::MAX));
         assert_eq!(back.get("b").and_then(PyValue::as_seq).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn values_stay_small() {
+        assert!(std::mem::size_of::<PyValue>() <= 24);
+        assert_eq!(PyValue::int(5), PyValue::Int(5));
+        assert_eq!(PyValue::int(u64::MAX).as_u64(), Some(u64::MAX));
+        assert_eq!(PyValue::int(i128::MIN).as_int(), Some(i128::MIN));
     }
 
     #[test]
