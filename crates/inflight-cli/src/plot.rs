@@ -261,12 +261,14 @@ pub fn command(a: PlotArgs) -> anyhow::Result<ExitCode> {
         XAxis::Time => {
             let t = event_times(&a.file, &trace)?;
             let t0 = t[0];
+            // Never back in time: a `t` below an earlier one (threads
+            // stamping out of order) takes the earlier one.
+            let mut latest = 0.0f64;
             std::iter::once(0.0)
-                .chain(
-                    (0..n)
-                        .filter(|&i| is_end(i, every, n))
-                        .map(|i| (t[i] - t0).max(0.0) / 1e6),
-                )
+                .chain((0..n).filter(|&i| is_end(i, every, n)).map(|i| {
+                    latest = latest.max((t[i] - t0) / 1e6);
+                    latest
+                }))
                 .collect()
         }
     };
@@ -463,7 +465,7 @@ fn reserved_width(k: usize, n: usize) -> f64 {
 /// The chart as SVG (see the module doc for what is drawn).
 pub fn render_svg(c: &Chart) -> String {
     let (w, h) = (c.width as f64, c.height as f64);
-    let (left, right, top, bottom) = (90.0, w - 280.0, 78.0, h - 62.0);
+    let (left, right, top, bottom) = (90.0, w - 310.0, 78.0, h - 62.0);
     let all = c
         .live
         .iter()
@@ -610,7 +612,7 @@ pub fn render_svg(c: &Chart) -> String {
     // Legend.
     let lx = right + 22.0;
     let mut ly = top + 6.0;
-    let _ = writeln!(s, r#"<g class="legend" font-size="12.5">"#);
+    let _ = writeln!(s, r#"<g class="legend" font-size="12">"#);
     let peak = |v: &[u64]| fmt_bytes(v.iter().copied().max().unwrap_or(0));
     let mut entry = |s: &mut String, style: &str, text: String| {
         let _ = writeln!(
