@@ -6,16 +6,26 @@
 //! - `replay`: a trace through the allocator, per policy ([`replay`]).
 //! - `bench`: inflight's allocation fast path beside CUDA's allocators and
 //!   PyTorch's, over the same sequences in one run ([`mod@bench`]).
+//! - `import-torch`: a PyTorch memory snapshot as a trace
+//!   ([`import_torch`]); `plot`: a trace's memory over time per policy
+//!   ([`plot`]); `snapshot-check`: a memory snapshot checked as PyTorch's
+//!   viewer will use it ([`snapshot`]).
 //!
 //! Exit codes: 0 success; 1 a safe policy (`deferred`, `retained`) showed a
 //! violation or a corrupted checksum; 2 bad arguments or a failed run.
 
 mod backends;
 mod bench;
+mod import_torch;
+mod input;
 mod model;
+mod pickle;
+mod plot;
 mod progress;
+mod pyvalue;
 mod replay;
 mod repro;
+mod snapshot;
 mod trace;
 mod trend;
 mod units;
@@ -60,6 +70,15 @@ enum Command {
     /// cuMemAllocAsync, cuMemAlloc and PyTorch's caching allocator, over the
     /// same sequences in one run.
     Bench(bench::BenchArgs),
+    /// Turn a PyTorch memory snapshot (torch.cuda.memory._dump_snapshot's
+    /// pickle, or JSON) into a trace for replay and plot.
+    ImportTorch(import_torch::ImportArgs),
+    /// Plot a trace's live, reserved and pending bytes over time under
+    /// each release policy, as SVG or PNG.
+    Plot(plot::PlotArgs),
+    /// Check a memory snapshot (pickle or JSON) the way PyTorch's viewer
+    /// will read it: fields, sizes, and the history against the segments.
+    SnapshotCheck(snapshot::CheckArgs),
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -231,6 +250,9 @@ struct ReplayArgs {
     /// Print one JSON object per policy instead of the table.
     #[arg(long)]
     json: bool,
+    /// No progress display.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -246,6 +268,9 @@ fn main() -> ExitCode {
         Command::Repro(args) => repro_command(args),
         Command::Replay(args) => replay_command(args),
         Command::Bench(args) => bench::command(args),
+        Command::ImportTorch(args) => import_torch::command(args),
+        Command::Plot(args) => plot::command(args),
+        Command::SnapshotCheck(args) => snapshot::check_command(args),
     };
     match result {
         Ok(code) => code,
@@ -498,6 +523,7 @@ struct ReplayJob<'a> {
     policy: Policy,
     trace: &'a Trace,
     settings: &'a ReplaySettings,
+    quiet: bool,
 }
 
 impl BackendJob for ReplayJob<'_> {
@@ -508,7 +534,18 @@ impl BackendJob for ReplayJob<'_> {
         backend: B,
         validator: &dyn Validator,
     ) -> anyhow::Result<ReplayReport> {
-        replay::run(backend, validator, self.policy, self.trace, self.settings)
+        let n = self.trace.events.len() as u64;
+        let mut steps = progress::Steps::new(&self.policy.to_string(), "events", n, self.quiet);
+        let report = replay::run_with_tap(
+            backend,
+            validator,
+            self.policy,
+            self.trace,
+            self.settings,
+            &mut |i, _| steps.set(i as u64 + 1),
+        );
+        steps.finish();
+        report
     }
 }
 
@@ -554,6 +591,7 @@ fn replay_command(a: ReplayArgs) -> anyhow::Result<ExitCode> {
             policy,
             trace: &trace,
             settings: &settings,
+            quiet: a.quiet || a.json,
         };
         let report = with_backend(a.backend, &opts, job)?;
         if a.json {

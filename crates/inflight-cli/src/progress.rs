@@ -84,3 +84,96 @@ impl Progress {
         }
     }
 }
+
+/// Progress over a known number of steps (events replayed, bytes or
+/// entries read), for `replay`, `plot` and `import-torch`: nothing during
+/// the first second, so that short runs print nothing; then an indicatif
+/// bar on a terminal, or a plain line every five seconds elsewhere;
+/// nothing at all when quiet.
+pub struct Steps {
+    label: String,
+    unit: &'static str,
+    total: u64,
+    quiet: bool,
+    start: Instant,
+    bar: Option<ProgressBar>,
+    last_line: Option<Instant>,
+    calls: u64,
+}
+
+impl Steps {
+    /// `unit` names what is counted ("events", "entries", "bytes").
+    pub fn new(label: &str, unit: &'static str, total: u64, quiet: bool) -> Self {
+        Steps {
+            label: label.to_string(),
+            unit,
+            total: total.max(1),
+            quiet,
+            start: Instant::now(),
+            bar: None,
+            last_line: None,
+            calls: 0,
+        }
+    }
+
+    /// `done` steps of the total are done. Cheap enough to call per step:
+    /// the clock is read every 1024 calls.
+    pub fn set(&mut self, done: u64) {
+        self.calls += 1;
+        if self.calls % 1024 == 0 {
+            self.show(done);
+        }
+    }
+
+    /// As [`Steps::set`], reading the clock at every call: for callers
+    /// that report seldom.
+    pub fn show(&mut self, done: u64) {
+        if self.quiet {
+            return;
+        }
+        let elapsed = self.start.elapsed();
+        if elapsed < Duration::from_secs(1) {
+            return;
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(done.min(self.total));
+            return;
+        }
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::with_draw_target(Some(self.total), ProgressDrawTarget::stderr())
+                .with_elapsed(elapsed);
+            bar.set_style(
+                ProgressStyle::with_template(&format!(
+                    "{{prefix:>10}} [{{bar:30}}] {{percent:>3}}% {{human_pos}}/{{human_len}} {}  {{elapsed}}, {{eta}} left",
+                    self.unit
+                ))
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(self.label.clone());
+            bar.set_position(done.min(self.total));
+            self.bar = Some(bar);
+        } else if self
+            .last_line
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
+        {
+            self.last_line = Some(Instant::now());
+            eprintln!(
+                "{} {:>6.1}s  {} / {} {} ({:.0}%)",
+                self.label,
+                elapsed.as_secs_f64(),
+                done,
+                self.total,
+                self.unit,
+                100.0 * done as f64 / self.total as f64
+            );
+        }
+    }
+
+    /// Clears the bar, if one was shown.
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -203,13 +203,15 @@ impl<B: Harness> Replayer<'_, B> {
     }
 }
 
-/// Replays `trace` once under `policy`.
-pub fn run<B: Harness>(
+/// Replays `trace` once under `policy`, calling `tap` after each event with its index and the
+/// allocator: for progress, and for `plot` to sample the statistics.
+pub fn run_with_tap<B: Harness>(
     backend: B,
     validator: &dyn Validator,
     policy: Policy,
     trace: &Trace,
     settings: &ReplaySettings,
+    tap: &mut dyn FnMut(usize, &Allocator<B>),
 ) -> anyhow::Result<ReplayReport> {
     let config = Config {
         policy,
@@ -268,6 +270,7 @@ pub fn run<B: Harness>(
             Ok(())
         })();
         result.map_err(|e| e.context(format!("replaying line {line}")))?;
+        tap(i, &alloc);
     }
     r.commit_all()?;
     let (submissions, padding_ops, in_flight_waits) =

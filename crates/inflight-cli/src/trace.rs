@@ -237,12 +237,11 @@ pub fn parse(reader: impl BufRead) -> Result<Trace, TraceError> {
     Ok(trace)
 }
 
-/// Reads and checks a trace file; errors name the file and line.
+/// Reads and checks a trace file, gzip-compressed or not; errors name the
+/// file and line.
 pub fn load(path: &Path) -> anyhow::Result<Trace> {
-    let file =
-        File::open(path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
-    parse(io::BufReader::with_capacity(1 << 20, file))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    let reader = crate::input::open(path)?;
+    parse(reader).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 fn clip(s: &str) -> String {
