@@ -179,11 +179,6 @@ struct ReproArgs {
     /// nothing has seen its block yet (`Config::rebind_unseen = false`).
     #[arg(long)]
     no_rebind: bool,
-    /// Release ready blocks rather than let a device allocation raise the
-    /// bytes held (reserved less pending) past their previous peak
-    /// (`Config::hold_peak`).
-    #[arg(long)]
-    hold_peak: bool,
     /// Keep no idle blocks in per-thread front caches: every allocation and
     /// free goes through the shared lists (`Config::front_cache = false`).
     #[arg(long)]
@@ -230,11 +225,6 @@ struct ReplayArgs {
     /// Cache limit (default: the memory limit).
     #[arg(long, value_parser = parse_bytes)]
     cache_limit: Option<u64>,
-    /// Release ready blocks rather than let a device allocation raise the
-    /// bytes held (reserved less pending) past their previous peak
-    /// (`Config::hold_peak`).
-    #[arg(long)]
-    hold_peak: bool,
     /// Submissions a stream may have in flight before replay waits for its
     /// oldest, as a runtime that reads results does; 0 for no limit (the
     /// host then runs as far ahead of the GPU as memory allows).
@@ -356,7 +346,6 @@ fn repro_command(a: ReproArgs) -> anyhow::Result<ExitCode> {
             ReuseWaitArg::Device => inflight::ReuseWait::Device,
         },
         rebind_unseen: !a.no_rebind,
-        hold_peak: a.hold_peak,
         front_cache: !a.no_front_cache,
         size_classes: a.size_classes,
         ..Workload::default()
@@ -580,7 +569,6 @@ fn replay_command(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         commit_every: a.commit_every,
         memory_limit: a.memory_limit,
         cache_limit: a.cache_limit,
-        hold_peak: a.hold_peak,
         sim_cost,
         max_in_flight: a.max_in_flight,
         drain_timeout: Duration::from_secs(600),
@@ -797,7 +785,6 @@ fn print_table(reports: &[Report], w: &Workload) {
             "reuse rebinds",
             Box::new(|r| r.stats.reuse_rebinds.to_string()),
         ),
-        ("peak holds", Box::new(|r| r.stats.peak_holds.to_string())),
         (
             "statistics balance",
             Box::new(|r| if r.stats_balanced { "yes" } else { "NO" }.to_string()),

@@ -62,9 +62,6 @@ pub struct PlotArgs {
     /// Cache limit (default: the memory limit).
     #[arg(long, value_parser = parse_bytes)]
     cache_limit: Option<u64>,
-    /// `Config::hold_peak`, as replay's.
-    #[arg(long)]
-    hold_peak: bool,
     /// As replay's: submissions a stream may have in flight; 0, no limit.
     #[arg(long, default_value_t = 16)]
     max_in_flight: usize,
@@ -294,7 +291,6 @@ pub fn command(a: PlotArgs) -> anyhow::Result<ExitCode> {
         commit_every: a.commit_every,
         memory_limit: a.memory_limit,
         cache_limit: a.cache_limit,
-        hold_peak: a.hold_peak,
         sim_cost,
         max_in_flight: a.max_in_flight,
         drain_timeout: Duration::from_secs(600),

@@ -9,6 +9,13 @@
 //! commit's `gpu_us`, on the simulated GPU, is honoured by padding the
 //! submission with fills over its largest bound buffer until its simulated
 //! cost reaches that time.
+//!
+//! A trace without `use` and `commit` events (an allocation log, as
+//! PyTorch's memory snapshots give) is replayed on stream-ordered queues
+//! ([`Allocator::adopt_queue`]), as the program that recorded it ran: each
+//! buffer is used on its stream from its allocation to its free, and its
+//! free is stream-ordered. Every stream commits an empty submission every
+//! `commit_every` events, the program's kernels' share of the timeline.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -41,8 +48,6 @@ pub struct ReplaySettings {
     pub commit_every: u64,
     pub memory_limit: u64,
     pub cache_limit: Option<u64>,
-    /// `Config::hold_peak`.
-    pub hold_peak: bool,
     /// The simulated GPU's costs, where the backend is the simulated GPU.
     pub sim_cost: Option<SimCost>,
     /// Submissions a stream may have in flight before replay waits for
@@ -213,16 +218,20 @@ pub fn run_with_tap<B: Harness>(
     settings: &ReplaySettings,
     tap: &mut dyn FnMut(usize, &Allocator<B>),
 ) -> anyhow::Result<ReplayReport> {
-    let config = Config {
-        policy,
-        memory_limit: Some(settings.memory_limit),
-        cache_limit: settings.cache_limit.map(|c| c.min(settings.memory_limit)),
-        hold_peak: settings.hold_peak,
-        ..Config::default()
-    };
+    let mut config = Config::default()
+        .with_policy(policy)
+        .with_memory_limit(settings.memory_limit);
+    config.cache_limit = settings.cache_limit.map(|c| c.min(settings.memory_limit));
     let alloc = Allocator::new(backend, config)?;
+    let implicit = !trace.explicit_submissions;
     let queues: Vec<Queue<B>> = (0..trace.streams.len())
-        .map(|_| alloc.create_queue())
+        .map(|_| {
+            if implicit {
+                alloc.adopt_queue(alloc.backend().create_queue()?)
+            } else {
+                alloc.create_queue()
+            }
+        })
         .collect::<Result<_, _>>()?;
     let info = alloc.device_info().clone();
     let mut r = Replayer {
@@ -237,7 +246,6 @@ pub fn run_with_tap<B: Harness>(
         in_flight_waits: 0,
     };
     let mut live: Vec<Option<Buffer<B>>> = (0..trace.slots).map(|_| None).collect();
-    let implicit = !trace.explicit_submissions;
     let every = settings.commit_every.max(1);
     let start = Instant::now();
     for (i, ev) in trace.events.iter().enumerate() {
@@ -249,10 +257,9 @@ pub fn run_with_tap<B: Harness>(
                     bytes,
                     stream,
                 } => {
+                    // On a stream-ordered queue (implicit uses), used on its
+                    // stream until its free.
                     let b = r.alloc.malloc(bytes, &r.queues[stream as usize])?;
-                    if implicit {
-                        r.bind(stream as usize, &b)?;
-                    }
                     live[slot as usize] = Some(b);
                 }
                 Event::Free { slot } => live[slot as usize] = None,
@@ -265,7 +272,9 @@ pub fn run_with_tap<B: Harness>(
                 Event::Commit { stream, gpu_us } => r.commit(stream as usize, gpu_us)?,
             }
             if implicit && (i as u64 + 1) % every == 0 {
-                r.commit_all()?;
+                for s in 0..r.queues.len() {
+                    r.commit(s, None)?;
+                }
             }
             Ok(())
         })();

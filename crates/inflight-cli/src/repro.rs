@@ -81,8 +81,6 @@ pub struct Workload {
     pub reuse_wait: inflight::ReuseWait,
     /// `Config::rebind_unseen`.
     pub rebind_unseen: bool,
-    /// `Config::hold_peak`.
-    pub hold_peak: bool,
     /// `Config::front_cache`.
     pub front_cache: bool,
     /// `Config::size_classes`.
@@ -112,7 +110,6 @@ impl Default for Workload {
             in_order_reuse: true,
             reuse_wait: inflight::ReuseWait::Adaptive,
             rebind_unseen: true,
-            hold_peak: false,
             front_cache: true,
             size_classes: inflight::DEFAULT_SIZE_CLASSES,
         }
@@ -324,20 +321,17 @@ pub fn run<B: Harness>(
     } else {
         w.memory_limit
     };
-    let config = Config {
-        policy,
-        memory_limit: Some(memory_limit),
-        cache_limit: Some(w.cache_limit.min(memory_limit)),
-        gc_limit: Some(memory_limit / 20 * 19),
-        scrub: w.scrub,
-        in_order_reuse: w.in_order_reuse,
-        reuse_wait: w.reuse_wait,
-        rebind_unseen: w.rebind_unseen,
-        hold_peak: w.hold_peak,
-        front_cache: w.front_cache,
-        size_classes: w.size_classes,
-        ..Config::default()
-    };
+    let config = Config::default()
+        .with_policy(policy)
+        .with_memory_limit(memory_limit)
+        .with_cache_limit(w.cache_limit.min(memory_limit))
+        .with_gc_limit(memory_limit / 20 * 19)
+        .with_scrub(w.scrub)
+        .with_in_order_reuse(w.in_order_reuse)
+        .with_reuse_wait(w.reuse_wait)
+        .with_rebind_unseen(w.rebind_unseen)
+        .with_front_cache(w.front_cache)
+        .with_size_classes(w.size_classes);
     let alloc = Allocator::new(backend, config)?;
     let queues: Vec<Queue<B>> = (0..w.queues.max(1))
         .map(|_| alloc.create_queue())

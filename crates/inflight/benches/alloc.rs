@@ -50,10 +50,7 @@ fn pairs(c: &mut Criterion) {
     }
     // The same hit with every slot a spin lock (`biased_front_cache: false`):
     // the baseline for the biased lock, in the same run.
-    let alloc = sim_allocator_with(Config {
-        biased_front_cache: false,
-        ..Config::default()
-    });
+    let alloc = sim_allocator_with(Config::default().with_biased_front_cache(false));
     let q = alloc.create_queue().unwrap();
     drop(alloc.malloc(1 << 20, &q).unwrap());
     g.bench_function("cache_hit_locked_slots/1MiB", |b| {

@@ -43,7 +43,7 @@ use std::sync::Arc;
 
 use crate::allocator::Shared;
 use crate::backend::{Backend, Span};
-use crate::cache::Block;
+use crate::block::Block;
 use crate::sync::{
     fence, spin_wait, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Mutex, Ordering,
 };
@@ -129,8 +129,11 @@ pub(crate) struct Live<B: Backend> {
 
 /// The block a buffer holds (see [`Live::held`]).
 pub(crate) struct Held<B: Backend> {
-    pub(crate) raw: Option<B::Buffer>,
+    /// Its segment's raw buffer (shared with the segment's other blocks).
+    pub(crate) raw: Option<Arc<B::Buffer>>,
     pub(crate) offset: u64,
+    /// Its node in the arena.
+    pub(crate) node: crate::arena::NodeId,
     pub(crate) size: u64,
     pub(crate) id: u64,
 }
@@ -163,6 +166,7 @@ impl<B: Backend> BufferInner<B> {
                 held: UnsafeCell::new(Held {
                     raw: None,
                     offset: 0,
+                    node: 0,
                     size: 0,
                     id: 0,
                 }),
@@ -204,6 +208,7 @@ impl<B: Backend> Buffer<B> {
                 held: UnsafeCell::new(Held {
                     raw: Some(block.raw),
                     offset: block.offset,
+                    node: block.node,
                     size: block.size,
                     id: block.id,
                 }),
@@ -312,7 +317,7 @@ impl<B: Backend> Buffer<B> {
     pub fn raw(&self) -> &B::Buffer {
         self.held()
             .raw
-            .as_ref()
+            .as_deref()
             .expect("a live buffer has its raw buffer")
     }
 
@@ -445,10 +450,10 @@ impl<B: Backend> BufferInner<B> {
         Block {
             raw: held.raw.take().expect("a filled shell has its raw buffer"),
             offset: held.offset,
+            node: held.node,
             size: held.size,
             id: held.id,
             stamps: std::mem::take(stamps),
-            release_when_idle: false,
         }
     }
 

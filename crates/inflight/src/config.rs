@@ -19,9 +19,9 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::policy::Policy;
 
-/// The default page: 16 KiB, Apple silicon's page, as MLX uses.
+/// The front caches' page: 16 KiB, Apple silicon's page, as MLX uses.
 pub const DEFAULT_PAGE_SIZE: u64 = 16 * 1024;
-/// Sizes of at most one page round up to this alignment.
+/// The front caches' size classes of at most one page are multiples of this.
 pub const DEFAULT_SMALL_ALIGN: u64 = 256;
 /// Size classes per doubling above one page (see [`Config::size_classes`]).
 pub const DEFAULT_SIZE_CLASSES: u64 = 4;
@@ -29,36 +29,25 @@ pub const DEFAULT_SIZE_CLASSES: u64 = 4;
 pub const DEFAULT_PRESSURE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Allocator settings. `None` limits take their default from the device.
+///
+/// Build one from [`Config::default`] with the `with_*` methods (or set its
+/// public fields); the struct is `#[non_exhaustive]`, so settings can be
+/// added without breaking callers. The switches that exist to measure one
+/// mechanism against its absence (front caches, the in-order rule,
+/// rebinding, who waits on a reused block) are set only with the
+/// `experimental` feature.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Config {
     /// The release policy.
     pub policy: Policy,
-    /// Sizes above one page round up to whole pages. A power of two.
-    pub page_size: u64,
-    /// Size classes per doubling: a request rounds up to a multiple of
-    /// `max(unit, 2^k / size_classes)`, where `2^k` is the largest power of
-    /// two not above it and `unit` is `page_size` above one page, else
-    /// `small_align`; so at most `1 / size_classes` of a block (or one unit)
-    /// is rounding (25% at the default 4, about 11% on average over
-    /// log-uniform sizes). Few distinct sizes make cache
-    /// hits likely when request sizes vary (a mixed workload reuses blocks
-    /// instead of allocating new ones for each near-miss size). A power of
-    /// two from 1 to 1024; 0 rounds to whole pages only.
-    pub size_classes: u64,
-    /// Sizes of at most one page round up to a multiple of this. A power of
-    /// two, at least 4, at most `page_size`.
-    pub small_align: u64,
-    /// Best fit accepts a cached block only if it is smaller than both
-    /// `fit_factor × size` and `size + fit_slack_pages × page_size`.
-    pub fit_factor: u64,
-    /// See `fit_factor`.
-    pub fit_slack_pages: u64,
     /// Reserved bytes never pass this (default 95% of device capacity).
     pub memory_limit: Option<u64>,
-    /// Ready bytes are trimmed to this (default: the memory limit).
+    /// Releasable free bytes (whole free segments and pages, front caches
+    /// included) are trimmed to this (default: the memory limit).
     pub cache_limit: Option<u64>,
-    /// Trim before allocating when active + cached + request would pass this
-    /// (default: 95% of the memory limit).
+    /// Trim before growing when reserved bytes plus the growth would pass
+    /// this (default: 95% of the memory limit).
     pub gc_limit: Option<u64>,
     /// The longest an allocation waits for in-flight work before failing.
     pub pressure_timeout: Duration,
@@ -68,24 +57,37 @@ pub struct Config {
     /// it, so the fill is ordered on the new owner's queue before its first
     /// use (and, like any first use, after the previous owner's work). No
     /// extra submission, nothing on the host; a buffer never bound is never
-    /// filled. Fresh device allocations are not scrubbed: their contents are
-    /// the driver's (zeroed on the simulated GPU). Off by default.
+    /// filled. Fresh device memory is not scrubbed: its contents are the
+    /// driver's (zeroed on the simulated GPU). Off by default.
     pub scrub: bool,
+    /// Whether pools grow by mapping pages into one growable segment each
+    /// (an address range reserved once), where the backend can (CUDA's
+    /// virtual memory management, the simulated GPU), rather than by
+    /// allocating fixed segments (on by default). Free pages in the middle
+    /// of a range can be given back, so fragmentation costs address space,
+    /// not memory.
+    pub growable: bool,
+    /// Size classes per doubling for the front caches: a front cache serves
+    /// a request with an idle block of at least its size and at most its
+    /// class's: a multiple of `max(unit, 2^k / size_classes)`, where `2^k`
+    /// is the largest power of two not above the request and `unit` is
+    /// [`DEFAULT_PAGE_SIZE`] above one page, else [`DEFAULT_SMALL_ALIGN`]
+    /// (at most a quarter more, at the default 4). A power of two from 1 to
+    /// 1024; 0 rounds to whole pages only.
+    pub(crate) size_classes: u64,
     /// Per-thread front caches (on by default): each thread keeps a few idle
-    /// blocks it freed (never bound since they were last idle, or every
-    /// recorded use complete when freed), so a free followed by an
+    /// small blocks it freed (never bound since they were last idle, or
+    /// every recorded use complete when freed), so a free followed by an
     /// allocation of the same size class on one thread takes no shared
     /// lock. Together they hold at most an eighth of the cache limit, and
-    /// a thread's cache takes its share from the ready list's only when the
-    /// thread first frees an idle block small enough for it; trimming,
-    /// clearing, limit changes and memory pressure empty them. Under
-    /// `Deferred` with in-order reuse, a thread also takes back, in order,
-    /// blocks it freed in flight (see [`Config::in_order_reuse`]).
-    /// With them on, `Stats::peak_active_bytes` may exceed the true peak by
-    /// at most the bytes they held at that moment (idle blocks, and blocks
-    /// freed in flight that a slot keeps for in-order reuse); off, it is
-    /// exact.
-    pub front_cache: bool,
+    /// a thread's cache takes its share from the arena's only when the
+    /// thread first frees an idle block small enough for it; growth,
+    /// trimming, clearing, limit changes and memory pressure empty them.
+    /// Under `Deferred` with in-order reuse, a thread also takes back, in
+    /// order, blocks it freed in flight (see `in_order_reuse`). With them
+    /// on, `Stats::peak_active_bytes` may exceed the true peak by at most
+    /// the bytes they held at that moment; off, it is exact.
+    pub(crate) front_cache: bool,
     /// Whether a thread enters its own front-cache slot as the owner of a
     /// biased lock (on by default): with no atomic read-modify-write, while
     /// other threads (trims, clears, statistics, memory pressure, the last
@@ -94,55 +96,150 @@ pub struct Config {
     /// does not offer the barrier (anything but Linux, old kernels,
     /// sandboxes that filter it), each slot is a spin lock: an uncontended
     /// atomic pair per allocation and per free, and no interrupts.
-    pub biased_front_cache: bool,
+    pub(crate) biased_front_cache: bool,
     /// The in-order rule (on by default, `Deferred` only): on a queue whose
     /// backend orders memory, a block still in flight on that queue alone
     /// may go to a new buffer for that queue, its new work queued behind the
     /// old. Less memory; but a buffer so reused and then bound on another
-    /// queue must wait for the previous owner's work (see
-    /// [`Config::reuse_wait`]). Off, such a block waits on the pending list
-    /// until its work completes.
-    pub in_order_reuse: bool,
+    /// queue must wait for the previous owner's work (see `reuse_wait`).
+    /// Off, such a block waits until its work completes.
+    pub(crate) in_order_reuse: bool,
     /// Who waits when a buffer reused in order is bound on another queue
     /// before the previous owner's work is done (adaptive by default).
-    pub reuse_wait: ReuseWait,
+    pub(crate) reuse_wait: ReuseWait,
     /// Whether such a buffer, if nothing has seen its block yet (see
     /// [`crate::Buffer::block_id`]), is first given another block of its
     /// size, so that nobody waits (on by default): a ready one, or one
-    /// whose only use in flight is on the queue it is being bound on (reused
-    /// in order there). Its reused block goes back to the pending list, for
+    /// whose only use in flight is on the queue it is being bound on
+    /// (reused in order there). Its reused block goes back to its pool, for
     /// its own queue to reuse again. Only when neither fits does
-    /// [`Config::reuse_wait`] decide.
-    pub rebind_unseen: bool,
-    /// Whether a device allocation releases cached blocks first rather than
-    /// raise the bytes the allocator holds past their high-water mark (off
-    /// by default). The bytes held are reserved bytes less pending ones:
-    /// live buffers, the ready list and the front caches. At a miss that
-    /// would pass the mark, the oldest ready blocks go back to the device
-    /// until the request fits under it, or the ready list is empty; so the
-    /// mark rises only when live buffers and the front caches fill it.
-    /// Pending blocks are left out: they are work in flight, the GPU's lag
-    /// rather than the cache's, and trimming whenever it spikes would throw
-    /// away blocks the next allocations need (on the simulated GPU,
-    /// counting them doubled `deferred`'s device allocations). Under
-    /// `Retained` the buffers kept for in-flight work are live, not
-    /// pending, so they do count. The mark is
-    /// the allocator's own, not reset by [`crate::Allocator::reset_peak`].
-    ///
-    /// The price is the cache's reach. Where live bytes rise and fall (the
-    /// `repro` workload on CUDA) it lowered every policy's peak reserved
-    /// bytes by a quarter for 2-11% more device allocations. Where they
-    /// stay at their peak, the ready list can hold only what was cached
-    /// when the peak was first reached, and a workload of varied sizes
-    /// misses at nearly every step (the mixed benchmark: 154 ns a pair
-    /// became 5.1 us). For a process that must keep its footprint at what
-    /// its live buffers need, such as a server sharing a device.
-    pub hold_peak: bool,
+    /// `reuse_wait` decide.
+    pub(crate) rebind_unseen: bool,
+}
+
+impl Config {
+    /// The same settings with another policy.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The same settings with a memory limit of `bytes`.
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// The same settings with a cache limit of `bytes`.
+    pub fn with_cache_limit(mut self, bytes: u64) -> Self {
+        self.cache_limit = Some(bytes);
+        self
+    }
+
+    /// The same settings with a GC limit of `bytes`.
+    pub fn with_gc_limit(mut self, bytes: u64) -> Self {
+        self.gc_limit = Some(bytes);
+        self
+    }
+
+    /// The same settings with another pressure timeout.
+    pub fn with_pressure_timeout(mut self, timeout: Duration) -> Self {
+        self.pressure_timeout = timeout;
+        self
+    }
+
+    /// The same settings with scrubbing on or off (see [`Config::scrub`]).
+    pub fn with_scrub(mut self, on: bool) -> Self {
+        self.scrub = on;
+        self
+    }
+
+    /// The same settings with growable segments on or off (see
+    /// [`Config::growable`]).
+    pub fn with_growable(mut self, on: bool) -> Self {
+        self.growable = on;
+        self
+    }
+
+    /// Whether `n` may be a size-class count: 0, or a power of two from 1
+    /// to 1024.
+    pub fn valid_size_classes(n: u64) -> bool {
+        n == 0 || (n.is_power_of_two() && n <= 1024)
+    }
+
+    /// Whether per-thread front caches are on.
+    pub fn front_cache(&self) -> bool {
+        self.front_cache
+    }
+
+    /// Whether blocks in flight on one in-order queue go to new work for it.
+    pub fn in_order_reuse(&self) -> bool {
+        self.in_order_reuse
+    }
+
+    /// Who waits when a block reused in order is bound on another queue.
+    pub fn reuse_wait(&self) -> ReuseWait {
+        self.reuse_wait
+    }
+
+    /// Whether such a buffer, if unseen, takes another block instead.
+    pub fn rebind_unseen(&self) -> bool {
+        self.rebind_unseen
+    }
+
+    /// The front caches' size classes per doubling.
+    pub fn size_classes(&self) -> u64 {
+        self.size_classes
+    }
+}
+
+/// The switches that measure one mechanism against its absence, and the
+/// front caches' size classes: for experiments and their tests.
+#[cfg(feature = "experimental")]
+impl Config {
+    /// Per-thread front caches on or off (on by default).
+    pub fn with_front_cache(mut self, on: bool) -> Self {
+        self.front_cache = on;
+        self
+    }
+
+    /// Biased front-cache locks on or off (on by default; off, each slot
+    /// is a spin lock).
+    pub fn with_biased_front_cache(mut self, on: bool) -> Self {
+        self.biased_front_cache = on;
+        self
+    }
+
+    /// The in-order rule on or off (on by default).
+    pub fn with_in_order_reuse(mut self, on: bool) -> Self {
+        self.in_order_reuse = on;
+        self
+    }
+
+    /// Who waits when a block reused in order is bound on another queue
+    /// (adaptive by default).
+    pub fn with_reuse_wait(mut self, wait: ReuseWait) -> Self {
+        self.reuse_wait = wait;
+        self
+    }
+
+    /// Rebinding unseen buffers on or off (on by default).
+    pub fn with_rebind_unseen(mut self, on: bool) -> Self {
+        self.rebind_unseen = on;
+        self
+    }
+
+    /// The front caches' size classes per doubling (see
+    /// [`Config::valid_size_classes`]; 4 by default).
+    pub fn with_size_classes(mut self, n: u64) -> Self {
+        self.size_classes = n;
+        self
+    }
 }
 
 /// Who waits when a buffer reused in order on one queue is bound on another
 /// before the previous owner's work there completes (I2), and cannot take
-/// another block instead (see [`Config::rebind_unseen`]). The early reuse
+/// another block instead (see `Config::rebind_unseen`). The early reuse
 /// was the allocator's choice; the question is who pays for it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ReuseWait {
@@ -174,37 +271,19 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             policy: Policy::DEFERRED,
-            page_size: DEFAULT_PAGE_SIZE,
-            size_classes: DEFAULT_SIZE_CLASSES,
-            small_align: DEFAULT_SMALL_ALIGN,
-            fit_factor: 2,
-            fit_slack_pages: 2,
             memory_limit: None,
             cache_limit: None,
             gc_limit: None,
             pressure_timeout: DEFAULT_PRESSURE_TIMEOUT,
             scrub: false,
+            growable: true,
+            size_classes: DEFAULT_SIZE_CLASSES,
             front_cache: true,
             biased_front_cache: true,
             in_order_reuse: true,
             reuse_wait: ReuseWait::Adaptive,
             rebind_unseen: true,
-            hold_peak: false,
         }
-    }
-}
-
-impl Config {
-    /// Whether `n` may be [`Config::size_classes`]: 0, or a power of two
-    /// from 1 to 1024.
-    pub fn valid_size_classes(n: u64) -> bool {
-        n == 0 || (n.is_power_of_two() && n <= 1024)
-    }
-
-    /// The same settings with another policy.
-    pub fn with_policy(mut self, policy: Policy) -> Self {
-        self.policy = policy;
-        self
     }
 }
 
@@ -263,20 +342,8 @@ impl Limits {
 /// Checks the sizing fields of a configuration.
 pub(crate) fn validate_sizing(config: &Config) -> Result<()> {
     let bad = |msg: &str| Err(Error::InvalidConfig(msg.to_string()));
-    if !config.page_size.is_power_of_two() || config.page_size < 4 {
-        return bad("page_size must be a power of two of at least 4");
-    }
-    if !config.small_align.is_power_of_two()
-        || config.small_align < 4
-        || config.small_align > config.page_size
-    {
-        return bad("small_align must be a power of two from 4 to page_size");
-    }
     if !Config::valid_size_classes(config.size_classes) {
         return bad("size_classes must be 0 or a power of two from 1 to 1024");
-    }
-    if config.fit_factor < 1 {
-        return bad("fit_factor must be at least 1");
     }
     if config.pressure_timeout > Duration::from_secs(24 * 3600) {
         return bad("pressure_timeout must be at most a day");
@@ -299,14 +366,6 @@ pub(crate) fn round_size(size: u64, page: u64, small_align: u64, classes: u64) -
         (octave >> classes.trailing_zeros()).max(unit)
     };
     size.checked_add(align - 1).map(|s| s & !(align - 1))
-}
-
-/// The largest cached block best fit accepts for a block of `size` bytes
-/// (exclusive): `min(fit_factor × size, size + fit_slack_pages × page)`.
-pub(crate) fn fit_bound(size: u64, config: &Config) -> u64 {
-    let by_factor = size.saturating_mul(config.fit_factor);
-    let by_slack = size.saturating_add(config.fit_slack_pages.saturating_mul(config.page_size));
-    by_factor.min(by_slack).max(size + 1)
 }
 
 #[cfg(test)]
@@ -343,13 +402,6 @@ mod tests {
             );
             assert_eq!(r % 16384, 0);
         }
-    }
-
-    #[test]
-    fn fit_bound_is_the_smaller_of_factor_and_slack() {
-        let c = Config::default();
-        assert_eq!(fit_bound(4096, &c), 8192);
-        assert_eq!(fit_bound(1 << 20, &c), (1 << 20) + 2 * 16384);
     }
 
     #[test]

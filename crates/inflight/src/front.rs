@@ -221,15 +221,15 @@ impl<B: Backend> SlotState<B> {
         self.idle.len() as u64
     }
 
-    /// Takes the newest idle shell of exactly `size` bytes, counting a hit
-    /// and a new live buffer.
+    /// Takes the newest idle shell of `lo..=hi` bytes (a request's block
+    /// size and its size class), counting a hit and a new live buffer.
     #[inline]
-    pub(crate) fn take(&mut self, size: u64) -> Option<Shell<B>> {
+    pub(crate) fn take(&mut self, lo: u64, hi: u64) -> Option<Shell<B>> {
         // The common ping-pong: the newest.
-        let shell = if self.idle.last().is_some_and(|(s, _)| *s == size) {
-            self.idle.pop()?.1
+        let (size, shell) = if self.idle.last().is_some_and(|(s, _)| lo <= *s && *s <= hi) {
+            self.idle.pop()?
         } else {
-            self.take_older(size)?
+            self.take_older(lo, hi)?
         };
         self.idle_bytes -= size;
         self.hits += 1;
@@ -238,9 +238,9 @@ impl<B: Backend> SlotState<B> {
 
     /// `take` past the newest.
     #[inline(never)]
-    fn take_older(&mut self, size: u64) -> Option<Shell<B>> {
-        let i = self.idle.iter().rposition(|(s, _)| *s == size)?;
-        Some(self.idle.remove(i).1)
+    fn take_older(&mut self, lo: u64, hi: u64) -> Option<(u64, Shell<B>)> {
+        let i = self.idle.iter().rposition(|(s, _)| lo <= *s && *s <= hi)?;
+        Some(self.idle.remove(i))
     }
 
     /// Counts a buffer about to be allocated through this slot; takes the
@@ -326,12 +326,6 @@ impl<B: Backend> SlotState<B> {
         deferred.append(&mut self.take_deferred());
     }
 
-    /// Whether it holds deferred shells.
-    #[inline]
-    pub(crate) fn has_deferred(&self) -> bool {
-        !self.deferred.is_empty()
-    }
-
     /// Deferred shells held.
     fn deferred_count(&self) -> u64 {
         self.deferred.len() as u64
@@ -388,17 +382,22 @@ impl<B: Backend> SlotState<B> {
     }
 
     /// In-order reuse from the slot: takes the oldest deferred shell of
-    /// exactly `size` bytes whose only recorded use is on `queue`, counting
-    /// a hit; returns it with that use's value (the buffer's reuse fence).
+    /// `lo..=hi` bytes whose only recorded use is on `queue`, counting a
+    /// hit; returns it with that use's value (the buffer's reuse fence).
     /// The caller has checked that `queue` orders memory and that the
     /// policy reuses in order.
     #[inline(never)]
-    pub(crate) fn take_in_order(&mut self, size: u64, queue: QueueId) -> Option<(Shell<B>, u64)> {
+    pub(crate) fn take_in_order(
+        &mut self,
+        lo: u64,
+        hi: u64,
+        queue: QueueId,
+    ) -> Option<(Shell<B>, u64)> {
         let (at, fence) = self
             .deferred
             .iter()
             .enumerate()
-            .filter(|(_, (s, _))| *s == size)
+            .filter(|(_, (s, _))| lo <= *s && *s <= hi)
             .find_map(|(i, (_, shell))| {
                 // SAFETY: S1: a shell in a slot has no handle and is the
                 // allocator's; this section is the only one in the slot.
@@ -408,10 +407,12 @@ impl<B: Backend> SlotState<B> {
                     .filter(|st| st.queue == queue)
                     .map(|st| (i, st.value))
             })?;
-        self.deferred_bytes -= size;
+
         self.hits += 1;
         self.in_order_hits += 1;
-        Some((self.deferred.remove(at).1, fence))
+        let (size, shell) = self.deferred.remove(at);
+        self.deferred_bytes -= size;
+        Some((shell, fence))
     }
 }
 

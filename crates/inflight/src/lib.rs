@@ -75,18 +75,20 @@
 #![warn(missing_docs)]
 
 mod allocator;
+mod arena;
 pub mod backend;
 mod biased;
+mod block;
 mod buffer;
-pub mod cache;
 mod command;
 mod config;
+#[cfg(feature = "testing")]
 pub mod conformance;
 mod error;
 mod front;
 mod harness;
 pub mod history;
-pub mod pending;
+mod pending;
 mod policy;
 mod stats;
 mod sync;

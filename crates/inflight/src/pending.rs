@@ -1,43 +1,34 @@
-//! The pending list: freed blocks that submitted work may still use.
+//! The pending list: freed blocks that work on another queue may still use.
 //!
 //! # Release point
 //!
 //! A pending block leaves this list only when the watermark of the queue it is
 //! filed under passes its stamp there ([`PendingList::take_due`]); the caller
 //! then checks its other stamps and files it again under the next incomplete
-//! one, or makes it ready. Nothing here releases memory: trimming never sees a
-//! pending block (I1).
+//! one, or gives it back to the arena. Nothing here releases memory:
+//! trimming never sees a pending block (I1).
 //!
-//! # Reuse rule
+//! # What is filed here
 //!
-//! A pending block may go to new work before it is due only through
-//! [`PendingList::take_in_order`]: its one stamp is on the requesting queue and
-//! the backend declared that queue in-order for memory, so the new work runs
-//! after the old (I2). The allocator checks the declaration; this list keeps
-//! the size index only for single-stamp blocks.
+//! A block freed while a queue other than its pool's may still use it, or,
+//! where reuse in order does not apply (queues that do not order memory,
+//! policies other than `Deferred`), while any queue may. A block in flight
+//! on its pool's in-order queue alone goes back to the arena at once (see
+//! `arena.rs`, the reuse rule), so nothing here is reused before it is due.
 //!
 //! # Ordering and layout
 //!
-//! Blocks live in a slab. Each queue keeps two indexes of slab positions,
-//! each in (stamp value, block id) order: all its blocks, in a min-heap, so
-//! the due ones are popped from its top; and its single-stamp blocks, a
-//! deque per block size, for in-order reuse (of a size, the oldest use
-//! first). Stamps arrive in nearly increasing order (threads file their
-//! batches a little out of turn), so a push rarely climbs the heap, and a
-//! deque's insert lands at or near its back.
-//!
-//! A block taken through one index leaves a stale entry in the other: each
-//! entry names the slab position and the generation of the filing, and an
-//! entry whose generation no longer matches is skipped (and dropped when it
-//! reaches a front). Nothing here is a tree: filing and taking are a few
-//! words moved, under the allocator's state lock, at every filing and miss
-//! (the tree this replaced cost about 800-1,000 instructions an operation
-//! under callgrind).
+//! Blocks live in a slab. Each queue keeps a min-heap of the slab positions
+//! filed under it, in (stamp value, block id) order, so the due ones are
+//! popped from its top. Stamps arrive in nearly increasing order (threads
+//! file their batches a little out of turn), so a push rarely climbs the
+//! heap. Filing and taking are a few words moved, under the allocator's
+//! state lock.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::BinaryHeap;
 
-use crate::cache::Block;
+use crate::block::Block;
 use crate::timeline::{QueueId, Stamp};
 
 /// An index entry: the filing's stamp value and block id (its order: the
@@ -54,9 +45,6 @@ struct Entry {
 struct QueuePending {
     /// Every block filed here, least (stamp value, block id) on top.
     by_value: BinaryHeap<Reverse<Entry>>,
-    /// Blocks filed here whose only stamp is here, by size, then by (stamp
-    /// value, block id). Few keys: sizes are size classes.
-    by_size: BTreeMap<u64, VecDeque<Entry>>,
     /// Blocks filed here now (entries not stale).
     live: usize,
 }
@@ -125,7 +113,7 @@ impl<R> Slab<R> {
 }
 
 /// Freed blocks waiting for their stamps to complete, filed by stamp.
-pub struct PendingList<R> {
+pub(crate) struct PendingList<R> {
     queues: Vec<QueuePending>,
     slab: Slab<R>,
 }
@@ -139,19 +127,9 @@ impl<R> Default for PendingList<R> {
     }
 }
 
-/// Inserts `e` into `deque`, kept in entry order (usually at the back).
-fn insert_sorted(deque: &mut VecDeque<Entry>, e: Entry) {
-    if deque.back().is_none_or(|b| *b <= e) {
-        deque.push_back(e);
-    } else {
-        let at = deque.partition_point(|x| *x <= e);
-        deque.insert(at, e);
-    }
-}
-
 impl<R> PendingList<R> {
     /// Files `block` under `at`, one of its incomplete stamps.
-    pub fn insert(&mut self, block: Block<R>, at: Stamp) {
+    pub(crate) fn insert(&mut self, block: Block<R>, at: Stamp) {
         debug_assert!(
             block.stamps.iter().any(|s| *s == at),
             "filed under a stamp it lacks"
@@ -160,8 +138,7 @@ impl<R> PendingList<R> {
         if self.queues.len() <= q {
             self.queues.resize_with(q + 1, Default::default);
         }
-        let (size, id) = (block.size, block.id);
-        let single = block.stamps.single() == Some(at);
+        let id = block.id;
         let (slot, generation) = self.slab.put(block);
         let e = Entry {
             value: at.value,
@@ -172,14 +149,11 @@ impl<R> PendingList<R> {
         let index = &mut self.queues[q];
         index.live += 1;
         index.by_value.push(Reverse(e));
-        if single {
-            insert_sorted(index.by_size.entry(size).or_default(), e);
-        }
     }
 
     /// Takes every block filed under `queue` with a stamp value `<= completed`.
     #[must_use]
-    pub fn take_due(&mut self, queue: QueueId, completed: u64) -> Vec<Block<R>> {
+    pub(crate) fn take_due(&mut self, queue: QueueId, completed: u64) -> Vec<Block<R>> {
         let mut out = Vec::new();
         let Some(index) = self.queues.get_mut(queue as usize) else {
             return out;
@@ -189,64 +163,16 @@ impl<R> PendingList<R> {
                 break;
             }
             index.by_value.pop();
-            if !self.slab.live(e) {
-                continue; // taken in order
-            }
-            let block = self.slab.take(e);
+            debug_assert!(self.slab.live(e), "every filing is taken once");
+            out.push(self.slab.take(e));
             index.live -= 1;
-            // Its size-index entry is usually that deque's front: drop it
-            // now rather than when an in-order search meets it.
-            if let Some(d) = index.by_size.get_mut(&block.size) {
-                if d.front() == Some(&e) {
-                    d.pop_front();
-                }
-            }
-            out.push(block);
         }
         out
     }
 
-    /// Takes the smallest block with `size <= block.size < bound` whose only
-    /// stamp is on `queue`, of that size the one with the oldest stamp (the
-    /// likeliest to have completed, so that binding it on another queue
-    /// waits least). The caller must have checked that `queue` orders memory
-    /// (see the module's reuse rule).
-    pub fn take_in_order(&mut self, queue: QueueId, size: u64, bound: u64) -> Option<Block<R>> {
-        if bound <= size {
-            return None;
-        }
-        let index = self.queues.get_mut(queue as usize)?;
-        let mut found = None;
-        let mut emptied = Vec::new();
-        for (&s, d) in index.by_size.range_mut(size..bound) {
-            while let Some(e) = d.pop_front() {
-                if self.slab.live(e) {
-                    found = Some(e);
-                    break;
-                }
-            }
-            if d.is_empty() {
-                emptied.push(s);
-            }
-            if found.is_some() {
-                break;
-            }
-        }
-        for s in emptied {
-            index.by_size.remove(&s);
-        }
-        let block = self.slab.take(found?);
-        index.live -= 1;
-        // Its by-value entry goes stale; drop stale entries on that top.
-        while index.by_value.peek().is_some_and(|f| !self.slab.live(f.0)) {
-            index.by_value.pop();
-        }
-        Some(block)
-    }
-
     /// The lowest-valued stamp a block is filed under, over all queues: the
     /// one to wait for under memory pressure.
-    pub fn oldest(&self) -> Option<Stamp> {
+    pub(crate) fn oldest(&self) -> Option<Stamp> {
         self.queues
             .iter()
             .enumerate()
@@ -270,27 +196,20 @@ impl<R> PendingList<R> {
     }
 
     /// One more than the highest queue id blocks were ever filed under.
-    pub fn queue_slots(&self) -> usize {
+    pub(crate) fn queue_slots(&self) -> usize {
         self.queues.len()
     }
 
     /// Whether a block is filed under `queue`.
-    pub fn has_queue(&self, queue: QueueId) -> bool {
+    pub(crate) fn has_queue(&self, queue: QueueId) -> bool {
         self.queues
             .get(queue as usize)
             .is_some_and(|index| index.live > 0)
     }
 
-    /// Marks every block to be released, not cached, once idle.
-    pub fn mark_all_for_release(&mut self) {
-        for block in self.slab.blocks.iter_mut().flatten() {
-            block.release_when_idle = true;
-        }
-    }
-
     /// Takes every block out, due or not (for teardown).
     #[must_use]
-    pub fn take_all(&mut self) -> Vec<Block<R>> {
+    pub(crate) fn take_all(&mut self) -> Vec<Block<R>> {
         for index in &mut self.queues {
             *index = QueuePending::default();
         }
@@ -298,19 +217,19 @@ impl<R> PendingList<R> {
         slab.blocks.into_iter().flatten().collect()
     }
 
+    /// The arena nodes of the blocks held.
+    pub(crate) fn nodes(&self) -> impl Iterator<Item = crate::arena::NodeId> + '_ {
+        self.slab.blocks.iter().flatten().map(|b| b.node)
+    }
+
     /// Total bytes held.
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.slab.bytes
     }
 
     /// Blocks held.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.slab.len()
-    }
-
-    /// Whether no block is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -325,12 +244,12 @@ mod tests {
             s.record(q, v);
         }
         Block {
-            raw: (),
+            raw: std::sync::Arc::new(()),
             offset: 0,
             size,
             id,
+            node: 0,
             stamps: s,
-            release_when_idle: false,
         }
     }
 
@@ -353,7 +272,6 @@ mod tests {
         value: u64,
         size: u64,
         id: u64,
-        single: bool,
     }
 
     #[test]
@@ -381,7 +299,6 @@ mod tests {
                         value,
                         size,
                         id: next_id,
-                        single: stamps.len() == 1,
                     });
                 } else if roll < 75 {
                     let completed = rng.below(320);
@@ -395,19 +312,6 @@ mod tests {
                     let got: Vec<u64> = p.take_due(queue, completed).iter().map(|b| b.id).collect();
                     let want: Vec<u64> = want.iter().map(|f| f.id).collect();
                     assert_eq!(got, want, "seed {seed:#x} step {step}: take_due");
-                } else if roll < 95 {
-                    let size = 4 * (1 + rng.below(40));
-                    let span = [1, 8, 60][rng.below(3) as usize];
-                    let bound = size + 1 + 4 * rng.below(span);
-                    let want = model
-                        .iter()
-                        .filter(|f| f.queue == queue && f.single)
-                        .filter(|f| f.size >= size && f.size < bound)
-                        .min_by_key(|f| (f.size, f.value, f.id))
-                        .copied();
-                    model.retain(|f| Some(*f) != want);
-                    let got = p.take_in_order(queue, size, bound).map(|b| b.id);
-                    assert_eq!(got, want.map(|f| f.id), "seed {seed:#x} step {step}");
                 } else {
                     let want = (0..3)
                         .filter_map(|q| {
@@ -427,11 +331,9 @@ mod tests {
                     assert_eq!(p.has_queue(q), model.iter().any(|f| f.queue == q));
                 }
             }
-            p.mark_all_for_release();
             let rest = p.take_all();
             assert_eq!(rest.len(), model.len());
-            assert!(rest.iter().all(|b| b.release_when_idle));
-            assert!(p.is_empty() && p.bytes() == 0);
+            assert!(p.len() == 0 && p.bytes() == 0);
         }
     }
 
@@ -447,24 +349,5 @@ mod tests {
         assert_eq!(p.oldest(), Some(Stamp { queue: 1, value: 1 }));
         assert_eq!(p.len(), 2);
         assert_eq!(p.bytes(), 20);
-    }
-
-    #[test]
-    fn in_order_reuse_takes_only_single_stamp_blocks_of_that_queue() {
-        let mut p = PendingList::default();
-        p.insert(
-            block(64, 1, &[(0, 5), (1, 2)]),
-            Stamp { queue: 0, value: 5 },
-        );
-        assert!(
-            p.take_in_order(0, 64, 128).is_none(),
-            "two stamps: not in order"
-        );
-        p.insert(block(64, 2, &[(0, 6)]), Stamp { queue: 0, value: 6 });
-        assert!(p.take_in_order(1, 64, 128).is_none(), "other queue");
-        assert_eq!(p.take_in_order(0, 64, 128).map(|b| b.id), Some(2));
-        assert_eq!(p.len(), 1);
-        assert_eq!(p.take_all().len(), 1);
-        assert!(p.is_empty());
     }
 }

@@ -1,12 +1,19 @@
 //! Statistics: what the allocator holds and what it has done.
 //!
-//! Byte figures are of rounded block sizes. At every quiet point (no call in
+//! Byte figures are of blocks (requests rounded up to 512 bytes, or a
+//! front cache's block a little larger). At every quiet point (no call in
 //! progress) they add up (invariant I3):
 //!
 //! ```text
 //! reserved_bytes = active_bytes + ready_bytes + pending_bytes
-//! device_allocations - device_releases = active_count + ready_count + pending_count
+//! allocations - frees = active_count
 //! ```
+//!
+//! Reserved bytes are the device memory held: fixed segments whole, and the
+//! mapped pages of growable ones. Ready bytes are free memory on them whose
+//! every recorded use completed; only the part of it in whole free
+//! segments or whole free pages can be given back (`releasable_bytes`), the
+//! rest lies between live blocks.
 
 use serde::Serialize;
 
@@ -17,8 +24,12 @@ pub struct Stats {
     pub active_bytes: u64,
     /// The highest `active_bytes` since creation or [`reset_peak`](crate::Allocator::reset_peak).
     pub peak_active_bytes: u64,
-    /// Cached bytes ready for reuse: every recorded use has completed.
+    /// Free bytes ready for reuse: every recorded use has completed.
     pub ready_bytes: u64,
+    /// Of the ready bytes, those trimming could give back now (whole free
+    /// segments, whole free pages of growable ones, front caches' blocks):
+    /// what the cache limit bounds.
+    pub releasable_bytes: u64,
     /// Cached bytes whose last recorded use has not completed yet.
     pub pending_bytes: u64,
     /// Bytes held from the device: active + ready + pending.
@@ -27,10 +38,22 @@ pub struct Stats {
     pub peak_reserved_bytes: u64,
     /// Buffers live.
     pub active_count: u64,
-    /// Blocks cached and ready.
+    /// Free blocks ready (each maximal: free neighbours merge).
     pub ready_count: u64,
-    /// Blocks cached and pending.
+    /// Freed blocks whose work is in flight.
     pub pending_count: u64,
+    /// Segments held: device allocations, and growable ranges.
+    pub segments: u64,
+    /// The highest `segments` since creation or reset.
+    pub peak_segments: u64,
+    /// Blocks split off a larger free block.
+    pub splits: u64,
+    /// Free blocks merged with a free neighbour.
+    pub merges: u64,
+    /// Page runs mapped into growable segments (each a device allocation).
+    pub pages_mapped: u64,
+    /// Page runs unmapped from growable segments (each a device release).
+    pub pages_unmapped: u64,
     /// Successful allocations (cache hits + misses).
     pub allocations: u64,
     /// Buffers freed (last handle dropped).
@@ -41,9 +64,9 @@ pub struct Stats {
     pub in_order_hits: u64,
     /// Allocations that went to the device.
     pub cache_misses: u64,
-    /// Raw buffers created on the device.
+    /// Device allocations: fixed segments created, and page runs mapped.
     pub device_allocations: u64,
-    /// Raw buffers given back to the device.
+    /// Device releases: fixed segments given back, and page runs unmapped.
     pub device_releases: u64,
     /// Raw allocations the device refused (each is retried after trimming
     /// and waiting, or ends in an error).
@@ -52,7 +75,8 @@ pub struct Stats {
     pub deferred_frees: u64,
     /// Times an allocation waited for in-flight work under memory pressure.
     pub waits: u64,
-    /// Blocks released by trimming (cache limit, GC limit, pressure, clear).
+    /// Segments and page runs given back by trimming (cache limit, GC
+    /// limit, pressure, clear).
     pub trims: u64,
     /// Out-of-memory errors returned.
     pub oom_errors: u64,
@@ -67,10 +91,6 @@ pub struct Stats {
     /// order on the binding queue (nothing had seen its block yet, see
     /// [`crate::Config::rebind_unseen`]): nobody waited.
     pub reuse_rebinds: u64,
-    /// Device allocations before which ready blocks were released so that
-    /// the bytes held (reserved less pending) stayed at their high-water mark
-    /// ([`crate::Config::hold_peak`]); the blocks count in `trims`.
-    pub peak_holds: u64,
     /// Host time in the backend's device allocations, summed over threads
     /// (nanoseconds).
     pub device_allocation_ns: u64,
@@ -85,9 +105,8 @@ impl Stats {
     /// Whether the byte and count identities of invariant I3 hold.
     pub fn balanced(&self) -> bool {
         self.reserved_bytes == self.active_bytes + self.ready_bytes + self.pending_bytes
-            && self.device_allocations - self.device_releases
-                == self.active_count + self.ready_count + self.pending_count
             && self.allocations - self.frees == self.active_count
+            && self.releasable_bytes <= self.ready_bytes
     }
 
     /// Cache hits over allocations, 0 when nothing was allocated.

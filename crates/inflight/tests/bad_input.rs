@@ -24,10 +24,7 @@ fn sim() -> (SimGpu, Allocator<SimGpu>, Queue<SimGpu>) {
     });
     let a = Allocator::new(
         g.clone(),
-        Config {
-            pressure_timeout: Duration::from_millis(100),
-            ..Config::default()
-        },
+        Config::default().with_pressure_timeout(Duration::from_millis(100)),
     )
     .unwrap();
     let q = a.create_queue().unwrap();
@@ -146,56 +143,17 @@ fn limits_zero_above_capacity_and_contradictory_are_refused() {
     let cap = 1u64 << 30;
     let make = |c: Config| Allocator::new(ManualGpu::new(cap, true), c);
     for c in [
-        Config {
-            memory_limit: Some(0),
-            ..Config::default()
-        },
-        Config {
-            memory_limit: Some(cap + 1),
-            ..Config::default()
-        },
-        Config {
-            memory_limit: Some(u64::MAX),
-            ..Config::default()
-        },
-        Config {
-            gc_limit: Some(0),
-            ..Config::default()
-        },
-        Config {
-            memory_limit: Some(cap / 2),
-            gc_limit: Some(cap),
-            ..Config::default()
-        },
-        Config {
-            memory_limit: Some(cap / 2),
-            cache_limit: Some(cap),
-            ..Config::default()
-        },
-        Config {
-            page_size: 0,
-            ..Config::default()
-        },
-        Config {
-            page_size: 3000,
-            ..Config::default()
-        },
-        Config {
-            small_align: 2 * PAGE,
-            ..Config::default()
-        },
-        Config {
-            small_align: 0,
-            ..Config::default()
-        },
-        Config {
-            fit_factor: 0,
-            ..Config::default()
-        },
-        Config {
-            pressure_timeout: Duration::MAX,
-            ..Config::default()
-        },
+        Config::default().with_memory_limit(0),
+        Config::default().with_memory_limit(cap + 1),
+        Config::default().with_memory_limit(u64::MAX),
+        Config::default().with_gc_limit(0),
+        Config::default()
+            .with_memory_limit(cap / 2)
+            .with_gc_limit(cap),
+        Config::default()
+            .with_memory_limit(cap / 2)
+            .with_cache_limit(cap),
+        Config::default().with_pressure_timeout(Duration::MAX),
     ] {
         assert!(
             matches!(make(c.clone()), Err(Error::InvalidConfig(_))),
@@ -203,11 +161,7 @@ fn limits_zero_above_capacity_and_contradictory_are_refused() {
         );
     }
     // A cache limit of 0 is valid: nothing idle is kept.
-    let a = make(Config {
-        cache_limit: Some(0),
-        ..Config::default()
-    })
-    .unwrap();
+    let a = make(Config::default().with_cache_limit(0)).unwrap();
     let q = a.create_queue().unwrap();
     drop(a.malloc(4096, &q).unwrap());
     assert_eq!(a.stats().ready_bytes, 0);
@@ -256,10 +210,7 @@ fn a_memory_limit_lowered_below_what_is_reserved_makes_allocations_fail_clearly(
     let g = ManualGpu::new(1 << 30, true);
     let a = Allocator::new(
         g.clone(),
-        Config {
-            pressure_timeout: Duration::ZERO,
-            ..Config::default()
-        },
+        Config::default().with_pressure_timeout(Duration::ZERO),
     )
     .unwrap();
     let q = a.create_queue().unwrap();
@@ -312,11 +263,9 @@ fn timeouts_zero_and_huge() {
     let gm = ManualGpu::new(8 << 20, false);
     let a = Allocator::new(
         gm.clone(),
-        Config {
-            memory_limit: Some(4 << 20),
-            pressure_timeout: Duration::ZERO,
-            ..Config::default()
-        },
+        Config::default()
+            .with_memory_limit(4 << 20)
+            .with_pressure_timeout(Duration::ZERO),
     )
     .unwrap();
     let q = a.create_queue().unwrap();
@@ -332,10 +281,7 @@ fn timeouts_zero_and_huge() {
     // A day is the longest accepted, and it waits only until the work is done.
     let a = Allocator::new(
         gm.clone(),
-        Config {
-            pressure_timeout: Duration::from_secs(24 * 3600),
-            ..Config::default()
-        },
+        Config::default().with_pressure_timeout(Duration::from_secs(24 * 3600)),
     );
     assert!(a.is_ok());
 }
@@ -453,10 +399,7 @@ fn world() -> World {
     });
     let a = Allocator::new(
         g.clone(),
-        Config {
-            pressure_timeout: Duration::from_secs(5),
-            ..Config::default()
-        },
+        Config::default().with_pressure_timeout(Duration::from_secs(5)),
     )
     .unwrap();
     let q0 = a.create_queue().unwrap();

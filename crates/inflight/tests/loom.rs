@@ -260,13 +260,11 @@ impl Backend for LoomGpu {
 fn alloc_over(gpu: &LoomGpu, limits: Limits) -> Allocator<LoomGpu> {
     Allocator::new(
         gpu.clone(),
-        Config {
-            memory_limit: Some(limits.memory),
-            cache_limit: Some(limits.cache),
-            gc_limit: Some(limits.gc),
-            pressure_timeout: Duration::from_secs(60),
-            ..Config::default()
-        },
+        Config::default()
+            .with_memory_limit(limits.memory)
+            .with_cache_limit(limits.cache)
+            .with_gc_limit(limits.gc)
+            .with_pressure_timeout(Duration::from_secs(60)),
     )
     .unwrap()
 }
@@ -477,11 +475,7 @@ fn the_immediate_policy_is_caught() {
         let policy = unsafe { inflight::Policy::immediate() };
         let a = Allocator::new(
             gpu.clone(),
-            Config {
-                cache_limit: Some(0),
-                ..Config::default()
-            }
-            .with_policy(policy),
+            Config::default().with_cache_limit(0).with_policy(policy),
         )
         .unwrap();
         let q = a.create_queue().unwrap();

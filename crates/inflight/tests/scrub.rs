@@ -16,14 +16,7 @@ fn setup(scrub: bool, op_cost: Duration) -> (SimGpu, Allocator<SimGpu>, Queue<Si
         op_cost,
         ..SimConfig::default()
     });
-    let a = Allocator::new(
-        g.clone(),
-        Config {
-            scrub,
-            ..Config::default()
-        },
-    )
-    .unwrap();
+    let a = Allocator::new(g.clone(), Config::default().with_scrub(scrub)).unwrap();
     let q = a.create_queue().unwrap();
     (g, a, q)
 }

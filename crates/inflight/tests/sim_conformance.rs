@@ -109,10 +109,7 @@ fn in_order_reuse_bound_on_another_queue(
         op_cost: Duration::from_micros(300),
         ..SimConfig::default()
     });
-    let config = Config {
-        reuse_wait: wait,
-        ..Config::default()
-    };
+    let config = Config::default().with_reuse_wait(wait);
     let alloc = Allocator::new(gpu.clone(), config).unwrap();
     let (q0, q1) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
     let len = 64 * 1024;
@@ -169,7 +166,7 @@ fn in_order_reuse_bound_on_another_queue(
 #[test]
 fn in_order_reuse_bound_on_another_queue_under_each_reuse_wait() {
     use inflight::ReuseWait::{Adaptive, Device, Host};
-    assert_eq!(inflight::Config::default().reuse_wait, Adaptive);
+    assert_eq!(inflight::Config::default().reuse_wait(), Adaptive);
     for busy_other in [false, true] {
         assert_eq!(
             in_order_reuse_bound_on_another_queue(Device, busy_other),

@@ -53,6 +53,7 @@
 //! after those locks are released.
 
 mod free;
+mod history;
 mod malloc;
 mod queues;
 mod reuse;
@@ -66,11 +67,9 @@ use crossbeam_utils::CachePadded;
 
 use crate::backend::{Backend, DeviceInfo};
 use crate::biased::Section;
-use crate::cache::ReadyList;
 use crate::config::{validate_sizing, Config, Limits};
 use crate::error::{Error, Result};
 use crate::front::{Fronts, Home, SlotState};
-use crate::pending::PendingList;
 use crate::policy::PolicyKind;
 use crate::stats::Stats;
 use crate::sync::{AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
@@ -159,6 +158,14 @@ pub(crate) struct Shared<B: Backend> {
     /// `Deferred` with in-order reuse and front caches: a slot's deferred
     /// shells may go to new buffers on their queue (see `front.rs`).
     slot_in_order: bool,
+    /// Pools grow by mapping pages into a growable segment
+    /// (`Config::growable` and a backend that has them).
+    growable: bool,
+    /// Memory history is being recorded (`Allocator::record_history`): the
+    /// fast paths step aside so that every allocation and free is seen.
+    history_on: crate::sync::AtomicBool,
+    /// When the allocator was made: the zero of history's timestamps.
+    born: Instant,
     pub(crate) queues: QueueRegistry<B>,
     /// Cross-queue binds of in-order reused blocks ordered on the device.
     reuse_device_waits: AtomicU64,
@@ -231,23 +238,18 @@ impl<B: Backend> Allocator<B> {
         let slot_in_order = config.policy.kind() == PolicyKind::Deferred
             && config.in_order_reuse
             && config.front_cache;
+        let growable = config.growable && backend.page_granularity().is_some();
         Ok(Allocator {
             shared: Arc::new(Shared {
                 id: NEXT_ALLOCATOR_ID.fetch_add(1, Ordering::Relaxed),
                 config,
                 info,
-                state: CachePadded::new(Mutex::new(State {
-                    ready: ReadyList::default(),
-                    pending: PendingList::default(),
-                    limits,
-                    ready_cap,
-                    stats: Stats::default(),
-                    next_block_id: 1,
-                    high_water: 0,
-                    spares: Vec::new(),
-                })),
+                state: CachePadded::new(Mutex::new(State::new(limits, ready_cap))),
                 fronts,
                 slot_in_order,
+                growable,
+                history_on: crate::sync::AtomicBool::new(false),
+                born: Instant::now(),
                 queues: QueueRegistry::new(),
                 reuse_device_waits: AtomicU64::new(0),
                 reuse_host_waits: AtomicU64::new(0),
@@ -343,11 +345,49 @@ impl<B: Backend> Allocator<B> {
             .totals(|slot| deferred.append(&mut slot.take_deferred()));
         let mut spare = Vec::new();
         s.file_deferred(&mut st, deferred, &mut spare);
-        let release = s.promote(&mut st);
+        let (release, _) = s.promote(&mut st);
         let snap = s.snapshot_with(&st, &slots);
         drop(st);
-        s.release_blocks(release);
+        s.release_segments(release);
         snap
+    }
+
+    /// Starts recording memory history, keeping at most `max_entries`
+    /// events (the oldest are dropped first), or, with `None`, stops and
+    /// forgets them: PyTorch's `_record_memory_history`. While recording,
+    /// allocations and frees skip the per-thread front caches (every one is
+    /// recorded under the state lock): slower, for diagnosis.
+    pub fn record_history(&self, max_entries: Option<usize>) {
+        self.shared.set_history(max_entries);
+    }
+
+    /// A memory snapshot: every segment with its blocks (allocated, pending
+    /// or free) and the events recorded so far, as PyTorch's
+    /// `torch.cuda.memory._snapshot()` gives them (see [`crate::history`]).
+    /// The front caches' blocks go back to their segments first.
+    pub fn memory_snapshot(&self) -> crate::history::MemorySnapshot {
+        self.shared.snapshot_memory()
+    }
+
+    /// Checks the allocator's bookkeeping from scratch: the arena's
+    /// segments, blocks and indexes, and that the statistics agree with
+    /// them. For tests (the `testing` feature).
+    #[cfg(feature = "testing")]
+    pub fn check_consistency(&self) -> std::result::Result<(), String> {
+        let st = self.shared.state.lock();
+        st.arena.check()?;
+        let t = st.arena.totals();
+        let taken = st.stats.active_bytes + st.pending.bytes();
+        if t.taken != taken {
+            return Err(format!(
+                "the arena has {} bytes out, the counters {} (active {} + pending {})",
+                t.taken,
+                taken,
+                st.stats.active_bytes,
+                st.pending.bytes()
+            ));
+        }
+        Ok(())
     }
 
     /// Promotes completed pending blocks and drops references held for
@@ -358,39 +398,45 @@ impl<B: Backend> Allocator<B> {
 
     /// Resets the peak figures to the current ones.
     pub fn reset_peak(&self) {
-        let mut st = self.shared.state.lock();
-        st.stats.peak_active_bytes = st.stats.active_bytes;
-        st.stats.peak_reserved_bytes = st.stats.reserved_bytes;
+        let s = &self.shared;
+        let mut st = s.state.lock();
+        // The live bytes, without the front caches' blocks (see `snapshot`).
+        st.stats.peak_active_bytes = s.snapshot(&st).active_bytes;
+        let t = st.arena.totals();
+        st.stats.peak_reserved_bytes = t.reserved;
+        st.stats.peak_segments = t.segments;
     }
 
-    /// Releases every ready block now, and every pending block once its work
-    /// completes. Returns the bytes released now.
+    /// Gives back every releasable byte now (whole free segments, whole
+    /// free pages), and the memory of every block on the pending list once
+    /// its work completes. Returns the bytes given back now.
     pub fn clear_cache(&self) -> u64 {
+        let released = self.trim(0);
+        self.shared.state.lock().release_pending = true;
+        released
+    }
+
+    /// Gives back releasable memory (whole free segments, whole free pages
+    /// of growable ones), least recently freed first, until at most
+    /// `ready_bytes` releasable bytes remain. Never touches memory in
+    /// flight, nor free memory between live blocks. Returns the bytes given
+    /// back.
+    pub fn trim(&self, ready_bytes: u64) -> u64 {
         let s = &self.shared;
         s.drain_retained();
         s.flush_markers();
         s.refresh_all();
         let mut st = s.state.lock();
         s.drain_fronts(&mut st);
-        let mut release = s.promote(&mut st);
-        st.trim_ready_to(0, &mut release);
-        st.pending.mark_all_for_release();
+        let (mut segments, mut bytes) = s.promote(&mut st);
+        let over = st.arena.totals().releasable.saturating_sub(ready_bytes);
+        let trimmed = st.arena.trim(over);
+        let (more, more_bytes) = s.apply_trims(&mut st, trimmed);
+        segments.extend(more);
+        bytes += more_bytes;
         drop(st);
-        s.release_blocks(release)
-    }
-
-    /// Releases ready blocks, oldest first, until at most `ready_bytes` remain.
-    /// Never touches pending blocks. Returns the bytes released.
-    pub fn trim(&self, ready_bytes: u64) -> u64 {
-        let s = &self.shared;
-        s.flush_markers();
-        s.refresh_all();
-        let mut st = s.state.lock();
-        s.drain_fronts(&mut st);
-        let mut release = s.promote(&mut st);
-        st.trim_ready_to(ready_bytes, &mut release);
-        drop(st);
-        s.release_blocks(release)
+        s.release_segments(segments);
+        bytes
     }
 
     /// The limits in force.
@@ -408,11 +454,7 @@ impl<B: Backend> Allocator<B> {
         s.fronts.set_cache_limit(limits.cache);
         st.ready_cap = limits.cache - s.fronts.reserve();
         s.drain_fronts(&mut st);
-        let mut release = Vec::new();
-        let ready_cap = st.ready_cap;
-        st.trim_ready_to(ready_cap, &mut release);
-        drop(st);
-        self.shared.release_blocks(release);
+        s.trim_to_cap(st);
         Ok(())
     }
 

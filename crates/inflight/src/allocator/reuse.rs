@@ -6,9 +6,9 @@
 use std::time::Instant;
 
 use crate::backend::Backend;
+use crate::block::Block;
 use crate::buffer::unpack_fence;
-use crate::cache::Block;
-use crate::config::{fit_bound, ReuseWait};
+use crate::config::ReuseWait;
 use crate::error::{Error, Result};
 use crate::sync::{lock_spinning, Ordering};
 use crate::timeline::{QueueId, Stamp};
@@ -114,7 +114,7 @@ impl<B: Backend> Shared<B> {
     /// its queue may reuse it in order again. Returns whether it did.
     #[inline(never)]
     pub(super) fn rebind(&self, buf: &Buffer<B>, on: QueueId) -> bool {
-        let Some(rounded) = self.rounded(buf.len()) else {
+        let Some((block, _)) = self.rounded(buf.len()) else {
             return false;
         };
         let Some(held) = buf.inner.try_rebind() else {
@@ -123,17 +123,10 @@ impl<B: Backend> Shared<B> {
         // SAFETY: S2: this thread moved `pin` to REBINDING, so it alone
         // reaches `held` until it pins or unpins it below.
         let held = unsafe { &mut *held };
-        let bound = fit_bound(rounded, &self.config);
-        let in_order =
-            (self.config.in_order_reuse && self.queues.get(on).orders_memory).then_some(on);
-        let mut release = Vec::new();
         let mut st = lock_spinning(&self.state);
         // The caller refreshed the watermark of the queue that matters.
-        let Some((fresh, fence)) =
-            self.take_cached(&mut st, rounded, bound, in_order, &mut release)
-        else {
+        let Some((fresh, fence)) = self.take_cached(&mut st, on, block) else {
             drop(st);
-            self.release_blocks(release);
             buf.inner.unpin_after_rebinding();
             return false;
         };
@@ -153,10 +146,10 @@ impl<B: Backend> Shared<B> {
         let reused = Block {
             raw: std::mem::replace(raw, fresh.raw),
             offset: std::mem::replace(&mut held.offset, fresh.offset),
+            node: std::mem::replace(&mut held.node, fresh.node),
             size: std::mem::replace(&mut held.size, fresh.size),
             id: std::mem::replace(&mut held.id, fresh.id),
             stamps: std::mem::replace(&mut *stamps, fresh.stamps),
-            release_when_idle: false,
         };
         drop(stamps);
         st.stats.active_bytes = st.stats.active_bytes + held.size - reused.size;
@@ -164,7 +157,6 @@ impl<B: Backend> Shared<B> {
         st.stats.reuse_rebinds += 1;
         self.file_block(&mut st, reused);
         drop(st);
-        self.release_blocks(release);
         buf.inner.reuse_fence.store(fence, Ordering::Release);
         if self.config.scrub {
             // A recycled block: zeroed at its first binding, this one.

@@ -1,93 +1,104 @@
-//! The state behind the allocator's lock: the ready and pending lists, the
-//! limits in force, the counters, and spare buffer shells; and statistics
-//! snapshots, which add the front caches' figures to the state's.
+//! The state behind the allocator's lock: the arena (segments and their
+//! free blocks), the pending list, the limits in force, the counters, and
+//! spare buffer shells; and statistics snapshots, which add the front
+//! caches' figures to the state's.
 
+use crate::arena::{Arena, Totals};
 use crate::backend::Backend;
 use crate::buffer::Shell;
-use crate::cache::{Block, ReadyList};
 use crate::config::Limits;
 use crate::front::SlotTotals;
 use crate::pending::PendingList;
 use crate::stats::Stats;
 use crate::sync::Ordering;
 
+use super::history::History;
 use super::Shared;
 
 /// The allocator's mutable state, behind `Shared::state`.
 pub(super) struct State<B: Backend> {
-    pub(super) ready: ReadyList<B::Buffer>,
+    /// Segments, their blocks, and the free ones by pool.
+    pub(super) arena: Arena<B::Buffer>,
+    /// Blocks freed while a queue other than their pool's (or, where reuse
+    /// in order does not apply, any queue) may still use them.
     pub(super) pending: PendingList<B::Buffer>,
     pub(super) limits: Limits,
-    /// What the ready list may hold: the cache limit less the front caches'
-    /// share (so that both together stay under the cache limit, I4).
+    /// The releasable bytes the arena may hold: the cache limit less the
+    /// front caches' share (so that both together stay under it, I4).
     pub(super) ready_cap: u64,
-    /// Counters; the ready and pending figures are filled in at snapshot.
-    /// Here `active_*` count every block handed out of this state: live
-    /// buffers and the front caches' idle blocks; the snapshot moves the
-    /// latter to `ready_*`. `frees` and front-cache hits are counted in
-    /// the slots.
+    /// Bytes being allocated from the device with the lock let go: reserved
+    /// already, so that no other allocation counts on them.
+    pub(super) claimed: u64,
+    /// Counters; the byte figures are filled in at snapshot. Here
+    /// `active_*` count every block out of the arena but on the pending
+    /// list: live buffers and the front caches' blocks; the snapshot moves
+    /// the latter to `ready_*` and `pending_*`. `frees` and front-cache hits
+    /// are counted in the slots.
     pub(super) stats: Stats,
-    pub(super) next_block_id: u64,
-    /// The highest `held()` figure ever reached (`Config::hold_peak`).
-    pub(super) high_water: u64,
     /// Empty buffer shells, recycled so that a cache hit allocates nothing.
     pub(super) spares: Vec<Shell<B>>,
+    /// The memory history, while it is recorded.
+    pub(super) history: Option<History>,
+    /// Set by `clear_cache` while memory it could not give back was in
+    /// flight: promotion gives back everything releasable until nothing is
+    /// in flight any more.
+    pub(super) release_pending: bool,
 }
 
 /// Spare shells kept; more are freed.
 const MAX_SPARES: usize = 4096;
 
 impl<B: Backend> State<B> {
-    /// Bytes the allocator holds or has handed out.
-    pub(super) fn reserved(&self) -> u64 {
-        self.stats.reserved_bytes
+    /// A new state under `limits`.
+    pub(super) fn new(limits: Limits, ready_cap: u64) -> Self {
+        State {
+            arena: Arena::default(),
+            pending: PendingList::default(),
+            limits,
+            ready_cap,
+            claimed: 0,
+            stats: Stats::default(),
+            spares: Vec::new(),
+            history: None,
+            release_pending: false,
+        }
     }
 
-    /// Reserved bytes less those on the pending list (`Config::hold_peak`).
-    pub(super) fn held(&self) -> u64 {
-        self.stats.reserved_bytes - self.pending.bytes()
+    /// Bytes held from the device, or being allocated from it.
+    pub(super) fn reserved(&self) -> u64 {
+        self.arena.totals().reserved + self.claimed
+    }
+
+    /// Counts new device memory: peaks, and device allocations made.
+    pub(super) fn note_growth(&mut self, calls: u64) {
+        self.stats.device_allocations += calls;
+        let t = self.arena.totals();
+        self.stats.peak_reserved_bytes = self.stats.peak_reserved_bytes.max(t.reserved);
+        self.stats.peak_segments = self.stats.peak_segments.max(t.segments);
+    }
+
+    /// Counts device memory given back by trimming.
+    pub(super) fn note_trimmed(&mut self, calls: u64) {
+        self.stats.device_releases += calls;
+        self.stats.trims += calls;
     }
 
     /// This state's figures, without the front caches (see `Shared::snapshot`).
     pub(super) fn snapshot(&self) -> Stats {
         let mut s = self.stats;
-        s.ready_bytes = self.ready.bytes();
-        s.ready_count = self.ready.len() as u64;
-        s.pending_bytes = self.pending.bytes();
-        s.pending_count = self.pending.len() as u64;
+        let t: Totals = self.arena.totals();
+        s.reserved_bytes = t.reserved;
+        s.ready_bytes = t.ready;
+        s.ready_count = t.ready_count;
+        s.releasable_bytes = t.releasable;
+        s.pending_bytes = self.pending.bytes() + t.pending;
+        s.pending_count = self.pending.len() as u64 + t.pending_count;
+        s.segments = t.segments;
+        s.splits = t.splits;
+        s.merges = t.merges;
+        s.pages_mapped = t.maps;
+        s.pages_unmapped = t.unmaps;
         s
-    }
-
-    /// Takes blocks off the ready list, oldest first, until ready bytes are
-    /// at most `target`, and accounts them as released.
-    pub(super) fn trim_ready_to(&mut self, target: u64, out: &mut Vec<Block<B::Buffer>>) {
-        while self.ready.bytes() > target {
-            let Some(b) = self.ready.pop_oldest() else {
-                break;
-            };
-            self.account_release(&b);
-            out.push(b);
-        }
-    }
-
-    /// Takes blocks off the ready list, oldest first, by as many bytes as
-    /// `used + size` is over `limit` (all of them if that is more), and
-    /// accounts them as released. Returns whether it took any.
-    pub(super) fn trim_ready_over(
-        &mut self,
-        used: u64,
-        size: u64,
-        limit: u64,
-        out: &mut Vec<Block<B::Buffer>>,
-    ) -> bool {
-        let over = (used + size).saturating_sub(limit);
-        if over == 0 {
-            return false;
-        }
-        let before = out.len();
-        let target = self.ready.bytes().saturating_sub(over);
-        self.trim_ready_to(target, out);
-        out.len() > before
     }
 
     /// Parks an emptied shell as a spare, or in `spare` when there are
@@ -99,22 +110,6 @@ impl<B: Backend> State<B> {
         } else {
             spare.push(shell);
         }
-    }
-
-    pub(super) fn account_release(&mut self, b: &Block<B::Buffer>) {
-        self.stats.reserved_bytes -= b.size;
-        self.stats.device_releases += 1;
-        self.stats.trims += 1;
-    }
-
-    pub(super) fn account_alloc(&mut self, size: u64) {
-        self.stats.reserved_bytes += size;
-        self.stats.peak_reserved_bytes = self
-            .stats
-            .peak_reserved_bytes
-            .max(self.stats.reserved_bytes);
-        self.high_water = self.high_water.max(self.held());
-        self.stats.device_allocations += 1;
     }
 }
 
@@ -129,6 +124,7 @@ impl<B: Backend> Shared<B> {
     pub(super) fn snapshot_with(&self, st: &State<B>, t: &SlotTotals) -> Stats {
         let mut s = st.snapshot();
         s.ready_bytes += t.idle_bytes;
+        s.releasable_bytes += t.idle_bytes;
         s.ready_count += t.idle_count;
         s.pending_bytes += t.deferred_bytes;
         s.pending_count += t.deferred_count;

@@ -6,9 +6,11 @@
 //! Two checks stand in for a validation layer and count as violations:
 //!
 //! - a release of a buffer that an incomplete submission used (I1);
-//! - a submission that uses a buffer which an incomplete submission of its
-//!   *previous owner* also used, on another queue (or on any queue, where
-//!   queues do not order memory) (I2). The caller marks each new owner with
+//! - a submission that uses bytes of a raw buffer which an incomplete
+//!   submission of their *previous owner* also used, on another queue (or on
+//!   any queue, where queues do not order memory) (I2). Raw buffers are
+//!   segments that several buffers share, so owners and uses are tracked by
+//!   byte range. The caller marks each new owner with
 //!   [`ManualGpu::note_new_owner`] right after `malloc`; uses by one owner
 //!   are that owner's business.
 
@@ -40,6 +42,8 @@ struct Inner {
 #[derive(Default)]
 struct State {
     next_buffer: u64,
+    /// The last owner epoch handed out.
+    next_owner: u64,
     allocated: u64,
     /// The highest `allocated` so far.
     peak_allocated: u64,
@@ -54,8 +58,30 @@ struct State {
 #[derive(Default)]
 struct RawState {
     size: u64,
+    /// Owners of byte ranges: (start, end, epoch), disjoint.
+    owners: Vec<(u64, u64, u64)>,
+    /// Incomplete uses: (queue, value, owner epoch, start, end).
+    uses: Vec<Use>,
+}
+
+/// An incomplete use of a byte range of a raw buffer.
+#[derive(Clone, Copy)]
+struct Use {
+    queue: u32,
+    value: u64,
     owner: u64,
-    uses: Vec<(u32, u64, u64)>,
+    start: u64,
+    end: u64,
+}
+
+impl RawState {
+    /// The owner epoch of the byte at `at` (0 if never owned).
+    fn owner_at(&self, at: u64) -> u64 {
+        self.owners
+            .iter()
+            .find(|&&(a, b, _)| a <= at && at < b)
+            .map_or(0, |&(_, _, e)| e)
+    }
 }
 
 /// A raw buffer of the driven device.
@@ -68,9 +94,9 @@ pub struct ManualQueue {
     id: u32,
 }
 
-/// Recorded buffers of one submission.
+/// Recorded buffers of one submission: (raw id, start, end).
 pub struct ManualCommands {
-    uses: Vec<u64>,
+    uses: Vec<(u64, u64, u64)>,
     checksums: usize,
 }
 
@@ -106,7 +132,7 @@ impl ManualGpu {
         let done = q.1;
         st.buffers
             .values_mut()
-            .for_each(|b| b.uses.retain(|&(uq, v, _)| uq != queue || v > done));
+            .for_each(|b| b.uses.retain(|u| u.queue != queue || u.value > done));
         self.inner.cv.notify_all();
         done
     }
@@ -130,12 +156,32 @@ impl ManualGpu {
             .unwrap_or((0, 0))
     }
 
-    /// Marks that raw buffer `raw` now belongs to a new owner: uses recorded
-    /// from here on that overlap an incomplete use by an earlier owner on an
-    /// unordered queue are violations.
-    pub fn note_new_owner(&self, raw: &ManualBuffer) {
-        if let Some(b) = self.inner.state.lock().buffers.get_mut(&raw.id) {
-            b.owner += 1;
+    /// Marks that the bytes a buffer holds (`raw[offset..offset + len]`,
+    /// as [`crate::Buffer::raw`], [`crate::Buffer::offset`] and
+    /// [`crate::Buffer::capacity`] give them) now belong to a new owner:
+    /// uses recorded from here on that overlap an incomplete use by an
+    /// earlier owner on an unordered queue are violations.
+    pub fn note_new_owner(&self, raw: &ManualBuffer, offset: u64, len: u64) {
+        let mut st = self.inner.state.lock();
+        st.next_owner += 1;
+        let epoch = st.next_owner;
+        if let Some(b) = st.buffers.get_mut(&raw.id) {
+            let end = offset + len;
+            let mut owners = Vec::with_capacity(b.owners.len() + 2);
+            for &(a, z, e) in &b.owners {
+                if z <= offset || end <= a {
+                    owners.push((a, z, e));
+                    continue;
+                }
+                if a < offset {
+                    owners.push((a, offset, e));
+                }
+                if end < z {
+                    owners.push((end, z, e));
+                }
+            }
+            owners.push((offset, end, epoch));
+            b.owners = owners;
         }
     }
 
@@ -237,10 +283,10 @@ impl Backend for ManualGpu {
             return;
         };
         st.allocated -= raw.size;
-        if let Some(&(q, v, _)) = raw.uses.first() {
+        if let Some(u) = raw.uses.first() {
             let msg = format!(
-                "buffer {} released while submission {v} on queue {q} uses it",
-                buffer.id
+                "buffer {} released while submission {} on queue {} uses it",
+                buffer.id, u.value, u.queue
             );
             self.violation(&mut st, msg);
         }
@@ -253,6 +299,10 @@ impl Backend for ManualGpu {
         Ok(ManualQueue {
             id: st.queues.len() as u32 - 1,
         })
+    }
+
+    fn address(&self, buffer: &ManualBuffer) -> u64 {
+        buffer.id << 36
     }
 
     fn orders_memory(&self, _queue: &ManualQueue) -> bool {
@@ -294,7 +344,7 @@ impl Backend for ManualGpu {
         }
         q.0 = value;
         let mut bad = Vec::new();
-        for id in cmds.uses {
+        for (id, start, end) in cmds.uses {
             let Some(raw) = st.buffers.get_mut(&id) else {
                 bad.push(format!(
                     "submission {value} on queue {} uses released buffer {id}",
@@ -302,18 +352,25 @@ impl Backend for ManualGpu {
                 ));
                 continue;
             };
-            let owner = raw.owner;
-            if let Some(&(q, v, _)) = raw
-                .uses
-                .iter()
-                .find(|&&(uq, _, o)| o != owner && (uq != queue.id || !in_order))
-            {
+            let owner = raw.owner_at(start);
+            if let Some(u) = raw.uses.iter().find(|u| {
+                u.start < end
+                    && start < u.end
+                    && u.owner != owner
+                    && (u.queue != queue.id || !in_order)
+            }) {
                 bad.push(format!(
-                    "submission {value} on queue {} reuses buffer {id} while submission {v} on queue {q} of its previous owner is in flight",
-                    queue.id
+                    "submission {value} on queue {} reuses bytes [{start}, {end}) of buffer {id} while submission {} on queue {} of their previous owner is in flight",
+                    queue.id, u.value, u.queue
                 ));
             }
-            raw.uses.push((queue.id, value, owner));
+            raw.uses.push(Use {
+                queue: queue.id,
+                value,
+                owner,
+                start,
+                end,
+            });
         }
         for msg in bad {
             self.violation(&mut st, msg);
@@ -357,10 +414,10 @@ impl Harness for ManualGpu {
         &self,
         c: &mut ManualCommands,
         dst: Binding<'_, ManualBuffer>,
-        _: Span,
+        span: Span,
         _: u32,
     ) -> Result<(), DeviceError> {
-        c.uses.push(dst.raw.id);
+        c.uses.push(range(dst, span)?);
         Ok(())
     }
 
@@ -369,9 +426,9 @@ impl Harness for ManualGpu {
         c: &mut ManualCommands,
         src: Binding<'_, ManualBuffer>,
         dst: Binding<'_, ManualBuffer>,
-        _: Span,
+        span: Span,
     ) -> Result<(), DeviceError> {
-        c.uses.extend([src.raw.id, dst.raw.id]);
+        c.uses.extend([range(src, span)?, range(dst, span)?]);
         Ok(())
     }
 
@@ -381,9 +438,10 @@ impl Harness for ManualGpu {
         a: Binding<'_, ManualBuffer>,
         b: Binding<'_, ManualBuffer>,
         out: Binding<'_, ManualBuffer>,
-        _: Span,
+        span: Span,
     ) -> Result<(), DeviceError> {
-        c.uses.extend([a.raw.id, b.raw.id, out.raw.id]);
+        c.uses
+            .extend([range(a, span)?, range(b, span)?, range(out, span)?]);
         Ok(())
     }
 
@@ -391,9 +449,9 @@ impl Harness for ManualGpu {
         &self,
         c: &mut ManualCommands,
         src: Binding<'_, ManualBuffer>,
-        _: Span,
+        span: Span,
     ) -> Result<usize, DeviceError> {
-        c.uses.push(src.raw.id);
+        c.uses.push(range(src, span)?);
         c.checksums += 1;
         Ok(c.checksums - 1)
     }
@@ -405,4 +463,11 @@ impl Harness for ManualGpu {
     fn results(&self, s: &ManualSubmission) -> Result<Vec<u64>, DeviceError> {
         Ok(vec![0; s.checksums])
     }
+}
+
+/// The raw buffer and absolute byte range an operation on `span` of `b` uses.
+fn range(b: Binding<'_, ManualBuffer>, span: Span) -> Result<(u64, u64, u64), DeviceError> {
+    b.check(span)?;
+    let abs = b.absolute(span);
+    Ok((b.raw.id, abs.offset, abs.end()))
 }

@@ -32,6 +32,7 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "testing")]
 pub mod manual;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -195,7 +196,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Creates a raw buffer of exactly `bytes` bytes (a multiple of 4, > 0).
     fn allocate(&self, bytes: u64) -> Result<Self::Buffer, DeviceError>;
 
-    /// Gives a raw buffer back to the driver.
+    /// Gives a raw buffer back to the driver: a buffer from
+    /// [`Backend::allocate`], or a range from [`Backend::reserve`] with
+    /// nothing mapped in it any more.
     ///
     /// # Safety
     ///
@@ -205,6 +208,55 @@ pub trait Backend: Send + Sync + 'static {
     ///    the `Immediate` policy, whose constructor is `unsafe` for that reason;
     ///    on a real driver the result is undefined behaviour.
     unsafe fn release(&self, buffer: Self::Buffer);
+
+    /// The page granularity of growable segments (CUDA's virtual memory
+    /// management: `cuMemGetAllocationGranularity`), or `None` where the
+    /// backend has none; the allocator then uses fixed segments only.
+    fn page_granularity(&self) -> Option<u64> {
+        None
+    }
+
+    /// Reserves an address range of `bytes` bytes (a multiple of the page
+    /// granularity) with nothing mapped: a growable segment's raw buffer.
+    /// [`Backend::release`] gives it back once nothing in it is mapped.
+    fn reserve(&self, bytes: u64) -> Result<Self::Buffer, DeviceError> {
+        let _ = bytes;
+        Err(DeviceError::Unsupported(
+            "this backend has no growable segments".into(),
+        ))
+    }
+
+    /// Backs `[offset, offset + bytes)` of a reserved range with fresh
+    /// device memory (both multiples of the page granularity, not mapped
+    /// now), usable on every queue. Out of memory is
+    /// [`DeviceError::OutOfMemory`].
+    fn map(&self, range: &Self::Buffer, offset: u64, bytes: u64) -> Result<(), DeviceError> {
+        let _ = (range, offset, bytes);
+        Err(DeviceError::Unsupported(
+            "this backend has no growable segments".into(),
+        ))
+    }
+
+    /// Unmaps `[offset, offset + bytes)` of a reserved range and gives its
+    /// memory back to the driver.
+    ///
+    /// # Safety
+    ///
+    /// 1. `range` came from [`Backend::reserve`] of this backend, and the
+    ///    pages were mapped by [`Backend::map`] calls covering them.
+    /// 2. Every submission that recorded a use of those pages has completed
+    ///    (invariant I1), as for [`Backend::release`].
+    unsafe fn unmap(&self, range: &Self::Buffer, offset: u64, bytes: u64) {
+        let _ = (range, offset, bytes);
+    }
+
+    /// The device address of a raw buffer's first byte, for memory
+    /// snapshots (0 where the backend has no addresses; snapshots then
+    /// number segments themselves).
+    fn address(&self, buffer: &Self::Buffer) -> u64 {
+        let _ = buffer;
+        0
+    }
 
     /// Creates a queue with its own timeline, starting at 0 (nothing done).
     fn create_queue(&self) -> Result<Self::Queue, DeviceError>;

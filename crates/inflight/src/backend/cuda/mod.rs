@@ -34,6 +34,7 @@
 
 mod driver;
 mod kernels;
+#[cfg(feature = "testing")]
 pub mod peers;
 
 use std::collections::VecDeque;
@@ -439,6 +440,10 @@ impl Backend for CudaGpu {
 
     fn create_queue(&self) -> Result<CudaQueue, DeviceError> {
         Ok(self.queue_over(Stream::new(&self.dev.ctx)?, true))
+    }
+
+    fn address(&self, buffer: &CudaBuffer) -> u64 {
+        buffer.ptr
     }
 
     fn orders_memory(&self, _queue: &CudaQueue) -> bool {

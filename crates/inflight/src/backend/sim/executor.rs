@@ -74,28 +74,24 @@ pub(crate) enum Op {
 
 impl Op {
     /// The operands, in order.
-    pub(crate) fn operands(&self) -> &[Operand] {
+    pub(crate) fn operands(&self) -> Vec<&Operand> {
         match self {
-            Op::Fill { dst, .. } => std::slice::from_ref(dst),
-            Op::Copy { src, .. } => std::slice::from_ref(src),
-            Op::Add { a, .. } => std::slice::from_ref(a),
-            Op::Checksum { src, .. } => std::slice::from_ref(src),
-            Op::User { operands, .. } => operands,
-            Op::Wait { .. } => &[],
+            Op::Fill { dst, .. } => vec![dst],
+            Op::Copy { src, dst } => vec![src, dst],
+            Op::Add { a, b, out } => vec![a, b, out],
+            Op::Checksum { src, .. } => vec![src],
+            Op::User { operands, .. } => operands.iter().collect(),
+            Op::Wait { .. } => Vec::new(),
         }
     }
 
     /// Every buffer the operation touches.
     pub(crate) fn buffers(&self) -> Vec<&Arc<Memory>> {
-        match self {
-            Op::Copy { src, dst } => vec![&src.mem, &dst.mem],
-            Op::Add { a, b, out } => vec![&a.mem, &b.mem, &out.mem],
-            Op::User { operands, .. } => operands.iter().map(|o| &o.mem).collect(),
-            other => other.operands().iter().map(|o| &o.mem).collect(),
-        }
+        self.operands().into_iter().map(|o| &o.mem).collect()
     }
 
-    /// Bytes of work it simulates.
+    /// Bytes of work it simulates: the span of a harness operation, the
+    /// spans of a program's own.
     fn work(&self) -> u64 {
         match self {
             Op::User { operands, .. } => operands.iter().map(|o| o.span.len).sum(),
@@ -111,6 +107,9 @@ pub(crate) struct Job {
     pub(crate) submitted: Instant,
     pub(crate) ops: Vec<Op>,
     pub(crate) touched: Vec<Arc<Memory>>,
+    /// Spans of growable segments it uses, registered in flight until it
+    /// completes.
+    pub(crate) ranges: Vec<(Arc<Memory>, Span)>,
     pub(crate) outcome: Arc<Mutex<Outcome>>,
 }
 
@@ -264,6 +263,15 @@ impl Executor {
                     for m in &job.touched {
                         m.in_flight.fetch_sub(1, Ordering::AcqRel);
                     }
+                    for (m, span) in &job.ranges {
+                        if let Some(r) = &m.range {
+                            let mut r = r.lock();
+                            let key = (span.offset, span.end());
+                            if let Some(i) = r.in_flight.iter().position(|&s| s == key) {
+                                r.in_flight.swap_remove(i);
+                            }
+                        }
+                    }
                     let value = job.value;
                     drop(job);
                     let ran = started.elapsed().saturating_sub(stalled);
@@ -358,6 +366,23 @@ fn pace(deadline: Instant, slack: Duration) {
 fn run_op(gpu: &SimGpu, queue: u32, value: u64, op: Op, sums: &mut Vec<(usize, u64)>) {
     let v = &gpu.inner.validation;
     let mut ok = true;
+    for o in op.operands() {
+        let unmapped = o
+            .mem
+            .range
+            .as_ref()
+            .is_some_and(|r| !r.lock().covers(o.span.offset, o.span.len));
+        if unmapped {
+            v.report(
+                ViolationKind::UseOfUnmapped,
+                o.mem.generation,
+                queue,
+                value,
+                v.now(),
+            );
+            ok = false;
+        }
+    }
     for m in op.buffers() {
         if m.released.load(Ordering::Acquire) {
             let at = Duration::from_nanos(m.released_at_ns.load(Ordering::Acquire));

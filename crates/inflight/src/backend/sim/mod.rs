@@ -84,6 +84,11 @@ pub struct SimConfig {
     pub backing: Backing,
     /// Faults to inject (none by default).
     pub faults: Faults,
+    /// The page granularity of growable segments (address ranges whose
+    /// pages are mapped on demand, as CUDA's virtual memory management
+    /// has them): 2 MiB by default, as on NVIDIA GPUs; `None` for a device
+    /// without them.
+    pub page_granularity: Option<u64>,
 }
 
 impl Default for SimConfig {
@@ -102,6 +107,7 @@ impl Default for SimConfig {
             validation: ValidationMode::Record,
             backing: Backing::Host,
             faults: Faults::default(),
+            page_granularity: Some(2 << 20),
         }
     }
 }
@@ -155,6 +161,29 @@ pub(crate) struct Memory {
     pub(crate) in_flight: AtomicU64,
     /// (queue << 48) | value of the last submission that recorded a use.
     pub(crate) last_use: AtomicU64,
+    /// A growable segment's pages and the spans its work in flight uses;
+    /// `None` for a plain buffer.
+    pub(crate) range: Option<Mutex<RangeState>>,
+}
+
+/// The mapped pages of a reserved range, and the spans submitted work not
+/// yet complete uses (what the validation layer checks unmapping against).
+pub(crate) struct RangeState {
+    page: u64,
+    mapped: Vec<bool>,
+    pub(crate) in_flight: Vec<(u64, u64)>,
+}
+
+impl RangeState {
+    fn pages(&self, offset: u64, bytes: u64) -> std::ops::Range<usize> {
+        (offset / self.page) as usize..(offset + bytes).div_ceil(self.page) as usize
+    }
+
+    /// Whether every page under `[offset, offset + bytes)` is mapped.
+    pub(crate) fn covers(&self, offset: u64, bytes: u64) -> bool {
+        self.pages(offset, bytes)
+            .all(|p| self.mapped.get(p) == Some(&true))
+    }
 }
 
 /// A simulated queue: an executor thread and its timeline.
@@ -309,8 +338,109 @@ impl Backend for SimGpu {
                 released_at_ns: AtomicU64::new(0),
                 in_flight: AtomicU64::new(0),
                 last_use: AtomicU64::new(0),
+                range: None,
             }),
         })
+    }
+
+    fn address(&self, buffer: &SimBuffer) -> u64 {
+        buffer.address()
+    }
+
+    fn page_granularity(&self) -> Option<u64> {
+        self.inner.config.page_granularity
+    }
+
+    fn reserve(&self, bytes: u64) -> Result<SimBuffer, DeviceError> {
+        self.check_lost()?;
+        let Some(page) = self.inner.config.page_granularity else {
+            return Err(DeviceError::Unsupported(
+                "this simulated device has no growable segments".into(),
+            ));
+        };
+        if bytes == 0 || bytes % page != 0 {
+            return Err(DeviceError::Unsupported(format!(
+                "cannot reserve a range of {bytes} bytes (pages of {page})"
+            )));
+        }
+        let data = match self.inner.config.backing {
+            Backing::Host => Some(Pages::new((bytes / 4) as usize)),
+            Backing::Accounting => None,
+        };
+        Ok(SimBuffer {
+            mem: Arc::new(Memory {
+                generation: self.inner.next_buffer.fetch_add(1, Ordering::Relaxed),
+                size: bytes,
+                data: Mutex::new(data),
+                released: AtomicBool::new(false),
+                released_at_ns: AtomicU64::new(0),
+                in_flight: AtomicU64::new(0),
+                last_use: AtomicU64::new(0),
+                range: Some(Mutex::new(RangeState {
+                    page,
+                    mapped: vec![false; (bytes / page) as usize],
+                    in_flight: Vec::new(),
+                })),
+            }),
+        })
+    }
+
+    fn map(&self, range: &SimBuffer, offset: u64, bytes: u64) -> Result<(), DeviceError> {
+        self.check_lost()?;
+        let Some(state) = &range.mem.range else {
+            return Err(DeviceError::Unsupported(
+                "mapping into a plain buffer".into(),
+            ));
+        };
+        let mut r = state.lock();
+        let aligned = offset % r.page == 0 && bytes % r.page == 0 && bytes > 0;
+        let pages = r.pages(offset, bytes);
+        if !aligned || pages.end > r.mapped.len() || r.mapped[pages.clone()].iter().any(|&m| m) {
+            return Err(DeviceError::Unsupported(format!(
+                "cannot map [{offset}, {}) of a range of {} bytes",
+                offset + bytes,
+                range.mem.size
+            )));
+        }
+        if self.inner.injector.refuse_allocation() {
+            return Err(DeviceError::OutOfMemory);
+        }
+        let c = &self.inner.config;
+        let before = self.inner.allocated.fetch_add(bytes, Ordering::AcqRel);
+        if before + bytes > c.memory_capacity {
+            self.inner.allocated.fetch_sub(bytes, Ordering::AcqRel);
+            return Err(DeviceError::OutOfMemory);
+        }
+        r.mapped[pages].fill(true);
+        spend(c.alloc_cost);
+        Ok(())
+    }
+
+    unsafe fn unmap(&self, range: &SimBuffer, offset: u64, bytes: u64) {
+        let Some(state) = &range.mem.range else {
+            return;
+        };
+        let mut r = state.lock();
+        let pages = r.pages(offset, bytes);
+        let end = offset + bytes;
+        if r.in_flight.iter().any(|&(a, b)| a < end && offset < b) {
+            let last = range.mem.last_use.load(Ordering::Acquire);
+            self.inner.validation.report(
+                ViolationKind::ReleasedInFlight,
+                range.mem.generation,
+                (last >> 48) as u32,
+                last & ((1 << 48) - 1),
+                self.inner.validation.now(),
+            );
+        }
+        let was: u64 = r.mapped[pages.clone()].iter().filter(|&&m| m).count() as u64 * r.page;
+        r.mapped[pages].fill(false);
+        drop(r);
+        // The memory goes back for real: a use after this reads zeros.
+        if let Some(d) = range.mem.data.lock().as_mut() {
+            d.clear((offset / 4) as usize, (bytes / 4) as usize);
+        }
+        self.inner.allocated.fetch_sub(was, Ordering::AcqRel);
     }
 
     unsafe fn release(&self, buffer: SimBuffer) {
@@ -331,7 +461,9 @@ impl Backend for SimGpu {
         }
         // The memory goes back for real: a use after this sees nothing.
         *mem.data.lock() = None;
-        self.inner.allocated.fetch_sub(mem.size, Ordering::AcqRel);
+        if mem.range.is_none() {
+            self.inner.allocated.fetch_sub(mem.size, Ordering::AcqRel);
+        }
     }
 
     fn create_queue(&self) -> Result<SimQueue, DeviceError> {
@@ -389,12 +521,13 @@ impl Backend for SimGpu {
         }));
         // Record the uses now: from here until completion, releasing any of
         // these buffers is a release in flight.
-        let touched = touch(&cmds, (u64::from(queue.id) << 48) | value);
+        let (touched, ranges) = touch(&cmds, (u64::from(queue.id) << 48) | value);
         let sent = queue.exec.send(Job {
             value,
             submitted: std::time::Instant::now(),
             ops: cmds.ops,
             touched,
+            ranges,
             outcome: outcome.clone(),
         });
         if sent.is_ok() && self.inner.injector.count_submission() {
@@ -583,20 +716,25 @@ impl SimGpu {
             sums: vec![0u64; cmds.checksums],
             failure: None,
         }));
-        let touched = touch(&cmds, u64::from(queue.id) << 48);
+        let (touched, ranges) = touch(&cmds, u64::from(queue.id) << 48);
         queue.exec.send(Job {
             value: 0,
             submitted: std::time::Instant::now(),
             ops: cmds.ops,
             touched,
+            ranges,
             outcome,
         })
     }
 }
 
+/// The buffers a submission touches (once each), and the spans of growable
+/// segments it uses.
+type Touched = (Vec<Arc<Memory>>, Vec<(Arc<Memory>, Span)>);
+
 /// Marks every buffer `cmds` uses as in flight under `tag` (queue << 48 |
-/// value), and returns them, once each.
-fn touch(cmds: &SimCommands, tag: u64) -> Vec<Arc<Memory>> {
+/// value), and every span of a growable segment; returns them.
+fn touch(cmds: &SimCommands, tag: u64) -> Touched {
     let mut touched: Vec<&Arc<Memory>> = cmds.ops.iter().flat_map(Op::buffers).collect();
     touched.sort_unstable_by_key(|m| Arc::as_ptr(m) as usize);
     touched.dedup_by(|a, b| Arc::ptr_eq(a, b));
@@ -605,7 +743,16 @@ fn touch(cmds: &SimCommands, tag: u64) -> Vec<Arc<Memory>> {
         m.in_flight.fetch_add(1, Ordering::AcqRel);
         m.last_use.store(tag, Ordering::Release);
     }
-    touched
+    let mut ranges = Vec::new();
+    for op in &cmds.ops {
+        for o in op.operands() {
+            if let Some(r) = &o.mem.range {
+                r.lock().in_flight.push((o.span.offset, o.span.end()));
+                ranges.push((o.mem.clone(), o.span));
+            }
+        }
+    }
+    (touched, ranges)
 }
 
 impl SimBuffer {

@@ -1,4 +1,6 @@
-//! Host memory of one simulated buffer, backed lazily in 64 KiB chunks.
+//! Host memory of one simulated buffer, backed lazily in 64 KiB chunks (a
+//! map of the chunks written, so that a growable segment's address range,
+//! as large as the device, costs nothing until its pages are used).
 //!
 //! A GPU buffer of 16 MiB whose kernels touch its first few KiB should cost
 //! the simulator a few KiB of host memory, as a fresh mapping costs the OS
@@ -10,7 +12,7 @@ const CHUNK_WORDS: usize = 16 * 1024;
 
 /// The words of one buffer, in lazily allocated chunks.
 pub(crate) struct Pages {
-    chunks: Vec<Option<Box<[u32]>>>,
+    chunks: std::collections::HashMap<usize, Box<[u32]>>,
     words: usize,
 }
 
@@ -18,7 +20,7 @@ impl Pages {
     /// A zeroed buffer of `words` words; allocates nothing yet.
     pub(crate) fn new(words: usize) -> Self {
         Pages {
-            chunks: (0..words.div_ceil(CHUNK_WORDS)).map(|_| None).collect(),
+            chunks: std::collections::HashMap::new(),
             words,
         }
     }
@@ -38,13 +40,15 @@ impl Pages {
 
     fn chunk_mut(&mut self, c: usize) -> &mut [u32] {
         let len = CHUNK_WORDS.min(self.words - c * CHUNK_WORDS);
-        self.chunks[c].get_or_insert_with(|| vec![0u32; len].into_boxed_slice())
+        self.chunks
+            .entry(c)
+            .or_insert_with(|| vec![0u32; len].into_boxed_slice())
     }
 
     /// Writes `value` to words `[start, start + len)`.
     pub(crate) fn fill(&mut self, start: usize, len: usize, value: u32) {
         Self::pieces(start, len, |c, r, _| {
-            if value == 0 && self.chunks[c].is_none() {
+            if value == 0 && !self.chunks.contains_key(&c) {
                 return; // already reads as zeros
             }
             self.chunk_mut(c)[r].fill(value);
@@ -55,7 +59,7 @@ impl Pages {
     pub(crate) fn read(&self, start: usize, len: usize) -> Vec<u32> {
         let mut out = vec![0u32; len];
         Self::pieces(start, len, |c, r, at| {
-            if let Some(chunk) = &self.chunks[c] {
+            if let Some(chunk) = self.chunks.get(&c) {
                 out[at..at + r.len()].copy_from_slice(&chunk[r]);
             }
         });
@@ -70,13 +74,25 @@ impl Pages {
         });
     }
 
+    /// Zeroes words `[start, start + len)`, giving whole chunks back (an
+    /// unmapped page's memory goes back for real).
+    pub(crate) fn clear(&mut self, start: usize, len: usize) {
+        Self::pieces(start, len, |c, r, _| {
+            if r.len() == CHUNK_WORDS {
+                self.chunks.remove(&c);
+            } else if let Some(chunk) = self.chunks.get_mut(&c) {
+                chunk[r].fill(0);
+            }
+        });
+    }
+
     /// [`crate::backend::checksum_words`] of words `[start, start + len)`,
     /// with indices relative to `start`.
     pub(crate) fn checksum(&self, start: usize, len: usize) -> u64 {
         let mut sum = 0u64;
         Self::pieces(start, len, |c, r, at| {
             let base = at as u64;
-            match &self.chunks[c] {
+            match self.chunks.get(&c) {
                 Some(chunk) => {
                     for (i, &w) in chunk[r].iter().enumerate() {
                         let term = w ^ crate::backend::index_mix(base + i as u64);
@@ -120,6 +136,10 @@ mod tests {
                 checksum_words(&flat[start..start + len])
             );
         }
-        assert!(p.chunks[1].is_some() && p.chunks[3].is_some());
+        assert!(p.chunks.contains_key(&1) && p.chunks.contains_key(&3));
+        p.clear(CHUNK_WORDS, CHUNK_WORDS);
+        flat[CHUNK_WORDS..CHUNK_WORDS * 2].fill(0);
+        assert!(!p.chunks.contains_key(&1));
+        assert_eq!(p.read(0, words), flat);
     }
 }

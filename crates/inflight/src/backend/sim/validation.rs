@@ -37,6 +37,9 @@ pub enum ViolationKind {
     ReleasedInFlight,
     /// An executing operation used a released buffer.
     UseAfterRelease,
+    /// An executing operation used pages of a growable segment that are
+    /// not mapped (never, or no longer).
+    UseOfUnmapped,
 }
 
 /// One violation the layer saw.
@@ -96,6 +99,10 @@ impl Validation {
             ViolationKind::ReleasedInFlight => format!(
                 "validation error: buffer {buffer} released at {released_at:?} while in use by \
                  submission {submission} on queue {queue} (VUID-vkDestroyBuffer-buffer-00922 analogue)"
+            ),
+            ViolationKind::UseOfUnmapped => format!(
+                "validation error: submission {submission} on queue {queue} used unmapped pages \
+                 of buffer {buffer} (an illegal address on CUDA)"
             ),
             ViolationKind::UseAfterRelease => format!(
                 "validation error: command buffer references deallocated buffer: submission \

@@ -1,0 +1,1228 @@
+//! The arena: device memory as segments, split into blocks and merged back.
+//!
+//! A *segment* is one device allocation (a fixed segment), or one reserved
+//! address range whose pages are mapped on demand (a growable segment, over
+//! CUDA's virtual memory management or the simulated GPU's model of it).
+//! Blocks are carved from a segment and handed out; a block given back
+//! merges with the free blocks beside it. Every segment belongs to one
+//! *pool*: one queue and one size class (small requests from small
+//! segments, large ones from large segments), so a block is carved for the
+//! queue whose work last used its memory, as PyTorch's per-stream pools do.
+//!
+//! # Layout
+//!
+//! ```text
+//! segments: Vec<Segment>      raw (shared by its blocks), size, pool, first node,
+//!                             pages (growable: mapped runs, page size)
+//! nodes:    Vec<Node>         one per block, taken or free: segment, offset, size,
+//!                             prev/next in address order, and while free:
+//!                             stamp, mapped bytes, releasable bytes, LRU links
+//! pools:    Vec<Pool>         per (queue, class): free nodes by (size, address),
+//!                             free nodes in flight by stamp (a min-heap)
+//! lru:      oldest..newest    free nodes trim could give back, least recently freed first
+//! ```
+//!
+//! # Reuse rule (I2)
+//!
+//! A free node is in its pool's free index when every recorded use of its
+//! memory completed, or when the only uses not yet complete are on the
+//! pool's own queue and the caller declared that queue in-order for memory
+//! (the node's `stamp` is then the latest such use). The caller files
+//! anything else on the pending list, not here. A node carved from a free
+//! node in flight carries its stamp out (the buffer's reuse fence). Merging
+//! two free nodes keeps the later stamp: the merged node is complete only
+//! when both parts are.
+//!
+//! # Release rule (I1)
+//!
+//! Only *releasable* memory of a complete free node is ever given back: a
+//! whole fixed segment that is one free node, or the whole mapped pages
+//! inside a free node of a growable segment. A free node in flight is never
+//! on the LRU list that trimming walks.
+//!
+//! # Accounting
+//!
+//! `reserved` is the bytes of fixed segments plus the mapped bytes of
+//! growable ones; taken nodes always lie on mapped memory, so
+//! `reserved == taken + ready + pending`, where `ready` and `pending` are the
+//! mapped bytes of complete and in-flight free nodes. [`Arena::check`]
+//! verifies all of it from scratch.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::sync::Arc;
+
+use crate::history::{BlockInfo, BlockState, PoolKind, SegmentInfo};
+use crate::timeline::QueueId;
+
+/// A node's index in [`Arena::nodes`].
+pub(crate) type NodeId = u32;
+/// A segment's index in [`Arena::segments`].
+pub(crate) type SegId = u32;
+
+/// No node: the end of a list.
+const NIL: u32 = u32::MAX;
+
+/// Every block's size and offset is a multiple of this (PyTorch's
+/// `kMinBlockSize`; also above every backend's buffer offset alignment).
+pub(crate) const GRANULE: u64 = 512;
+
+/// The two size classes of pools.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Class {
+    Small,
+    Large,
+}
+
+impl Class {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    pub(crate) fn kind(self) -> PoolKind {
+        match self {
+            Class::Small => PoolKind::Small,
+            Class::Large => PoolKind::Large,
+        }
+    }
+}
+
+/// A free node: its own-queue stamp (0: complete), mapped and releasable bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Free {
+    stamp: u64,
+    mapped: u64,
+    releasable: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Node {
+    seg: SegId,
+    offset: u64,
+    size: u64,
+    prev: NodeId,
+    next: NodeId,
+    /// `None` while taken.
+    free: Option<Free>,
+    lru_prev: NodeId,
+    lru_next: NodeId,
+    on_lru: bool,
+    /// Bumped at every change, to tell stale heap entries.
+    generation: u32,
+}
+
+/// The mapped parts of a growable segment: byte runs `[start, end)`, page
+/// aligned, coalesced.
+#[derive(Debug, Default)]
+struct Pages {
+    page: u64,
+    runs: BTreeMap<u64, u64>,
+}
+
+impl Pages {
+    /// Mapped bytes inside `[a, b)`.
+    fn mapped_within(&self, a: u64, b: u64) -> u64 {
+        let mut total = 0;
+        // The run starting at or before `a` may reach into the range.
+        let first = self
+            .runs
+            .range(..=a)
+            .next_back()
+            .map(|(&s, _)| s)
+            .unwrap_or(a);
+        for (&s, &e) in self.runs.range(first..b) {
+            let (lo, hi) = (s.max(a), e.min(b));
+            if hi > lo {
+                total += hi - lo;
+            }
+        }
+        total
+    }
+
+    /// The unmapped page runs covering `[a, b)` (page aligned).
+    fn unmapped_within(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        let (a, b) = (a / self.page * self.page, b.div_ceil(self.page) * self.page);
+        let mut out = Vec::new();
+        let mut at = a;
+        let first = self
+            .runs
+            .range(..=a)
+            .next_back()
+            .map(|(&s, _)| s)
+            .unwrap_or(a);
+        for (&s, &e) in self.runs.range(first..b) {
+            if e <= at {
+                continue;
+            }
+            if s > at {
+                out.push((at, s.min(b)));
+            }
+            at = at.max(e);
+            if at >= b {
+                break;
+            }
+        }
+        if at < b {
+            out.push((at, b));
+        }
+        out
+    }
+
+    /// Marks `[a, b)` (page aligned) mapped.
+    fn map(&mut self, mut a: u64, mut b: u64) {
+        if let Some((&s, &e)) = self.runs.range(..=a).next_back() {
+            if e >= a {
+                a = s;
+                b = b.max(e);
+                self.runs.remove(&s);
+            }
+        }
+        while let Some((&s, &e)) = self.runs.range(a..=b).next() {
+            b = b.max(e);
+            self.runs.remove(&s);
+        }
+        self.runs.insert(a, b);
+    }
+
+    /// Marks `[a, b)` (page aligned, mapped) unmapped.
+    fn unmap(&mut self, a: u64, b: u64) {
+        let (&s, &e) = self
+            .runs
+            .range(..=a)
+            .next_back()
+            .expect("unmapping a mapped range");
+        debug_assert!(e >= b, "unmapping [{a}, {b}) beyond its run [{s}, {e})");
+        self.runs.remove(&s);
+        if s < a {
+            self.runs.insert(s, a);
+        }
+        if b < e {
+            self.runs.insert(b, e);
+        }
+    }
+
+    /// The mapped whole pages inside `[a, b)`, as runs.
+    fn whole_mapped_within(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
+        let (a, b) = (a.div_ceil(self.page) * self.page, b / self.page * self.page);
+        if b <= a {
+            return Vec::new();
+        }
+        let first = self
+            .runs
+            .range(..=a)
+            .next_back()
+            .map(|(&s, _)| s)
+            .unwrap_or(a);
+        self.runs
+            .range(first..b)
+            .filter_map(|(&s, &e)| {
+                let (lo, hi) = (s.max(a), e.min(b));
+                (hi > lo).then_some((lo, hi))
+            })
+            .collect()
+    }
+}
+
+/// One segment.
+struct Segment<R> {
+    raw: Arc<R>,
+    /// Unique for the arena's life (segment ids are reused).
+    uid: u64,
+    pool: u32,
+    size: u64,
+    first: NodeId,
+    /// Growable segments only.
+    pages: Option<Pages>,
+}
+
+/// One pool: a queue's segments of one size class.
+#[derive(Default)]
+struct Pool {
+    /// Free nodes by (size, address key, node).
+    index: BTreeSet<(u64, u64, NodeId)>,
+    /// Free nodes in flight on the pool's queue, by stamp.
+    due: BinaryHeap<Reverse<(u64, NodeId, u32)>>,
+    /// The pool's growable segment, if it has one.
+    range: Option<SegId>,
+}
+
+/// A block carved for an allocation.
+pub(crate) struct Carved<R> {
+    pub(crate) node: NodeId,
+    pub(crate) raw: Arc<R>,
+    pub(crate) offset: u64,
+    pub(crate) size: u64,
+    /// A stable id of the block's memory (segment and offset).
+    pub(crate) id: u64,
+    /// The latest use on the pool's queue not yet complete, or 0 (the
+    /// block is reused in order: the buffer's reuse fence).
+    pub(crate) stamp: u64,
+    /// Page runs the caller must map before handing the block out
+    /// (growable segments), already marked mapped.
+    pub(crate) maps: Vec<(u64, u64)>,
+}
+
+/// What trimming gives back: the caller makes the device calls.
+pub(crate) enum Trimmed<R> {
+    /// A whole fixed segment, removed from the arena.
+    Segment { raw: R, size: u64, queue: QueueId },
+    /// Pages of a growable segment, already marked unmapped.
+    Pages {
+        raw: Arc<R>,
+        runs: Vec<(u64, u64)>,
+        queue: QueueId,
+    },
+}
+
+impl<R> Trimmed<R> {
+    /// Bytes it gives back.
+    pub(crate) fn bytes(&self) -> u64 {
+        match self {
+            Trimmed::Segment { size, .. } => *size,
+            Trimmed::Pages { runs, .. } => runs.iter().map(|(a, b)| b - a).sum(),
+        }
+    }
+}
+
+/// A segment taken out at teardown: its raw buffer, its queue, and for a
+/// growable one its mapped runs.
+pub(crate) type TakenSegment<R> = (Arc<R>, QueueId, Option<Vec<(u64, u64)>>);
+
+/// Totals, for statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Totals {
+    /// Fixed segments' bytes plus growable segments' mapped bytes.
+    pub(crate) reserved: u64,
+    /// Taken nodes' bytes.
+    pub(crate) taken: u64,
+    /// Complete free nodes' mapped bytes, and how many such nodes (with any
+    /// mapped byte).
+    pub(crate) ready: u64,
+    pub(crate) ready_count: u64,
+    /// In-flight free nodes' mapped bytes, and how many.
+    pub(crate) pending: u64,
+    pub(crate) pending_count: u64,
+    /// What trimming could give back now.
+    pub(crate) releasable: u64,
+    /// Segments (fixed and growable).
+    pub(crate) segments: u64,
+    /// Nodes split off and merged away, over the arena's life.
+    pub(crate) splits: u64,
+    pub(crate) merges: u64,
+    /// Page runs mapped and unmapped, over the arena's life.
+    pub(crate) maps: u64,
+    pub(crate) unmaps: u64,
+}
+
+/// Segments, blocks and pools (see the module documentation).
+pub(crate) struct Arena<R> {
+    segments: Vec<Option<Segment<R>>>,
+    free_segments: Vec<SegId>,
+    nodes: Vec<Node>,
+    free_nodes: Vec<NodeId>,
+    pools: Vec<Pool>,
+    lru_head: NodeId,
+    lru_tail: NodeId,
+    next_uid: u64,
+    totals: Totals,
+}
+
+impl<R> Default for Arena<R> {
+    fn default() -> Self {
+        Arena {
+            segments: Vec::new(),
+            free_segments: Vec::new(),
+            nodes: Vec::new(),
+            free_nodes: Vec::new(),
+            pools: Vec::new(),
+            lru_head: NIL,
+            lru_tail: NIL,
+            next_uid: 1,
+            totals: Totals::default(),
+        }
+    }
+}
+
+/// The pool of `queue` and `class`.
+fn pool_of(queue: QueueId, class: Class) -> u32 {
+    queue * 2 + class.index() as u32
+}
+
+impl<R> Arena<R> {
+    /// The running totals.
+    pub(crate) fn totals(&self) -> Totals {
+        self.totals
+    }
+
+    fn pool(&mut self, pool: u32) -> &mut Pool {
+        let p = pool as usize;
+        if self.pools.len() <= p {
+            self.pools.resize_with(p + 1, Pool::default);
+        }
+        &mut self.pools[p]
+    }
+
+    fn seg(&self, s: SegId) -> &Segment<R> {
+        self.segments[s as usize].as_ref().expect("a live segment")
+    }
+
+    fn new_node(&mut self, node: Node) -> NodeId {
+        match self.free_nodes.pop() {
+            Some(n) => {
+                self.nodes[n as usize] = node;
+                n
+            }
+            None => {
+                self.nodes.push(node);
+                (self.nodes.len() - 1) as NodeId
+            }
+        }
+    }
+
+    /// The address key of a node: segment uid, then offset.
+    fn key(&self, n: NodeId) -> u64 {
+        let node = &self.nodes[n as usize];
+        (self.seg(node.seg).uid << 40) | node.offset
+    }
+
+    /// The growable segment of `queue`'s pool of `class`, if it has one.
+    pub(crate) fn range_of(&self, queue: QueueId, class: Class) -> Option<SegId> {
+        self.pools
+            .get(pool_of(queue, class) as usize)
+            .and_then(|p| p.range)
+    }
+
+    /// Adds a fixed segment of `size` bytes to `queue`'s pool of `class`,
+    /// all of it one free node.
+    pub(crate) fn add_segment(&mut self, queue: QueueId, class: Class, raw: R, size: u64) {
+        let pool = pool_of(queue, class);
+        self.insert_segment(pool, raw, size, None);
+        self.totals.reserved += size;
+    }
+
+    /// Adds a growable segment (a reserved range, nothing mapped) of `size`
+    /// bytes and pages of `page` bytes as `queue`'s range for `class`.
+    pub(crate) fn add_range(&mut self, queue: QueueId, class: Class, raw: R, size: u64, page: u64) {
+        let pool = pool_of(queue, class);
+        let pages = Pages {
+            page,
+            runs: BTreeMap::new(),
+        };
+        let s = self.insert_segment(pool, raw, size, Some(pages));
+        self.pool(pool).range = Some(s);
+    }
+
+    fn insert_segment(&mut self, pool: u32, raw: R, size: u64, pages: Option<Pages>) -> SegId {
+        debug_assert!(size % GRANULE == 0 && size > 0);
+        let uid = self.next_uid;
+        self.next_uid += 1;
+        let seg = Segment {
+            raw: Arc::new(raw),
+            uid,
+            pool,
+            size,
+            first: NIL,
+            pages,
+        };
+        let s = match self.free_segments.pop() {
+            Some(s) => {
+                self.segments[s as usize] = Some(seg);
+                s
+            }
+            None => {
+                self.segments.push(Some(seg));
+                (self.segments.len() - 1) as SegId
+            }
+        };
+        let n = self.new_node(Node {
+            seg: s,
+            offset: 0,
+            size,
+            prev: NIL,
+            next: NIL,
+            free: None,
+            lru_prev: NIL,
+            lru_next: NIL,
+            on_lru: false,
+            generation: 0,
+        });
+        self.segments[s as usize].as_mut().expect("just made").first = n;
+        self.totals.segments += 1;
+        self.totals.taken += size; // `release` moves it to the free side
+        self.make_free(n, 0);
+        s
+    }
+
+    /// Carves a block of `size` bytes (a multiple of [`GRANULE`]) from
+    /// `queue`'s pool of `class`: the smallest free node that holds it, the
+    /// lowest address of that size, split if larger. Growable segments'
+    /// unmapped pages under it are marked mapped and returned in
+    /// [`Carved::maps`] for the caller to map. `None` if no free node fits.
+    pub(crate) fn carve(&mut self, queue: QueueId, class: Class, size: u64) -> Option<Carved<R>> {
+        debug_assert!(size % GRANULE == 0 && size > 0);
+        let pool = pool_of(queue, class);
+        let &(_, _, n) = self
+            .pools
+            .get(pool as usize)?
+            .index
+            .range((size, 0, 0)..)
+            .next()?;
+        let free = self.unfree(n);
+        let node_size = self.nodes[n as usize].size;
+        if node_size > size {
+            // The rest stays free, with the same stamp.
+            let (seg, offset, next) = {
+                let node = &self.nodes[n as usize];
+                (node.seg, node.offset, node.next)
+            };
+            let rest = self.new_node(Node {
+                seg,
+                offset: offset + size,
+                size: node_size - size,
+                prev: n,
+                next,
+                free: None,
+                lru_prev: NIL,
+                lru_next: NIL,
+                on_lru: false,
+                generation: 0,
+            });
+            if next != NIL {
+                self.nodes[next as usize].prev = rest;
+            }
+            let node = &mut self.nodes[n as usize];
+            node.next = rest;
+            node.size = size;
+            self.totals.splits += 1;
+            self.make_free(rest, free.stamp);
+        }
+        let (seg, offset) = {
+            let node = &self.nodes[n as usize];
+            (node.seg, node.offset)
+        };
+        let mut maps = Vec::new();
+        let segment = self.segments[seg as usize].as_mut().expect("live");
+        if let Some(pages) = segment.pages.as_mut() {
+            maps = pages.unmapped_within(offset, offset + size);
+            for &(a, b) in &maps {
+                pages.map(a, b);
+            }
+        }
+        let mapped_now: u64 = maps.iter().map(|(a, b)| b - a).sum();
+        self.totals.reserved += mapped_now;
+        self.totals.maps += maps.len() as u64;
+        if !maps.is_empty() {
+            // Pages mapped for this block may reach into its neighbours.
+            self.refresh_neighbours(n);
+        }
+        let segment = self.seg(seg);
+        Some(Carved {
+            node: n,
+            raw: segment.raw.clone(),
+            offset,
+            size,
+            id: (segment.uid << 40) | offset,
+            stamp: free.stamp,
+            maps,
+        })
+    }
+
+    /// Undoes the page mapping of a carve whose device map failed: marks
+    /// `runs` of the node's segment unmapped again (the caller then gives
+    /// the node back).
+    pub(crate) fn unmark_mapped(&mut self, node: NodeId, runs: &[(u64, u64)]) {
+        let seg = self.nodes[node as usize].seg;
+        let segment = self.segments[seg as usize].as_mut().expect("live");
+        let pages = segment.pages.as_mut().expect("a growable segment");
+        for &(a, b) in runs {
+            pages.unmap(a, b);
+            self.totals.reserved -= b - a;
+            self.totals.maps -= 1;
+        }
+        self.refresh_neighbours(node);
+    }
+
+    /// The queue whose pool node `n`'s segment belongs to.
+    pub(crate) fn queue_of(&self, n: NodeId) -> QueueId {
+        self.seg(self.nodes[n as usize].seg).pool / 2
+    }
+
+    /// Gives a taken node back: free, with `stamp` the latest use on its
+    /// pool's queue not yet complete (0 if none: see the reuse rule),
+    /// merged with free neighbours. Returns the free node it is part of.
+    pub(crate) fn release(&mut self, n: NodeId, stamp: u64) -> NodeId {
+        debug_assert!(
+            self.nodes[n as usize].free.is_none(),
+            "a node given back twice"
+        );
+        let mut n = n;
+        let mut stamp = stamp;
+        // Merge with the previous node, then the next, if free.
+        let prev = self.nodes[n as usize].prev;
+        if prev != NIL && self.nodes[prev as usize].free.is_some() {
+            let f = self.unfree(prev);
+            stamp = stamp.max(f.stamp);
+            self.absorb(prev, n);
+            n = prev;
+        }
+        let next = self.nodes[n as usize].next;
+        if next != NIL && self.nodes[next as usize].free.is_some() {
+            let f = self.unfree(next);
+            stamp = stamp.max(f.stamp);
+            self.absorb(n, next);
+        }
+        self.make_free(n, stamp);
+        n
+    }
+
+    /// Taken node `a` takes over its next node `b`, taken too (the bytes
+    /// taken do not change).
+    fn absorb(&mut self, a: NodeId, b: NodeId) {
+        let (b_size, b_next) = {
+            let nb = &self.nodes[b as usize];
+            (nb.size, nb.next)
+        };
+        debug_assert_eq!(self.nodes[a as usize].next, b);
+        let na = &mut self.nodes[a as usize];
+        na.size += b_size;
+        na.next = b_next;
+        if b_next != NIL {
+            self.nodes[b_next as usize].prev = a;
+        }
+        self.nodes[b as usize].generation = self.nodes[b as usize].generation.wrapping_add(1);
+        self.free_nodes.push(b);
+        self.totals.merges += 1;
+    }
+
+    /// Makes taken node `n` free with `stamp`: indexed, and on the LRU list
+    /// or the due heap.
+    fn make_free(&mut self, n: NodeId, stamp: u64) {
+        let (seg, offset, size) = {
+            let node = &self.nodes[n as usize];
+            (node.seg, node.offset, node.size)
+        };
+        let (mapped, releasable) = self.measure(seg, offset, size);
+        let node = &mut self.nodes[n as usize];
+        node.generation = node.generation.wrapping_add(1);
+        let generation = node.generation;
+        node.free = Some(Free {
+            stamp,
+            mapped,
+            releasable,
+        });
+        self.totals.taken -= size;
+        if stamp == 0 {
+            self.totals.ready += mapped;
+            self.totals.ready_count += u64::from(mapped > 0);
+            self.totals.releasable += releasable;
+            if releasable > 0 {
+                self.lru_push(n);
+            }
+        } else {
+            self.totals.pending += mapped;
+            self.totals.pending_count += 1;
+        }
+        let key = self.key(n);
+        let pool = self.seg(seg).pool;
+        let p = self.pool(pool);
+        p.index.insert((size, key, n));
+        if stamp != 0 {
+            p.due.push(Reverse((stamp, n, generation)));
+        }
+    }
+
+    /// Takes free node `n` out of every index, making it taken; returns
+    /// what it was.
+    fn unfree(&mut self, n: NodeId) -> Free {
+        let key = self.key(n);
+        let node = &mut self.nodes[n as usize];
+        let f = node.free.take().expect("a free node");
+        node.generation = node.generation.wrapping_add(1);
+        let (seg, size) = (node.seg, node.size);
+        if f.stamp == 0 {
+            self.totals.ready -= f.mapped;
+            self.totals.ready_count -= u64::from(f.mapped > 0);
+            self.totals.releasable -= f.releasable;
+        } else {
+            self.totals.pending -= f.mapped;
+            self.totals.pending_count -= 1;
+        }
+        self.totals.taken += size;
+        if self.nodes[n as usize].on_lru {
+            self.lru_remove(n);
+        }
+        let pool = self.seg(seg).pool;
+        let removed = self.pool(pool).index.remove(&(size, key, n));
+        debug_assert!(removed, "a free node is indexed");
+        f
+    }
+
+    /// Mapped and releasable bytes of `[offset, offset + size)` of `seg`
+    /// as one free node.
+    fn measure(&self, seg: SegId, offset: u64, size: u64) -> (u64, u64) {
+        let s = self.seg(seg);
+        match &s.pages {
+            None => {
+                let whole = offset == 0 && size == s.size;
+                (size, if whole { size } else { 0 })
+            }
+            Some(p) => {
+                let mapped = p.mapped_within(offset, offset + size);
+                let whole: u64 = p
+                    .whole_mapped_within(offset, offset + size)
+                    .iter()
+                    .map(|(a, b)| b - a)
+                    .sum();
+                (mapped, whole)
+            }
+        }
+    }
+
+    /// Re-measures the free neighbours of `n` after pages changed under it.
+    fn refresh_neighbours(&mut self, n: NodeId) {
+        let (prev, next) = {
+            let node = &self.nodes[n as usize];
+            (node.prev, node.next)
+        };
+        for m in [prev, n, next] {
+            if m != NIL && self.nodes[m as usize].free.is_some() {
+                let f = self.unfree(m);
+                self.make_free(m, f.stamp);
+            }
+        }
+    }
+
+    /// Clears the stamps of free nodes of `queue`'s pools whose stamp
+    /// `completed` has passed: they become ready. Returns how many.
+    pub(crate) fn promote(&mut self, queue: QueueId, completed: u64) -> usize {
+        let mut promoted = 0;
+        for class in [Class::Small, Class::Large] {
+            let pool = pool_of(queue, class) as usize;
+            while let Some(p) = self.pools.get_mut(pool) {
+                let Some(&Reverse((stamp, n, generation))) = p.due.peek() else {
+                    break;
+                };
+                if stamp > completed {
+                    break;
+                }
+                p.due.pop();
+                let node = &self.nodes[n as usize];
+                let current =
+                    node.generation == generation && node.free.is_some_and(|f| f.stamp == stamp);
+                if current {
+                    self.unfree(n);
+                    self.make_free(n, 0);
+                    promoted += 1;
+                }
+            }
+        }
+        promoted
+    }
+
+    /// The lowest stamp of a free node in flight on `queue`, if any.
+    pub(crate) fn oldest_due(&self, queue: QueueId) -> Option<u64> {
+        [Class::Small, Class::Large]
+            .iter()
+            .filter_map(|&c| self.pools.get(pool_of(queue, c) as usize))
+            .flat_map(|p| p.due.iter())
+            .filter(|Reverse((stamp, n, g))| {
+                let node = &self.nodes[*n as usize];
+                node.generation == *g && node.free.is_some_and(|f| f.stamp == *stamp)
+            })
+            .map(|Reverse((stamp, _, _))| *stamp)
+            .min()
+    }
+
+    /// Gives back releasable memory, least recently freed first, until
+    /// `bytes` are given back or nothing releasable is left. Fixed segments
+    /// leave the arena; growable segments' pages are marked unmapped. The
+    /// caller releases and unmaps them on the device.
+    pub(crate) fn trim(&mut self, bytes: u64) -> Vec<Trimmed<R>> {
+        let mut out = Vec::new();
+        let mut given = 0;
+        while given < bytes && self.lru_head != NIL {
+            let n = self.lru_head;
+            let t = self.give_back(n);
+            given += t.bytes();
+            out.push(t);
+        }
+        out
+    }
+
+    /// Gives back the releasable memory of LRU node `n`.
+    fn give_back(&mut self, n: NodeId) -> Trimmed<R> {
+        let f = self.unfree(n);
+        debug_assert!(f.stamp == 0 && f.releasable > 0);
+        let (seg, offset, size) = {
+            let node = &self.nodes[n as usize];
+            (node.seg, node.offset, node.size)
+        };
+        let growable = self.seg(seg).pages.is_some();
+        if !growable {
+            // A whole free fixed segment: it leaves.
+            self.totals.taken -= size;
+            self.totals.reserved -= size;
+            self.totals.segments -= 1;
+            self.nodes[n as usize].generation = self.nodes[n as usize].generation.wrapping_add(1);
+            self.free_nodes.push(n);
+            let segment = self.segments[seg as usize].take().expect("live");
+            self.free_segments.push(seg);
+            let raw = Arc::try_unwrap(segment.raw)
+                .ok()
+                .expect("a whole free segment has no block out (I1)");
+            return Trimmed::Segment {
+                raw,
+                size,
+                queue: segment.pool / 2,
+            };
+        }
+        let segment = self.segments[seg as usize].as_mut().expect("live");
+        let pages = segment.pages.as_mut().expect("growable");
+        let runs = pages.whole_mapped_within(offset, offset + size);
+        for &(a, b) in &runs {
+            pages.unmap(a, b);
+            self.totals.reserved -= b - a;
+        }
+        self.totals.unmaps += runs.len() as u64;
+        let raw = segment.raw.clone();
+        let queue = segment.pool / 2;
+        self.make_free(n, 0);
+        Trimmed::Pages { raw, runs, queue }
+    }
+
+    fn lru_push(&mut self, n: NodeId) {
+        let node = &mut self.nodes[n as usize];
+        node.on_lru = true;
+        node.lru_prev = self.lru_tail;
+        node.lru_next = NIL;
+        match self.lru_tail {
+            NIL => self.lru_head = n,
+            t => self.nodes[t as usize].lru_next = n,
+        }
+        self.lru_tail = n;
+    }
+
+    fn lru_remove(&mut self, n: NodeId) {
+        let (p, x) = {
+            let node = &mut self.nodes[n as usize];
+            node.on_lru = false;
+            (node.lru_prev, node.lru_next)
+        };
+        match p {
+            NIL => self.lru_head = x,
+            p => self.nodes[p as usize].lru_next = x,
+        }
+        match x {
+            NIL => self.lru_tail = p,
+            x => self.nodes[x as usize].lru_prev = p,
+        }
+    }
+
+    /// The highest stamp of a free node in flight on `queue`, if any.
+    pub(crate) fn latest_due(&self, queue: QueueId) -> Option<u64> {
+        [Class::Small, Class::Large]
+            .iter()
+            .filter_map(|&c| self.pools.get(pool_of(queue, c) as usize))
+            .flat_map(|p| p.due.iter())
+            .map(|Reverse((stamp, _, _))| *stamp)
+            .max()
+    }
+
+    /// Every segment's raw buffer, its queue, and for a growable one its
+    /// mapped runs, for teardown (the arena is emptied: the caller unmaps
+    /// and releases them).
+    pub(crate) fn take_segments(&mut self) -> Vec<TakenSegment<R>> {
+        let out = self
+            .segments
+            .drain(..)
+            .flatten()
+            .map(|s| {
+                let runs = s.pages.map(|p| p.runs.into_iter().collect());
+                (s.raw, s.pool / 2, runs)
+            })
+            .collect();
+        *self = Arena::default();
+        out
+    }
+
+    /// The segments and their blocks, for a memory snapshot. `address(raw)`
+    /// gives a raw buffer's address; `requested(node)` a taken node's
+    /// requested bytes, if known; `pending(node)` whether a taken node is
+    /// a block freed while in use (on the pending list).
+    pub(crate) fn describe(
+        &self,
+        address: impl Fn(&R) -> u64,
+        requested: impl Fn(NodeId) -> Option<u64>,
+        pending: impl Fn(NodeId) -> bool,
+    ) -> Vec<SegmentInfo> {
+        let mut out = Vec::new();
+        for s in self.segments.iter().flatten() {
+            // Backends without addresses: the segment's uid, spaced apart.
+            let base = match address(&s.raw) {
+                0 => s.uid << 40,
+                a => a,
+            };
+            let mut blocks = Vec::new();
+            let mut n = s.first;
+            while n != NIL {
+                let node = &self.nodes[n as usize];
+                let (state, requested_size) = match node.free {
+                    Some(f) if f.stamp != 0 => (BlockState::PendingFree, 0),
+                    Some(_) => (BlockState::Inactive, 0),
+                    None if pending(n) => (BlockState::PendingFree, 0),
+                    None => (BlockState::Allocated, requested(n).unwrap_or(node.size)),
+                };
+                blocks.push((node.offset, node.size, state, requested_size));
+                n = node.next;
+            }
+            let queue = s.pool / 2;
+            let class = if s.pool % 2 == 0 {
+                Class::Small
+            } else {
+                Class::Large
+            };
+            match &s.pages {
+                None => out.push(SegmentInfo {
+                    address: base,
+                    total_size: s.size,
+                    queue,
+                    pool: class.kind(),
+                    expandable: false,
+                    blocks: blocks
+                        .into_iter()
+                        .map(|(o, size, state, requested_size)| BlockInfo {
+                            address: base + o,
+                            size,
+                            requested_size,
+                            state,
+                        })
+                        .collect(),
+                }),
+                Some(p) => {
+                    // One segment per mapped run, with the blocks' parts on it.
+                    for (&a, &b) in &p.runs {
+                        let parts = blocks
+                            .iter()
+                            .filter_map(|&(o, size, state, requested_size)| {
+                                let (lo, hi) = (o.max(a), (o + size).min(b));
+                                (hi > lo).then(|| BlockInfo {
+                                    address: base + lo,
+                                    size: hi - lo,
+                                    requested_size: if lo == o { requested_size } else { 0 },
+                                    state,
+                                })
+                            })
+                            .collect();
+                        out.push(SegmentInfo {
+                            address: base + a,
+                            total_size: b - a,
+                            queue,
+                            pool: class.kind(),
+                            expandable: true,
+                            blocks: parts,
+                        });
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|s| s.address);
+        out
+    }
+
+    /// Checks every invariant from scratch (tests and debug builds): nodes
+    /// tile each segment in address order, free nodes are maximal (no two
+    /// adjacent) and indexed exactly once, the LRU list holds exactly the
+    /// complete free nodes with releasable bytes, taken nodes lie on mapped
+    /// pages, and the totals match.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        let mut t = Totals {
+            splits: self.totals.splits,
+            merges: self.totals.merges,
+            maps: self.totals.maps,
+            unmaps: self.totals.unmaps,
+            ..Totals::default()
+        };
+        let mut indexed = 0usize;
+        for (s, seg) in self.segments.iter().enumerate() {
+            let Some(seg) = seg else { continue };
+            t.segments += 1;
+            t.reserved += match &seg.pages {
+                None => seg.size,
+                Some(p) => p.runs.iter().map(|(a, b)| b - a).sum(),
+            };
+            let mut at = 0;
+            let mut prev = NIL;
+            let mut prev_free = false;
+            let mut n = seg.first;
+            while n != NIL {
+                let node = &self.nodes[n as usize];
+                if node.seg != s as SegId || node.offset != at || node.prev != prev {
+                    return Err(format!("segment {s}: node {n} out of place"));
+                }
+                if node.size == 0 || node.offset % GRANULE != 0 || node.size % GRANULE != 0 {
+                    return Err(format!("node {n}: size {} at {}", node.size, node.offset));
+                }
+                let (mapped, releasable) = self.measure(s as SegId, node.offset, node.size);
+                match node.free {
+                    Some(f) => {
+                        if prev_free {
+                            return Err(format!("node {n}: two free nodes side by side"));
+                        }
+                        if (f.mapped, f.releasable) != (mapped, releasable) {
+                            return Err(format!("node {n}: stale measure {f:?}"));
+                        }
+                        let key = (node.size, self.key(n), n);
+                        if !self.pools[seg.pool as usize].index.contains(&key) {
+                            return Err(format!("node {n}: free but not indexed"));
+                        }
+                        indexed += 1;
+                        if f.stamp == 0 {
+                            t.ready += mapped;
+                            t.ready_count += u64::from(mapped > 0);
+                            t.releasable += releasable;
+                        } else {
+                            t.pending += mapped;
+                            t.pending_count += 1;
+                        }
+                        let should = f.stamp == 0 && releasable > 0;
+                        if node.on_lru != should {
+                            return Err(format!("node {n}: on the LRU list {}", node.on_lru));
+                        }
+                    }
+                    None => {
+                        if mapped != node.size {
+                            return Err(format!("node {n}: taken on unmapped pages"));
+                        }
+                        if node.on_lru {
+                            return Err(format!("node {n}: taken, on the LRU list"));
+                        }
+                        t.taken += node.size;
+                    }
+                }
+                prev_free = node.free.is_some();
+                at += node.size;
+                prev = n;
+                n = node.next;
+            }
+            if at != seg.size {
+                return Err(format!("segment {s}: nodes cover {at} of {}", seg.size));
+            }
+        }
+        let in_index: usize = self.pools.iter().map(|p| p.index.len()).sum();
+        if in_index != indexed {
+            return Err(format!("{in_index} indexed, {indexed} free"));
+        }
+        let mut on_lru = 0;
+        let mut n = self.lru_head;
+        while n != NIL {
+            on_lru += 1;
+            n = self.nodes[n as usize].lru_next;
+        }
+        let should: usize = self.nodes.iter().filter(|n| n.on_lru).count();
+        if on_lru != should {
+            return Err(format!("LRU list holds {on_lru}, {should} flagged"));
+        }
+        if t != self.totals {
+            return Err(format!("totals {:?}, counted {t:?}", self.totals));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn arena() -> Arena<u32> {
+        Arena::default()
+    }
+
+    #[test]
+    fn a_segment_splits_and_merges_back_whole() {
+        let mut a = arena();
+        a.add_segment(0, Class::Large, 7, 20 * MIB);
+        let x = a.carve(0, Class::Large, 4 * MIB).unwrap();
+        let y = a.carve(0, Class::Large, 6 * MIB).unwrap();
+        assert_eq!((x.offset, y.offset), (0, 4 * MIB));
+        a.check().unwrap();
+        assert_eq!(a.totals().taken, 10 * MIB);
+        assert_eq!(
+            a.totals().releasable,
+            0,
+            "a split segment is not releasable"
+        );
+        a.release(x.node, 0);
+        a.check().unwrap();
+        // The freed 4 MiB serves a 3 MiB request (best fit, lowest address).
+        let z = a.carve(0, Class::Large, 3 * MIB).unwrap();
+        assert_eq!(z.offset, 0);
+        a.release(z.node, 0);
+        a.release(y.node, 0);
+        a.check().unwrap();
+        let t = a.totals();
+        assert_eq!(
+            (t.ready_count, t.ready, t.releasable),
+            (1, 20 * MIB, 20 * MIB)
+        );
+        drop((x, y, z));
+        let trimmed = a.trim(1);
+        assert!(matches!(trimmed[..], [Trimmed::Segment { raw: 7, size, .. }] if size == 20 * MIB));
+        assert_eq!(a.totals().reserved, 0);
+        a.check().unwrap();
+    }
+
+    #[test]
+    fn best_fit_takes_the_smallest_node_that_holds_the_request() {
+        let mut a = arena();
+        a.add_segment(0, Class::Large, 1, 64 * MIB);
+        let blocks: Vec<_> = [8, 1, 16, 1, 4, 1]
+            .iter()
+            .map(|&m| a.carve(0, Class::Large, m * MIB).unwrap())
+            .collect();
+        // Free the 8, 16 and 4 MiB blocks (separated by live 1 MiB ones).
+        for i in [0, 2, 4] {
+            a.release(blocks[i].node, 0);
+        }
+        a.check().unwrap();
+        let c = a.carve(0, Class::Large, 3 * MIB).unwrap();
+        assert_eq!(c.offset, blocks[4].offset, "the 4 MiB hole is the best fit");
+        let d = a.carve(0, Class::Large, 9 * MIB).unwrap();
+        assert_eq!(d.offset, blocks[2].offset, "the 16 MiB hole");
+        a.check().unwrap();
+    }
+
+    #[test]
+    fn in_flight_stamps_merge_to_the_latest_and_promote_when_passed() {
+        let mut a = arena();
+        a.add_segment(3, Class::Small, 1, 2 * MIB);
+        let x = a.carve(3, Class::Small, MIB).unwrap();
+        let y = a.carve(3, Class::Small, MIB).unwrap();
+        a.release(x.node, 5);
+        a.release(y.node, 9);
+        a.check().unwrap();
+        let t = a.totals();
+        assert_eq!((t.pending_count, t.pending, t.releasable), (1, 2 * MIB, 0));
+        assert!(a.trim(u64::MAX).is_empty(), "nothing in flight is trimmed");
+        // The merged node carries the later stamp out when carved.
+        let z = a.carve(3, Class::Small, 512).unwrap();
+        assert_eq!(z.stamp, 9);
+        a.release(z.node, 9);
+        assert_eq!(a.oldest_due(3), Some(9));
+        assert_eq!(a.promote(3, 8), 0);
+        assert_eq!(a.promote(3, 9), 1);
+        a.check().unwrap();
+        assert_eq!(a.totals().releasable, 2 * MIB);
+    }
+
+    #[test]
+    fn pools_are_apart() {
+        let mut a = arena();
+        a.add_segment(0, Class::Small, 1, 2 * MIB);
+        assert!(
+            a.carve(1, Class::Small, 512).is_none(),
+            "another queue's pool"
+        );
+        assert!(a.carve(0, Class::Large, 512).is_none(), "another class");
+        assert!(a.carve(0, Class::Small, 4 * MIB).is_none(), "too large");
+    }
+
+    #[test]
+    fn growable_segments_map_pages_under_blocks_and_unmap_free_ones() {
+        let mut a = arena();
+        let page = 2 * MIB;
+        a.add_range(0, Class::Large, 9, 1 << 30, page);
+        let x = a.carve(0, Class::Large, 3 * MIB).unwrap();
+        assert_eq!(x.maps, vec![(0, 4 * MIB)]);
+        let y = a.carve(0, Class::Large, 3 * MIB).unwrap();
+        // It starts on the mapped page x ends on: only the next is new.
+        assert_eq!(
+            (y.offset, y.maps.clone()),
+            (3 * MIB, vec![(4 * MIB, 6 * MIB)])
+        );
+        a.check().unwrap();
+        assert_eq!(a.totals().reserved, 6 * MIB);
+        a.release(x.node, 0);
+        a.check().unwrap();
+        // x's first page is wholly free; its second is shared with y.
+        assert_eq!(a.totals().releasable, 2 * MIB);
+        let t = a.trim(u64::MAX);
+        assert!(matches!(&t[..], [Trimmed::Pages { runs, .. }] if runs == &vec![(0, 2 * MIB)]));
+        a.check().unwrap();
+        assert_eq!(a.totals().reserved, 4 * MIB);
+        // Carving there again maps it again.
+        let z = a.carve(0, Class::Large, MIB).unwrap();
+        assert_eq!((z.offset, z.maps.clone()), (0, vec![(0, 2 * MIB)]));
+        a.release(z.node, 0);
+        a.release(y.node, 0);
+        a.check().unwrap();
+        assert_eq!(a.totals().releasable, 6 * MIB);
+        a.trim(u64::MAX);
+        assert_eq!(a.totals().reserved, 0);
+        a.check().unwrap();
+    }
+
+    #[test]
+    fn a_failed_map_is_undone() {
+        let mut a = arena();
+        a.add_range(0, Class::Small, 9, 1 << 30, 2 * MIB);
+        let x = a.carve(0, Class::Small, MIB).unwrap();
+        a.unmark_mapped(x.node, &x.maps);
+        a.release(x.node, 0);
+        a.check().unwrap();
+        assert_eq!(a.totals().reserved, 0);
+    }
+
+    /// Random carves, releases (some in flight), promotions and trims,
+    /// with the invariants checked after every step.
+    #[test]
+    fn random_operations_keep_every_invariant() {
+        let mut seed = 0x1234_5678_9ABC_DEF0u64;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for growable in [false, true] {
+            let mut a = arena();
+            if growable {
+                a.add_range(0, Class::Large, 0, 1 << 32, 2 * MIB);
+            } else {
+                for i in 0..4 {
+                    a.add_segment(0, Class::Large, i, 32 * MIB);
+                }
+            }
+            let mut live: Vec<Carved<u32>> = Vec::new();
+            let mut clock = 1;
+            for step in 0..4000 {
+                match rnd(10) {
+                    0..=4 => {
+                        let size = (1 + rnd(8 * MIB / GRANULE)) * GRANULE;
+                        if let Some(c) = a.carve(0, Class::Large, size) {
+                            live.push(c);
+                        }
+                    }
+                    5..=7 if !live.is_empty() => {
+                        let c = live.swap_remove(rnd(live.len() as u64) as usize);
+                        let stamp = if rnd(2) == 0 { 0 } else { clock + rnd(5) };
+                        a.release(c.node, stamp);
+                    }
+                    8 => {
+                        clock += 1;
+                        a.promote(0, clock);
+                    }
+                    _ => {
+                        a.trim(rnd(16 * MIB));
+                    }
+                }
+                a.check().unwrap_or_else(|e| panic!("step {step}: {e}"));
+                for c in &live {
+                    assert_eq!(a.nodes[c.node as usize].size, c.size);
+                    assert!(a.nodes[c.node as usize].free.is_none());
+                }
+            }
+        }
+    }
+}
