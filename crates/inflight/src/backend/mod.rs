@@ -33,6 +33,8 @@
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod manual;
+#[cfg(feature = "metal")]
+pub mod metal;
 #[cfg(feature = "sim")]
 pub mod sim;
 #[cfg(feature = "vulkan")]
