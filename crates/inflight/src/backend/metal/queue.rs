@@ -13,10 +13,13 @@
 //!    value up to `v` finished: the event is the watermark.
 //! 3. A completed handler reads the command buffer's status and error
 //!    ([`super::errors`]), the checksums, and records the outcome. A command
-//!    buffer that failed may never have reached its signal: the handler
-//!    then sets the event to `v` from the host (`setSignaledValue:` only
-//!    raises it), so the next submission's wait and every host waiter go
-//!    on; a failed submission counts as completed (its work is over).
+//!    buffer that failed may never have reached its signal, so every
+//!    handler raises the event from the host (`setSignaledValue:` only
+//!    raises it) to the highest value whose handler, and every earlier
+//!    one's, has run: the next submission's wait and every host waiter go
+//!    on, a failed submission counts as completed (its work is over), and
+//!    the event still never runs ahead of a value whose predecessors may be
+//!    running (a failure can end a command buffer before the one before it).
 //! 4. `v` is recorded as submitted, then the command buffer is committed.
 //!
 //! # Waiting
@@ -232,11 +235,7 @@ fn finish(value: u64, cb: &CommandBuffer, job: InFlight) {
     .failure(value);
     let q = &job.queue;
     match &failure {
-        Some(e) => {
-            job.outcome.set(Err(e.clone()));
-            // The failed buffer may never have reached its signal.
-            q.event.setSignaledValue(value);
-        }
+        Some(e) => job.outcome.set(Err(e.clone())),
         None => {
             let sums = job
                 .chunks
@@ -247,6 +246,10 @@ fn finish(value: u64, cb: &CommandBuffer, job: InFlight) {
             job.outcome.set(Ok(sums));
         }
     }
-    q.timeline.finish(value, failure);
+    let finished = q.timeline.finish(value, failure);
+    // Step 3's host signal (a no-op where the GPU's signals got there).
+    if q.event.signaledValue() < finished {
+        q.event.setSignaledValue(finished);
+    }
     q.dev.give_back_chunks(job.chunks);
 }

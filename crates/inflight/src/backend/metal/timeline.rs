@@ -10,7 +10,9 @@
 //! [`TimelineBook::watermark`]. Each command buffer also has a completed
 //! handler, which reports how it finished ([`TimelineBook::finish`]): that
 //! is where failures come from, and where the watermark still advances when
-//! a failed command buffer never reached its signal.
+//! a failed command buffer never reached its signal: the handler then
+//! raises the event from the host, but only to [`TimelineBook::finished`],
+//! so the event never claims a value whose predecessors may still run.
 //!
 //! # Watermark
 //!
@@ -164,12 +166,16 @@ impl Timeline {
         f(&mut book)
     }
 
-    /// [`TimelineBook::finish`], then wakes every waiter.
-    pub fn finish(&self, value: u64, failure: Option<DeviceError>) {
+    /// [`TimelineBook::finish`], then wakes every waiter. Returns the
+    /// highest value whose handler, and every earlier one's, has run: the
+    /// value the event may be raised to from the host.
+    pub fn finish(&self, value: u64, failure: Option<DeviceError>) -> u64 {
         let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
         book.finish(value, failure);
+        let finished = book.finished();
         drop(book);
         self.cv.notify_all();
+        finished
     }
 
     /// Blocks until every value `<= value` has finished (handlers only), the
@@ -356,8 +362,8 @@ mod tests {
         assert_eq!(t.wait_finished(1, Duration::ZERO), Ok(false));
         let t2 = t.clone();
         let h = std::thread::spawn(move || t2.wait_finished(2, Duration::from_secs(30)));
-        t.finish(2, None);
-        t.finish(1, None);
+        assert_eq!(t.finish(2, None), 0, "1 has not finished");
+        assert_eq!(t.finish(1, None), 2);
         assert_eq!(h.join().unwrap(), Ok(true));
         // Unsubmitted values time out.
         assert_eq!(t.wait_finished(3, Duration::from_millis(20)), Ok(false));
