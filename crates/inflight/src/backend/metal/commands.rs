@@ -24,7 +24,7 @@
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use objc2::rc::Retained;
+use objc2::rc::{autoreleasepool, Retained};
 use objc2::runtime::ProtocolObject;
 use objc2_foundation::NSRange;
 use objc2_metal::{
@@ -74,7 +74,9 @@ unsafe impl Send for MetalCommands {}
 
 impl MetalCommands {
     pub(crate) fn new(queue: Arc<QueueShared>) -> Result<MetalCommands, DeviceError> {
-        let cb = queue.command_buffer()?;
+        // Command buffers and encoders come back autoreleased: a pool per
+        // call, so a long-lived thread does not keep them until it exits.
+        let cb = autoreleasepool(|_| queue.command_buffer())?;
         Ok(MetalCommands {
             queue,
             cb,
@@ -135,9 +137,7 @@ impl MetalCommands {
     fn compute(&mut self) -> Result<(&ComputeEncoder, bool), DeviceError> {
         if !matches!(self.open, Open::Compute { .. }) {
             self.end_encoder(true)?;
-            let encoder = self
-                .cb
-                .computeCommandEncoder()
+            let encoder = autoreleasepool(|_| self.cb.computeCommandEncoder())
                 .ok_or_else(|| DeviceError::Other("no compute encoder".into()))?;
             if self.fence_updated {
                 if let Some(f) = &self.fence {
@@ -162,9 +162,7 @@ impl MetalCommands {
     fn blit(&mut self) -> Result<&BlitEncoder, DeviceError> {
         if !matches!(self.open, Open::Blit(_)) {
             self.end_encoder(true)?;
-            let encoder = self
-                .cb
-                .blitCommandEncoder()
+            let encoder = autoreleasepool(|_| self.cb.blitCommandEncoder())
                 .ok_or_else(|| DeviceError::Other("no blit encoder".into()))?;
             if self.fence_updated {
                 if let Some(f) = &self.fence {
@@ -210,12 +208,12 @@ impl MetalCommands {
             None
         };
         let chunk = result.map(|slot| self.chunks[slot / SLOTS_PER_CHUNK].buffer.clone());
-        let pipeline = self.queue.dev.clone();
+        let dev = self.queue.dev.clone();
         let (encoder, after_another) = self.compute()?;
         if after_another {
             encoder.memoryBarrierWithScope(MTLBarrierScope::Buffers);
         }
-        encoder.setComputePipelineState(pipeline.kernels.get(kernel));
+        encoder.setComputePipelineState(dev.kernels.get(kernel));
         for (index, b) in bufs.iter().enumerate() {
             // SAFETY: the binding was checked against its raw buffer above,
             // so the offset lies inside it and the span after it; index

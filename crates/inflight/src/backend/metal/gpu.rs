@@ -57,9 +57,8 @@ impl MetalGpu {
     /// Opens the system's default Metal device and compiles the harness
     /// kernels. Without a device this is [`DeviceError::Unsupported`].
     pub fn new(config: MetalConfig) -> Result<Self, DeviceError> {
-        Ok(MetalGpu {
-            dev: Arc::new(DeviceShared::open(config)?),
-        })
+        let dev = objc2::rc::autoreleasepool(|_| DeviceShared::open(config))?;
+        Ok(MetalGpu { dev: Arc::new(dev) })
     }
 
     /// The settings it was opened with.
@@ -326,14 +325,11 @@ impl Drop for MetalBuffer {
 }
 
 impl MetalQueue {
-    /// The `MTLCommandQueue`.
+    /// The `MTLCommandQueue`. Work a program commits on it directly is
+    /// outside the queue's timeline: nothing stamps the buffers it uses.
+    /// (The queue's shared event is not handed out: setting its value from
+    /// outside would move the watermark.)
     pub fn command_queue(&self) -> &ProtocolObject<dyn objc2_metal::MTLCommandQueue> {
         &self.inner.queue
-    }
-
-    /// The queue's timeline event: its `signaledValue` is the completed
-    /// watermark.
-    pub fn event(&self) -> &ProtocolObject<dyn objc2_metal::MTLSharedEvent> {
-        &self.inner.event
     }
 }

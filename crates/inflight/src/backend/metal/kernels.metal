@@ -17,8 +17,9 @@ struct Params {
     uint slot;  // the checksum's slot in the bound result buffer
 };
 
-// Threads per threadgroup of every dispatch (the checksum reduces them).
-constant uint GROUP = 256;
+// Threads per threadgroup of every dispatch (the checksum reduces them); a
+// macro, so it is a constant expression for the threadgroup array's size.
+#define GROUP 256u
 
 kernel void inflight_fill(device uint* dst [[buffer(0)]],
                           constant Params& p [[buffer(3)]],

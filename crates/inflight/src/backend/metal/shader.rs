@@ -75,7 +75,7 @@ mod tests {
                 "{k:?}"
             );
         }
-        assert!(SOURCE.contains(&format!("constant uint GROUP = {GROUP};")));
+        assert!(SOURCE.contains(&format!("#define GROUP {GROUP}u")));
         assert!(SOURCE.contains(&format!("constant Params& p [[buffer({PARAMS_INDEX})]]")));
         assert!(SOURCE.contains(&format!("results [[buffer({RESULTS_INDEX})]]")));
         assert!(SOURCE.contains("uint count;") && SOURCE.contains("uint arg;"));
