@@ -68,7 +68,10 @@ pub(crate) struct QueueShared {
     event_wait: bool,
 }
 
-/// What a completed handler needs, taken once.
+/// What a completed handler needs, taken once. It crosses to the Metal
+/// thread that runs the handler (block2 does not ask for `Send`): from
+/// submission on nothing else touches it, the chunks are read only after
+/// the GPU finished with them, and the rest is `Send + Sync`.
 struct InFlight {
     queue: Arc<QueueShared>,
     outcome: Arc<Outcome>,
@@ -80,18 +83,11 @@ struct InFlight {
 
 /// Objects a command buffer uses that must live until it completes even
 /// when it was made with unretained references: other queues' events it
-/// waits on, and its fence.
-/// Held, never read: they only need to live.
+/// waits on, and its fence. Held, never read.
 pub(crate) struct KeepAlive {
     pub(crate) _events: Vec<Retained<SharedEvent>>,
     pub(crate) _fence: Option<Retained<ProtocolObject<dyn MTLFence>>>,
 }
-
-// SAFETY: the handler runs once, on a Metal thread, after the GPU finished
-// the command buffer; the chunks and kept objects are touched by nothing
-// else from submission on (see `ResultChunk`), and `Arc<QueueShared>` and
-// `Arc<Outcome>` are shared by design.
-unsafe impl Send for InFlight {}
 
 impl QueueShared {
     pub(crate) fn new(dev: Arc<DeviceShared>) -> Result<QueueShared, DeviceError> {
