@@ -1,7 +1,7 @@
 //! The Metal backend, on objc2-metal: the incident's own API, made the way
 //! MLX makes it. Apple targets only; elsewhere the `metal` feature builds
-//! just the parts that need no Metal ([`errors`], [`residency`],
-//! [`timeline`]), which are unit-tested everywhere, and [`probe`] says why
+//! just the parts that need no Metal ([`errors`], and the crate-private
+//! `residency` and `timeline`), which are unit-tested everywhere, and [`probe`] says why
 //! the backend cannot run. See `docs/METAL.md`.
 //!
 //! - **Buffers** (`MetalBuffer`): `newBufferWithLength:options:` with
@@ -47,9 +47,9 @@
 #![cfg_attr(not(target_vendor = "apple"), allow(dead_code))]
 
 pub mod errors;
-pub mod residency;
+pub(crate) mod residency;
 mod shader;
-pub mod timeline;
+pub(crate) mod timeline;
 
 #[cfg(target_vendor = "apple")]
 mod commands;

@@ -94,11 +94,6 @@ impl ResidencyBudget {
         self.unwired.values().sum()
     }
 
-    /// Number of wired buffers.
-    pub fn wired_count(&self) -> usize {
-        self.wired.len()
-    }
-
     /// Places a new buffer: wired if it fits under the budget.
     pub fn insert(&mut self, id: u64, bytes: u64) -> Placement {
         if self.wired.contains_key(&id) {
@@ -218,7 +213,6 @@ mod tests {
         );
         assert_eq!(r.insert(3, 40), Placement::Wired);
         assert_eq!((r.wired_bytes(), r.unwired_bytes()), (100, 50));
-        assert_eq!(r.wired_count(), 2);
     }
 
     #[test]

@@ -59,11 +59,6 @@ pub struct TimelineBook {
 }
 
 impl TimelineBook {
-    /// A timeline with nothing submitted.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// Checks that `value` may be submitted next: the device is not lost and
     /// `value` is above every value submitted so far. Returns the value
     /// submitted before it (0 for the first), the one its signal must wait
@@ -85,11 +80,6 @@ impl TimelineBook {
     pub fn submitted(&mut self, value: u64) {
         debug_assert!(value > self.submitted, "checked by check_next");
         self.submitted = self.submitted.max(value);
-    }
-
-    /// The last value submitted.
-    pub fn last_submitted(&self) -> u64 {
-        self.submitted
     }
 
     /// Records that `value`'s completed handler ran, with the error it
@@ -137,11 +127,6 @@ impl TimelineBook {
     /// [`DeviceError::Lost`] once a failure lost the device.
     pub fn lost(&self) -> Option<DeviceError> {
         self.lost.as_ref().map(|why| DeviceError::Lost(why.clone()))
-    }
-
-    /// Marks the device lost (a failure seen outside a handler).
-    pub fn lose(&mut self, why: impl Into<String>) {
-        self.lost.get_or_insert_with(|| why.into());
     }
 }
 
@@ -261,7 +246,7 @@ mod tests {
 
     #[test]
     fn values_must_increase() {
-        let mut b = TimelineBook::new();
+        let mut b = TimelineBook::default();
         assert_eq!(b.check_next(1), Ok(0));
         b.submitted(1);
         assert_eq!(b.check_next(2), Ok(1));
@@ -269,12 +254,11 @@ mod tests {
         b.submitted(2);
         // A gap is allowed: the signal waits for the last value submitted.
         assert_eq!(b.check_next(5), Ok(2));
-        assert_eq!(b.last_submitted(), 2);
     }
 
     #[test]
     fn the_watermark_is_the_event_up_to_the_last_submitted_value() {
-        let mut b = TimelineBook::new();
+        let mut b = TimelineBook::default();
         assert_eq!(b.watermark(0), 0);
         b.submitted(1);
         b.submitted(2);
@@ -291,7 +275,7 @@ mod tests {
 
     #[test]
     fn handlers_out_of_order_advance_only_a_contiguous_prefix() {
-        let mut b = TimelineBook::new();
+        let mut b = TimelineBook::default();
         for v in 1..=4 {
             b.submitted(v);
         }
@@ -306,7 +290,7 @@ mod tests {
 
     #[test]
     fn duplicate_and_unsubmitted_values_are_ignored() {
-        let mut b = TimelineBook::new();
+        let mut b = TimelineBook::default();
         b.submitted(1);
         assert!(!b.finish(0, None));
         assert!(!b.finish(2, Some(failed(2))));
@@ -317,7 +301,7 @@ mod tests {
 
     #[test]
     fn failures_are_taken_in_order_and_counted_as_completed() {
-        let mut b = TimelineBook::new();
+        let mut b = TimelineBook::default();
         for v in 1..=3 {
             b.submitted(v);
         }
@@ -332,7 +316,7 @@ mod tests {
 
     #[test]
     fn kept_failures_are_bounded() {
-        let mut b = TimelineBook::new();
+        let mut b = TimelineBook::default();
         let n = KEPT_FAILURES as u64 + 5;
         for v in 1..=n {
             b.submitted(v);
@@ -343,7 +327,7 @@ mod tests {
 
     #[test]
     fn a_lost_device_refuses_submissions() {
-        let mut b = TimelineBook::new();
+        let mut b = TimelineBook::default();
         b.submitted(1);
         b.finish(1, Some(DeviceError::Lost("removed".into())));
         assert_eq!(b.lost(), Some(DeviceError::Lost("removed".into())));
