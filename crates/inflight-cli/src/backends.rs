@@ -23,15 +23,21 @@ pub enum BackendName {
     /// it); `INFLIGHT_VULKAN_DEVICE` chooses the device.
     #[cfg(feature = "vulkan")]
     Vulkan,
+    /// Metal (macOS): buffers and command buffers made as MLX makes them,
+    /// command buffers with retained references under `--policy retained`
+    /// only; no validation layer the harness reads (`MTL_DEBUG_LAYER=1`
+    /// asserts instead: docs/METAL.md).
+    #[cfg(feature = "metal")]
+    Metal,
 }
 
 /// CUDA has no validation layer the harness can read: a reuse in flight shows
 /// as a corrupted checksum, a release in flight as one too (the memory pool
 /// keeps freed memory mapped) or as a device fault, reported as an error.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", all(feature = "metal", target_vendor = "apple")))]
 struct NoValidation;
 
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", all(feature = "metal", target_vendor = "apple")))]
 impl Validator for NoValidation {
     fn violations(&self) -> u64 {
         0
@@ -108,6 +114,14 @@ pub trait BackendJob {
         backend: B,
         validator: &dyn Validator,
     ) -> anyhow::Result<Self::Output>;
+
+    /// The release policy the job's allocator follows, for backends whose
+    /// settings follow it (Metal's command-buffer references): read only
+    /// where Metal is built.
+    #[cfg_attr(not(all(feature = "metal", target_vendor = "apple")), allow(dead_code))]
+    fn policy(&self) -> Option<inflight::PolicyKind> {
+        None
+    }
 }
 
 impl Validator for SimGpu {
@@ -199,5 +213,39 @@ pub fn with_backend<J: BackendJob>(
             );
             job.run(gpu.clone(), &gpu)
         }
+        #[cfg(feature = "metal")]
+        BackendName::Metal => with_metal(job),
     }
+}
+
+/// Metal, with command-buffer references as the job's policy wants them
+/// (retained for `retained`, MLX's unretained otherwise).
+#[cfg(all(feature = "metal", target_vendor = "apple"))]
+fn with_metal<J: BackendJob>(job: J) -> anyhow::Result<J::Output> {
+    use inflight::backend::metal::{MetalConfig, MetalGpu};
+    let policy = job.policy().unwrap_or(inflight::PolicyKind::Deferred);
+    let gpu = MetalGpu::new(MetalConfig::for_policy(policy))?;
+    eprintln!(
+        "metal: {}, {} command-buffer references, residency set {}, validation layer {}",
+        inflight::Backend::info(&gpu).name,
+        if gpu.config().retained_references {
+            "retained"
+        } else {
+            "unretained"
+        },
+        if gpu.has_residency_set() { "on" } else { "off" },
+        if std::env::var("MTL_DEBUG_LAYER").is_ok_and(|v| v == "1") {
+            "on (MTL_DEBUG_LAYER=1)"
+        } else {
+            "off"
+        }
+    );
+    job.run(gpu, &NoValidation)
+}
+
+/// Metal runs only on Apple platforms: a clear error elsewhere.
+#[cfg(all(feature = "metal", not(target_vendor = "apple")))]
+fn with_metal<J: BackendJob>(_job: J) -> anyhow::Result<J::Output> {
+    inflight::backend::metal::probe()?;
+    anyhow::bail!("the Metal backend is not built for this platform")
 }

@@ -496,6 +496,10 @@ struct InflightJob<'a> {
 impl BackendJob for InflightJob<'_> {
     type Output = Vec<Row>;
 
+    fn policy(&self) -> Option<inflight::PolicyKind> {
+        Some(self.policy.kind())
+    }
+
     fn run<B: Harness>(self, backend: B, _: &dyn Validator) -> anyhow::Result<Vec<Row>> {
         let alloc = Allocator::new(backend, Config::default().with_policy(self.policy))?;
         let info = alloc.device_info().clone();
@@ -658,6 +662,10 @@ pub fn command(a: BenchArgs) -> anyhow::Result<ExitCode> {
         #[cfg(feature = "vulkan")]
         BackendName::Vulkan => {
             note("vulkan: inflight rows only (the CUDA and PyTorch peers need --backend cuda)")
+        }
+        #[cfg(feature = "metal")]
+        BackendName::Metal => {
+            note("metal: inflight rows only (the CUDA and PyTorch peers need --backend cuda)")
         }
     }
 

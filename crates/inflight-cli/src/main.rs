@@ -281,6 +281,10 @@ struct ReproJob<'a> {
 impl BackendJob for ReproJob<'_> {
     type Output = Report;
 
+    fn policy(&self) -> Option<PolicyKind> {
+        Some(self.policy.kind())
+    }
+
     fn run<B: Harness>(self, backend: B, validator: &dyn Validator) -> anyhow::Result<Report> {
         let w = self.workload;
         let goal = match w.duration {
@@ -517,6 +521,10 @@ struct ReplayJob<'a> {
 
 impl BackendJob for ReplayJob<'_> {
     type Output = ReplayReport;
+
+    fn policy(&self) -> Option<PolicyKind> {
+        Some(self.policy.kind())
+    }
 
     fn run<B: Harness>(
         self,

@@ -929,11 +929,12 @@ impl<R> Arena<R> {
         out
     }
 
-    /// Checks every invariant from scratch (tests and debug builds): nodes
+    /// Checks every invariant from scratch (for tests): nodes
     /// tile each segment in address order, free nodes are maximal (no two
     /// adjacent) and indexed exactly once, the LRU list holds exactly the
     /// complete free nodes with releasable bytes, taken nodes lie on mapped
     /// pages, and the totals match.
+    #[cfg(any(test, feature = "testing"))]
     pub(crate) fn check(&self) -> Result<(), String> {
         let mut t = Totals {
             splits: self.totals.splits,

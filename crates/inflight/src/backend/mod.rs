@@ -34,6 +34,8 @@
 pub mod cuda;
 #[cfg(feature = "testing")]
 pub mod manual;
+#[cfg(feature = "metal")]
+pub mod metal;
 #[cfg(feature = "sim")]
 pub mod sim;
 #[cfg(feature = "vulkan")]

@@ -12,7 +12,7 @@
 //!   finishes it: its in-flight marks drop and the watermark advances, because
 //!   its work is over. The error is reported twice: on the queue, through
 //!   [`crate::Backend::take_failure`], and on the submission itself, through
-//!   [`crate::Backend::submission_failure`] and [`crate::Backend::results`].
+//!   [`crate::Backend::submission_failure`] and [`crate::Harness::results`].
 //! - **Device loss**: after [`Faults::lose_after_submissions`] accepted
 //!   submissions or [`Faults::lose_after`] of device time, whichever comes
 //!   first. A lost device completes nothing more and refuses every call but
