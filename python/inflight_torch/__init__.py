@@ -39,6 +39,7 @@ from typing import Any, Dict, Optional
 __all__ = [
     "enable",
     "enabled",
+    "configure",
     "load",
     "library_path",
     "backend",
@@ -158,9 +159,9 @@ def _declare(lib: ctypes.CDLL) -> None:
 
 def load(library: Optional[str] = None) -> ctypes.CDLL:
     """Loads the library (once; later calls return it) and checks its ABI
-    version. Needs no PyTorch: with ``INFLIGHT_TORCH_BACKEND=sim`` (or
-    ``enable(backend="sim")``'s configure call) it runs on inflight's
-    simulated GPU."""
+    version. Needs no PyTorch: with ``INFLIGHT_TORCH_BACKEND=sim``, or after
+    :func:`configure` with ``backend="sim"``, it runs on inflight's simulated
+    GPU."""
     global _lib, _path
     with _lock:
         if _lib is not None:
@@ -237,12 +238,42 @@ def _limit(v: Optional[int], what: str) -> int:
     return v
 
 
-def enable(
+def configure(
     policy: str = "deferred",
     cache_limit: Optional[int] = None,
     memory_limit: Optional[int] = None,
     library: Optional[str] = None,
     backend: Optional[str] = None,
+) -> ctypes.CDLL:
+    """Loads the library and configures it (``inflight_torch_configure``),
+    without PyTorch; returns the library. :func:`enable` calls it; called on
+    its own with ``backend="sim"`` it gives the C ABI over inflight's
+    simulated GPU, for tests without a GPU. Arguments as for :func:`enable`."""
+    if policy not in _POLICIES:
+        raise ValueError(f"policy must be one of {_POLICIES}, not {policy!r}")
+    if backend is not None and backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS} or None, not {backend!r}")
+    cache, memory = _limit(cache_limit, "cache_limit"), _limit(memory_limit, "memory_limit")
+    lib = load(library)
+    rc = lib.inflight_torch_configure(
+        policy.encode(), cache, memory, backend.encode() if backend else None
+    )
+    if rc == -2:
+        raise InflightTorchError(
+            "inflight_torch was configured too late: the library has already allocated"
+        )
+    if rc != 0:
+        raise InflightTorchError(
+            f"inflight_torch_configure failed ({rc}); the reason is on stderr"
+        )
+    return lib
+
+
+def enable(
+    policy: str = "deferred",
+    cache_limit: Optional[int] = None,
+    memory_limit: Optional[int] = None,
+    library: Optional[str] = None,
 ) -> None:
     """Makes inflight PyTorch's CUDA allocator. Call before CUDA is
     initialised (before any CUDA tensor, ``torch.cuda.init()``,
@@ -260,8 +291,10 @@ def enable(
       also sets the memory limit, through the memory-fraction hook.
     - ``library``: the path of ``libinflight_torch.so`` (see the module doc
       for where it is looked for otherwise).
-    - ``backend``: ``"cuda"`` (the default) or ``"sim"``
-      (``None``: ``INFLIGHT_TORCH_BACKEND``, else CUDA).
+
+    The backend is CUDA: PyTorch's kernels cannot use the simulated GPU's
+    addresses (:func:`configure` with ``backend="sim"`` is for tests), so
+    ``INFLIGHT_TORCH_BACKEND=sim`` in the environment is refused here.
 
     Raises :class:`InflightTorchError` if CUDA is already initialised (too
     late: PyTorch's own allocator is in use), or the library cannot be
@@ -271,14 +304,16 @@ def enable(
     global _enabled, _allocator
     if policy not in _POLICIES:
         raise ValueError(f"policy must be one of {_POLICIES}, not {policy!r}")
-    if backend is not None and backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS} or None, not {backend!r}")
-    args = dict(policy=policy, cache_limit=cache_limit, memory_limit=memory_limit, backend=backend)
+    args = dict(policy=policy, cache_limit=cache_limit, memory_limit=memory_limit)
     if _enabled is not None:
         if _enabled == args:
             return
         raise InflightTorchError(f"inflight_torch is already enabled with {_enabled}")
-    cache, memory = _limit(cache_limit, "cache_limit"), _limit(memory_limit, "memory_limit")
+    if os.environ.get("INFLIGHT_TORCH_BACKEND", "cuda").strip().lower() not in ("", "cuda"):
+        raise InflightTorchError(
+            "INFLIGHT_TORCH_BACKEND is set to "
+            f"{os.environ['INFLIGHT_TORCH_BACKEND']!r}: PyTorch needs the CUDA backend"
+        )
     import torch  # noqa: PLC0415 (the package loads without PyTorch)
 
     if torch.cuda.is_initialized():
@@ -287,20 +322,8 @@ def enable(
             "own allocator is in use. Call it at the start of the program, before anything "
             "touches CUDA (tensors on the GPU, torch.cuda.init(), torch.cuda.current_device())."
         )
-    lib = load(library)
-    if (backend or os.environ.get("INFLIGHT_TORCH_BACKEND", "cuda")) == "cuda":
-        _preload_nvrtc()
-    rc = lib.inflight_torch_configure(
-        policy.encode(), cache, memory, backend.encode() if backend else None
-    )
-    if rc == -2:
-        raise InflightTorchError(
-            "inflight_torch was configured too late: the library has already allocated"
-        )
-    if rc != 0:
-        raise InflightTorchError(
-            f"inflight_torch_configure failed ({rc}); the reason is on stderr"
-        )
+    _preload_nvrtc()
+    lib = configure(policy, cache_limit, memory_limit, library, backend="cuda")
     alloc = torch.cuda.memory.CUDAPluggableAllocator(
         _path, "inflight_torch_malloc", "inflight_torch_free"
     )

@@ -22,6 +22,8 @@
 //! Under `cargo test --benches` (no `--bench` argument) it runs a few short
 //! rounds, as a smoke test.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 use std::ffi::{c_char, c_int, c_void};
 use std::hint::black_box;
 use std::path::PathBuf;

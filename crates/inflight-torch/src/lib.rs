@@ -45,6 +45,7 @@
 //! the same order, with the same contracts.
 
 #![warn(missing_docs)]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod guard;
 mod kind;

@@ -4,6 +4,8 @@
 //! boundary, the backend chosen by the environment, and CUDA without a
 //! driver. Tests that read the library's stderr run in a child process.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 
 use std::time::{Duration, Instant};
@@ -320,10 +322,8 @@ fn child_bad_calls() {
     // A short struct gets the fields it has room for.
     let mut two = [0u64; 2];
     // SAFETY: `two` is valid for 16 bytes.
-    assert_eq!(
-        unsafe { (lib.stats_raw)(0, two.as_mut_ptr().cast(), 16) },
-        0
-    );
+    let rc = unsafe { (lib.stats_raw)(0, two.as_mut_ptr().cast(), 16) };
+    assert_eq!(rc, 0);
     let s = lib.stats(0).unwrap();
     assert_eq!(two, [s.allocated_bytes, s.peak_allocated_bytes]);
     // Too late to configure.

@@ -1,6 +1,8 @@
 //! The C header agrees with the library: every function it declares is
 //! exported, and its statistics struct has the Rust struct's size.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod common;
 
 #[test]
