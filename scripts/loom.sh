@@ -9,6 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export RUSTFLAGS="--cfg inflight_loom ${RUSTFLAGS:-}"
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
+# A miss that grows visits every front-cache slot (one lock each): more
+# branches in one execution than loom's default allows.
+export LOOM_MAX_BRANCHES="${LOOM_MAX_BRANCHES:-20000}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/loom}"
 # The biased lock's own models (src/biased.rs) and rule S2's handshake
 # (src/buffer.rs), then the allocator's.

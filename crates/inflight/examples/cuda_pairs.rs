@@ -56,6 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let sync_gpu = CudaGpu::new(CudaConfig {
         ordinal: 0,
         raw_alloc: RawAlloc::Sync,
+        ..CudaConfig::default()
     })?;
     for (label, size) in [
         ("1 KiB", 1u64 << 10),

@@ -14,7 +14,10 @@
 //!   is above zero (and always until the last [`crate::Allocator`] handle is
 //!   dropped), one strong reference to the allocator's shared state. A buffer
 //!   thus keeps its allocator alive (rule K1: a live buffer's home slot holds
-//!   a strong reference) without touching the shared reference count.
+//!   a strong reference) without touching the shared reference count. A
+//!   free uncounts its buffer *last*, after every other use of the
+//!   allocator (`Shared::uncount`): once the count is down, another
+//!   thread's free may let the reference go and tear the allocator down.
 //! - up to [`FRONT_DEFERRED`] **deferred shells**: buffers freed while their
 //!   work was in flight (their stamps kept). They are pending blocks not yet
 //!   filed, never released from here. Filed many under one state lock: the

@@ -6,7 +6,7 @@
 //! Normally: `parking_lot`'s mutex and std's atomics, re-exported as they
 //! are (no cost). Under loom: loom's atomics and fence, and a [`Mutex`] that
 //! offers the few parking_lot calls the core makes (`lock` without
-//! poisoning, `get_mut`, `data_ptr`, and `MutexGuard::unlocked`) over a
+//! poisoning, `data_ptr`, and `MutexGuard::unlocked`) over a
 //! loom mutex guarding a plain cell. Loom then sees every lock, unlock and
 //! atomic access as a scheduling point and models their happens-before
 //! edges; it does not check the cell's accesses for data races themselves
@@ -128,10 +128,6 @@ mod model {
                 mutex: self,
                 held: Some(self.lock.lock().unwrap_or_else(|e| e.into_inner())),
             }
-        }
-
-        pub(crate) fn get_mut(&mut self) -> &mut T {
-            self.value.get_mut()
         }
 
         pub(crate) fn data_ptr(&self) -> *mut T {

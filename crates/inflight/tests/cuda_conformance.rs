@@ -18,6 +18,7 @@ fn gpu(raw_alloc: RawAlloc) -> Option<impl Fn() -> CudaGpu> {
         CudaGpu::new(CudaConfig {
             ordinal: 0,
             raw_alloc,
+            ..CudaConfig::default()
         })
         .expect("a CUDA device")
     })

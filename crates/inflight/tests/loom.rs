@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use inflight::backend::{Backend, DeviceError, DeviceInfo, Span};
+use inflight::backend::{Backend, Binding, DeviceError, DeviceInfo, Harness, Span};
 use inflight::{Allocator, Buffer, Config, Limits};
 use loom::sync::atomic::{AtomicU64, Ordering};
 use loom::sync::Mutex;
@@ -60,11 +60,14 @@ struct Inner {
 }
 
 /// A raw buffer's books: size, owner epoch, uses (queue, value, owner).
-type RawBooks = (u64, u64, Vec<(usize, u64, u64)>);
+/// A raw buffer's size, the owner epochs of its byte ranges (start, end,
+/// epoch), and its uses not known complete (queue, value, owner, start, end).
+type RawBooks = (u64, Vec<(u64, u64, u64)>, Vec<(usize, u64, u64, u64, u64)>);
 
 #[derive(Default)]
 struct Books {
     next_id: u64,
+    next_owner: u64,
     bytes: u64,
     /// Live raw buffers: id → (size, owner epoch, uses (queue, value, owner)).
     live: HashMap<u64, RawBooks>,
@@ -78,7 +81,8 @@ struct Q {
     id: usize,
 }
 struct Cmds {
-    uses: Vec<u64>,
+    /// (raw id, start, end) of each use.
+    uses: Vec<(u64, u64, u64)>,
 }
 
 impl LoomGpu {
@@ -110,9 +114,15 @@ impl LoomGpu {
     }
 
     /// A new owner took `raw` from the allocator.
-    fn new_owner(&self, raw: &Raw) {
-        if let Some(b) = self.inner.books.lock().unwrap().live.get_mut(&raw.id) {
-            b.1 += 1;
+    /// The bytes of `b`'s block belong to a new owner from now on.
+    fn new_owner(&self, b: &Buffer<LoomGpu>) {
+        let (start, end) = (b.offset(), b.offset() + b.capacity());
+        let mut books = self.inner.books.lock().unwrap();
+        books.next_owner += 1;
+        let epoch = books.next_owner;
+        if let Some(r) = books.live.get_mut(&b.raw().id) {
+            r.1.retain(|&(a, z, _)| z <= start || end <= a);
+            r.1.push((start, end, epoch));
         }
     }
 
@@ -156,7 +166,7 @@ impl Backend for LoomGpu {
         b.bytes += bytes;
         b.next_id += 1;
         let id = b.next_id;
-        b.live.insert(id, (bytes, 0, Vec::new()));
+        b.live.insert(id, (bytes, Vec::new(), Vec::new()));
         Ok(Raw { id })
     }
 
@@ -168,7 +178,7 @@ impl Backend for LoomGpu {
             return;
         };
         b.bytes -= size;
-        for (q, v, _) in uses {
+        for (q, v, _, _, _) in uses {
             if !self.done(q, v) {
                 b.violations
                     .push(format!("I1: buffer {} released while {q}:{v} runs", raw.id));
@@ -193,44 +203,32 @@ impl Backend for LoomGpu {
         Ok(Cmds { uses: Vec::new() })
     }
 
-    fn fill(&self, c: &mut Cmds, dst: &Raw, _: Span, _: u32) -> Result<(), DeviceError> {
-        c.uses.push(dst.id);
-        Ok(())
-    }
-
-    fn copy(&self, c: &mut Cmds, s: &Raw, d: &Raw, _: Span) -> Result<(), DeviceError> {
-        c.uses.extend([s.id, d.id]);
-        Ok(())
-    }
-
-    fn add(&self, c: &mut Cmds, a: &Raw, b: &Raw, o: &Raw, _: Span) -> Result<(), DeviceError> {
-        c.uses.extend([a.id, b.id, o.id]);
-        Ok(())
-    }
-
-    fn checksum(&self, c: &mut Cmds, s: &Raw, _: Span) -> Result<usize, DeviceError> {
-        c.uses.push(s.id);
-        Ok(0)
+    fn zero(&self, c: &mut Cmds, dst: Binding<'_, Raw>, span: Span) -> Result<(), DeviceError> {
+        Harness::fill(self, c, dst, span, 0)
     }
 
     fn submit(&self, q: &Q, cmds: Cmds, value: u64) -> Result<usize, DeviceError> {
         let mut guard = self.inner.books.lock().unwrap();
         let b = &mut *guard;
-        for id in cmds.uses {
-            let Some((_, owner, uses)) = b.live.get_mut(&id) else {
+        for (id, start, end) in cmds.uses {
+            let Some((_, owners, uses)) = b.live.get_mut(&id) else {
                 b.violations
                     .push(format!("{}:{value} uses released buffer {id}", q.id));
                 continue;
             };
-            for &(uq, uv, uo) in uses.iter() {
-                if uo != *owner && !self.done(uq, uv) {
+            let owner = owners
+                .iter()
+                .find(|&&(a, z, _)| a <= start && start < z)
+                .map_or(0, |&(_, _, e)| e);
+            for &(uq, uv, uo, us, ue) in uses.iter() {
+                if us < end && start < ue && uo != owner && !self.done(uq, uv) {
                     b.violations.push(format!(
-                        "I2: {}:{value} reuses buffer {id} while {uq}:{uv} of its previous owner runs",
+                        "I2: {}:{value} reuses bytes of buffer {id} while {uq}:{uv} of their previous owner runs",
                         q.id
                     ));
                 }
             }
-            uses.push((q.id, value, *owner));
+            uses.push((q.id, value, owner, start, end));
         }
         self.inner.submitted[q.id].store(value, Ordering::Release);
         Ok(0)
@@ -250,6 +248,52 @@ impl Backend for LoomGpu {
             loom::thread::yield_now();
         }
         Ok(true)
+    }
+
+}
+
+/// The absolute byte range an operation on `span` of `b` uses.
+fn range(b: Binding<'_, Raw>, span: Span) -> (u64, u64, u64) {
+    let abs = b.absolute(span);
+    (b.raw.id, abs.offset, abs.end())
+}
+
+impl Harness for LoomGpu {
+    fn fill(&self, c: &mut Cmds, d: Binding<'_, Raw>, s: Span, _: u32) -> Result<(), DeviceError> {
+        c.uses.push(range(d, s));
+        Ok(())
+    }
+
+    fn copy(
+        &self,
+        c: &mut Cmds,
+        a: Binding<'_, Raw>,
+        d: Binding<'_, Raw>,
+        s: Span,
+    ) -> Result<(), DeviceError> {
+        c.uses.extend([range(a, s), range(d, s)]);
+        Ok(())
+    }
+
+    fn add(
+        &self,
+        c: &mut Cmds,
+        a: Binding<'_, Raw>,
+        b: Binding<'_, Raw>,
+        o: Binding<'_, Raw>,
+        s: Span,
+    ) -> Result<(), DeviceError> {
+        c.uses.extend([range(a, s), range(b, s), range(o, s)]);
+        Ok(())
+    }
+
+    fn checksum(&self, c: &mut Cmds, a: Binding<'_, Raw>, s: Span) -> Result<usize, DeviceError> {
+        c.uses.push(range(a, s));
+        Ok(0)
+    }
+
+    fn slots(&self, _: &usize) -> usize {
+        0
     }
 
     fn results(&self, _: &usize) -> Result<Vec<u64>, DeviceError> {
@@ -276,7 +320,7 @@ fn malloc(
     q: &inflight::Queue<LoomGpu>,
 ) -> Buffer<LoomGpu> {
     let b = a.malloc(size, q).unwrap();
-    gpu.new_owner(b.raw());
+    gpu.new_owner(&b);
     b
 }
 
@@ -352,7 +396,7 @@ fn frees_from_two_threads_and_a_completion() {
         let user = loom::thread::spawn(move || {
             drop(b0);
             let c = a2.malloc(KB4, &q1).unwrap();
-            g2.new_owner(c.raw());
+            g2.new_owner(&c);
             use_on(&q1, &c);
         });
         drop(b1);
@@ -415,7 +459,7 @@ fn trimmed_room_is_claimed_before_the_release() {
         let small = loom::thread::spawn(move || {
             let b = a2.malloc(KB4, &q2).ok();
             if let Some(b) = &b {
-                g2.new_owner(b.raw());
+                g2.new_owner(b);
             }
             (b, q2) // kept live until both have run
         });

@@ -20,7 +20,7 @@ use crate::timeline::QueueId;
 
 use super::malloc::FRONT_MAX;
 use super::state::State;
-use super::{BackendTime, FreeThrough, Shared, StateGuard};
+use super::{BackendTime, Shared, StateGuard};
 
 impl<B: Backend> Shared<B> {
     /// The free path (see the module documentation): `shell` is the buffer's,
@@ -50,42 +50,53 @@ impl<B: Backend> Shared<B> {
             let live = unsafe { shell.owned_live() };
             (live.held.get_mut().size, live.home)
         };
-        let (mut slot, keep, me) = self.free_through(home);
+        let me = self.fronts.me();
         if size > FRONT_MAX {
             // Front caches hold small blocks only (see `FRONT_MAX`).
-            drop(slot);
+            self.count_free(me);
             self.file_evicted(vec![shell], None);
-            return keep;
+            return self.uncount(home, me);
         }
-        let cap = self.fronts.cap_for(me);
-        if let Err(shell) = slot.try_push(size, shell, cap) {
-            let evicted = slot.push(size, shell, cap);
-            drop(slot);
-            // A slot takes its share of the cache limit at its first idle
-            // block that fits (see `Fronts::claim`).
-            let claim = (cap == 0 && size <= self.fronts.cap()).then_some(me);
-            self.file_evicted(evicted, claim);
-        }
-        keep
-    }
-
-    /// Uncounts a freed buffer from its home slot (K1) and enters the
-    /// calling thread's slot, where the block goes. Returns the section, the
-    /// home slot's reference to this allocator if it goes now (the caller
-    /// drops it last, after the section), and the calling thread's home.
-    #[inline]
-    pub(super) fn free_through(&self, home: u32) -> FreeThrough<'_, B> {
-        let me = self.fronts.me();
-        // Another thread's buffer: uncounted there first (no lock may be
-        // taken inside the section).
-        let remote = (me.slot() != home).then(|| self.fronts.uncount_remote(home));
         let mut slot = self.fronts.enter(me);
         slot.frees += 1;
-        let keep = match remote {
-            Some(keep) => keep,
-            None => slot.remove_live(self.fronts.closing()),
-        };
-        (slot, keep, me)
+        let cap = self.fronts.cap_for(me);
+        match slot.try_push(size, shell, cap) {
+            // The common case: done in one section, the uncount last.
+            Ok(()) if me.slot() == home => slot.remove_live(self.fronts.closing()),
+            Ok(()) => {
+                drop(slot);
+                self.uncount(home, me)
+            }
+            Err(shell) => {
+                let evicted = slot.push(size, shell, cap);
+                drop(slot);
+                // A slot takes its share of the cache limit at its first
+                // idle block that fits (see `Fronts::claim`).
+                let claim = (cap == 0 && size <= self.fronts.cap()).then_some(me);
+                self.file_evicted(evicted, claim);
+                self.uncount(home, me)
+            }
+        }
+    }
+
+    /// Uncounts a freed buffer from its home slot (rule K1). The free path's
+    /// last touch of this allocator: once the home slot's count is down, a
+    /// free on another thread may let the slot's reference go and tear the
+    /// allocator down. Returns the reference if this uncount let it go; the
+    /// caller drops it after every other use of `self`.
+    #[inline]
+    pub(super) fn uncount(&self, home: u32, me: Home) -> Option<Arc<Shared<B>>> {
+        if me.slot() == home {
+            self.fronts.enter(me).remove_live(self.fronts.closing())
+        } else {
+            self.fronts.uncount_remote(home)
+        }
+    }
+
+    /// Counts a free in the calling thread's slot (its counters), outside
+    /// the fast path.
+    pub(super) fn count_free(&self, me: Home) {
+        self.fronts.enter(me).frees += 1;
     }
 
     /// Moves shells evicted from a full slot (its older half, or a shell
@@ -125,18 +136,19 @@ impl<B: Backend> Shared<B> {
             // Stream-ordered: the program's work on those streams up to now.
             stamps.resolve_at_free(|q| self.queues.get(q).mark_use());
         }
+        let me = self.fronts.me();
         if self.config.policy.kind() == PolicyKind::Immediate {
-            let (slot, keep, _) = self.free_through(home);
-            drop(slot);
+            self.count_free(me);
             self.free_to_lists(shell);
-            return keep;
+            return self.uncount(home, me);
         }
         if self.first_incomplete_cached(stamps).is_none() {
             stamps.clear();
             return self.free_idle(shell);
         }
         // In flight: gathered in the slot, filed in a batch (see `front.rs`).
-        let (mut slot, keep, _) = self.free_through(home);
+        let mut slot = self.fronts.enter(me);
+        slot.frees += 1;
         let batch = if size > FRONT_MAX {
             Some(vec![shell])
         } else {
@@ -150,7 +162,7 @@ impl<B: Backend> Shared<B> {
             self.trim_to_cap(st);
             drop(spare); // after the lock
         }
-        keep
+        self.uncount(home, me)
     }
 
     /// Files a batch of shells freed in flight (from a slot), each by

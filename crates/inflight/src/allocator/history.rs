@@ -67,8 +67,8 @@ impl<B: Backend> Shared<B> {
         if stamps.has_uses_at_free() {
             stamps.resolve_at_free(|q| self.queues.get(q).mark_use());
         }
-        let (slot, keep, _) = self.free_through(home);
-        drop(slot);
+        let me = self.fronts.me();
+        self.count_free(me);
         // SAFETY: S1: as above; the shell leaves with its block.
         let mut block = unsafe { shell.unfill() };
         let mut st = lock_spinning(&self.state);
@@ -88,7 +88,7 @@ impl<B: Backend> Shared<B> {
         st.park(shell, &mut spare);
         self.trim_to_cap(st);
         drop(spare); // after the lock
-        keep
+        self.uncount(home, me)
     }
 
     /// Whether history is being recorded (the fast paths then step aside).

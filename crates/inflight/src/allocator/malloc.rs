@@ -317,15 +317,17 @@ impl<B: Backend> Shared<B> {
     /// The size of a new fixed segment for a block of `block` bytes: small
     /// blocks share 2 MiB segments, medium ones 20 MiB segments, larger
     /// ones get their own, rounded to 2 MiB; never past the device's
-    /// largest buffer.
-    fn segment_size(&self, class: Class, block: u64) -> u64 {
+    /// largest buffer, nor (beyond the block) a sixteenth of the memory
+    /// limit `memory`, so that every queue's pools fit under a small one.
+    fn segment_size(&self, class: Class, block: u64, memory: u64) -> u64 {
         let s = match class {
             Class::Small => SMALL_SEGMENT,
             Class::Large if block < MEDIUM_MAX => MEDIUM_SEGMENT,
             Class::Large => block.next_multiple_of(LARGE_ROUND),
         };
         let max = self.info.max_buffer_size & !(GRANULE - 1);
-        s.min(max).max(block)
+        let share = (memory / 16) & !(GRANULE - 1);
+        s.min(max).min(share.max(block)).max(block)
     }
 
     /// Makes sure `queue`'s pool of `class` has its growable segment: an
@@ -337,7 +339,7 @@ impl<B: Backend> Shared<B> {
         }
         let page = self.page_size(class);
         let size = self.info.memory_capacity.next_multiple_of(page);
-        match self.backend.reserve(size) {
+        match self.backend.reserve(size, page) {
             Ok(raw) => {
                 st.arena.add_range(queue, class, raw, size, page);
                 true
@@ -391,7 +393,7 @@ impl<B: Backend> Shared<B> {
             let mut need = if plan.is_some() {
                 0
             } else {
-                self.segment_size(class, block)
+                self.segment_size(class, block, st.limits.memory)
             };
             // Make room: to the GC limit (and the memory limit), or all of
             // it if the device refused.

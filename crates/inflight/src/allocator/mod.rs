@@ -66,10 +66,9 @@ use std::time::Instant;
 use crossbeam_utils::CachePadded;
 
 use crate::backend::{Backend, DeviceInfo};
-use crate::biased::Section;
 use crate::config::{validate_sizing, Config, Limits};
 use crate::error::{Error, Result};
-use crate::front::{Fronts, Home, SlotState};
+use crate::front::Fronts;
 use crate::policy::PolicyKind;
 use crate::stats::Stats;
 use crate::sync::{AtomicU64, AtomicUsize, Mutex, MutexGuard, Ordering};
@@ -182,11 +181,6 @@ pub(crate) struct Shared<B: Backend> {
 
 /// The state lock, held.
 type StateGuard<'a, B> = MutexGuard<'a, State<B>>;
-
-/// What `Shared::free_through` gives: the freeing thread's slot, entered;
-/// the home slot's reference to the allocator if it goes now (K1); and the
-/// freeing thread's `Home`.
-type FreeThrough<'a, B> = (Section<'a, SlotState<B>>, Option<Arc<Shared<B>>>, Home);
 
 /// Nanoseconds spent in the backend's slow calls, summed over threads.
 /// Statistics only, ordering nothing: std's atomics even under loom, so that

@@ -218,11 +218,14 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
-    /// Reserves an address range of `bytes` bytes (a multiple of the page
-    /// granularity) with nothing mapped: a growable segment's raw buffer.
+    /// Reserves an address range of `bytes` bytes with nothing mapped: a
+    /// growable segment's raw buffer. Every later [`Backend::map`] and
+    /// [`Backend::unmap`] on it covers whole pages of `page` bytes (a
+    /// multiple of the granularity, dividing `bytes`), aligned to them, so a
+    /// backend may back each page with one physical allocation.
     /// [`Backend::release`] gives it back once nothing in it is mapped.
-    fn reserve(&self, bytes: u64) -> Result<Self::Buffer, DeviceError> {
-        let _ = bytes;
+    fn reserve(&self, bytes: u64, page: u64) -> Result<Self::Buffer, DeviceError> {
+        let _ = (bytes, page);
         Err(DeviceError::Unsupported(
             "this backend has no growable segments".into(),
         ))

@@ -34,6 +34,7 @@
 
 mod driver;
 mod kernels;
+mod vmm;
 #[cfg(feature = "testing")]
 pub mod peers;
 
@@ -64,12 +65,25 @@ pub enum RawAlloc {
 }
 
 /// Settings of the CUDA backend.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct CudaConfig {
     /// The device's ordinal.
     pub ordinal: i32,
     /// Where raw buffers come from.
     pub raw_alloc: RawAlloc,
+    /// Whether growable segments (virtual memory management) are offered
+    /// where the device has them (on by default).
+    pub growable: bool,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        CudaConfig {
+            ordinal: 0,
+            raw_alloc: RawAlloc::default(),
+            growable: true,
+        }
+    }
 }
 
 /// A CUDA device. Clones share it.
@@ -90,6 +104,9 @@ struct Device {
     events: Mutex<Vec<Event>>,
     /// Result slabs not in use by any submission.
     slabs: Mutex<Vec<Slab>>,
+    /// The granularity of growable segments' physical memory, where the
+    /// device has virtual memory management (and it was not turned off).
+    granularity: Option<u64>,
 }
 
 /// Device slots for a submission's checksums and their pinned host copy.
@@ -105,6 +122,9 @@ struct Slab {
 pub struct CudaBuffer {
     ptr: DevicePtr,
     size: u64,
+    /// A growable segment's pages (`Backend::reserve`); `None` for memory
+    /// from `Backend::allocate`.
+    range: Option<Box<vmm::Range>>,
 }
 
 /// A CUDA stream with its timeline.
@@ -167,6 +187,11 @@ impl CudaGpu {
             RawAlloc::Pool => Some((MemPool::new(&ctx)?, Stream::new(&ctx)?)),
             RawAlloc::Sync => None,
         };
+        let granularity = if config.growable {
+            vmm::granularity(&ctx)
+        } else {
+            None
+        };
         Ok(CudaGpu {
             dev: Arc::new(Device {
                 ctx,
@@ -177,6 +202,7 @@ impl CudaGpu {
                 pool,
                 events: Mutex::new(Vec::new()),
                 slabs: Mutex::new(Vec::new()),
+                granularity,
             }),
         })
     }
@@ -419,12 +445,71 @@ impl Backend for CudaGpu {
                 ptr
             }
         };
-        Ok(CudaBuffer { ptr, size: bytes })
+        Ok(CudaBuffer {
+            ptr,
+            size: bytes,
+            range: None,
+        })
+    }
+
+    fn page_granularity(&self) -> Option<u64> {
+        self.dev.granularity
+    }
+
+    fn reserve(&self, bytes: u64, page: u64) -> Result<CudaBuffer, DeviceError> {
+        let Some(g) = self.dev.granularity else {
+            return Err(DeviceError::Unsupported(
+                "this device has no virtual memory management".into(),
+            ));
+        };
+        if page == 0 || page % g != 0 || bytes == 0 || bytes % page != 0 {
+            return Err(DeviceError::Unsupported(format!(
+                "cannot reserve {bytes} bytes in pages of {page} (granularity {g})"
+            )));
+        }
+        let ptr = vmm::reserve(&self.dev.ctx, bytes, page)?;
+        Ok(CudaBuffer {
+            ptr,
+            size: bytes,
+            range: Some(Box::new(vmm::Range {
+                page,
+                handles: Mutex::new(Default::default()),
+            })),
+        })
+    }
+
+    fn map(&self, range: &CudaBuffer, offset: u64, bytes: u64) -> Result<(), DeviceError> {
+        let Some(r) = &range.range else {
+            return Err(DeviceError::Unsupported("mapping into a plain buffer".into()));
+        };
+        let aligned = offset % r.page == 0 && bytes % r.page == 0 && bytes > 0;
+        if !aligned || offset + bytes > range.size {
+            return Err(DeviceError::Unsupported(format!(
+                "cannot map [{offset}, {}) of a range of {} bytes in pages of {}",
+                offset + bytes,
+                range.size,
+                r.page
+            )));
+        }
+        vmm::map(&self.dev.ctx, range.ptr, r, offset, bytes)
+    }
+
+    unsafe fn unmap(&self, range: &CudaBuffer, offset: u64, bytes: u64) {
+        if let Some(r) = &range.range {
+            // SAFETY: the caller's promises (1) and (2) are `vmm::unmap`'s.
+            unsafe { vmm::unmap(&self.dev.ctx, range.ptr, r, offset, bytes) };
+        }
     }
 
     unsafe fn release(&self, buffer: CudaBuffer) {
         let d = &self.dev;
         if d.ctx.make_current().is_err() {
+            return;
+        }
+        if let Some(r) = &buffer.range {
+            // SAFETY: a range this backend reserved (promise 1), which no
+            // submitted work uses any more (promise 2).
+            unsafe { vmm::release(&d.ctx, buffer.ptr, buffer.size, r) };
             return;
         }
         match &d.pool {

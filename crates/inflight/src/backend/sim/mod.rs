@@ -351,7 +351,7 @@ impl Backend for SimGpu {
         self.inner.config.page_granularity
     }
 
-    fn reserve(&self, bytes: u64) -> Result<SimBuffer, DeviceError> {
+    fn reserve(&self, bytes: u64, _page: u64) -> Result<SimBuffer, DeviceError> {
         self.check_lost()?;
         let Some(page) = self.inner.config.page_granularity else {
             return Err(DeviceError::Unsupported(
