@@ -120,25 +120,6 @@ struct Pages {
 }
 
 impl Pages {
-    /// Mapped bytes inside `[a, b)`.
-    fn mapped_within(&self, a: u64, b: u64) -> u64 {
-        let mut total = 0;
-        // The run starting at or before `a` may reach into the range.
-        let first = self
-            .runs
-            .range(..=a)
-            .next_back()
-            .map(|(&s, _)| s)
-            .unwrap_or(a);
-        for (&s, &e) in self.runs.range(first..b) {
-            let (lo, hi) = (s.max(a), e.min(b));
-            if hi > lo {
-                total += hi - lo;
-            }
-        }
-        total
-    }
-
     /// The unmapped page runs covering `[a, b)` (page aligned).
     fn unmapped_within(&self, a: u64, b: u64) -> Vec<(u64, u64)> {
         let (a, b) = (a / self.page * self.page, b.div_ceil(self.page) * self.page);
@@ -199,6 +180,24 @@ impl Pages {
         if b < e {
             self.runs.insert(b, e);
         }
+    }
+
+    /// The mapped bytes of `[a, b)` and of the whole pages inside it, at
+    /// once; in one lookup when one run maps all of it (the common case).
+    fn measure(&self, a: u64, b: u64) -> (u64, u64) {
+        let (pa, pb) = (a.div_ceil(self.page) * self.page, b / self.page * self.page);
+        let first = self
+            .runs
+            .range(..=a)
+            .next_back()
+            .map(|(&s, _)| s)
+            .unwrap_or(a);
+        let (mut mapped, mut whole) = (0, 0);
+        for (&s, &e) in self.runs.range(first..b) {
+            mapped += e.min(b).saturating_sub(s.max(a));
+            whole += e.min(pb).saturating_sub(s.max(pa));
+        }
+        (mapped, whole)
     }
 
     /// The mapped whole pages inside `[a, b)`, as runs.
@@ -366,9 +365,13 @@ impl<R> Arena<R> {
         self.segments[s as usize].as_ref().expect("a live segment")
     }
 
-    fn new_node(&mut self, node: Node) -> NodeId {
+    /// A node for `node`'s fields, reusing a retired one where there is.
+    /// A reused node keeps counting its generation: a heap entry left from
+    /// its former life (in any pool) must never match it again.
+    fn new_node(&mut self, mut node: Node) -> NodeId {
         match self.free_nodes.pop() {
             Some(n) => {
+                node.generation = self.nodes[n as usize].generation.wrapping_add(1);
                 self.nodes[n as usize] = node;
                 n
             }
@@ -666,15 +669,7 @@ impl<R> Arena<R> {
                 let whole = offset == 0 && size == s.size;
                 (size, if whole { size } else { 0 })
             }
-            Some(p) => {
-                let mapped = p.mapped_within(offset, offset + size);
-                let whole: u64 = p
-                    .whole_mapped_within(offset, offset + size)
-                    .iter()
-                    .map(|(a, b)| b - a)
-                    .sum();
-                (mapped, whole)
-            }
+            Some(p) => p.measure(offset, offset + size),
         }
     }
 

@@ -11,9 +11,11 @@
 //! inflight's one addition to PyTorch's vocabulary is when its entries
 //! happen: a buffer dropped while submitted work still uses it is
 //! [`MemoryAction::FreeRequested`] at the drop and
-//! [`MemoryAction::FreeCompleted`] only once that work completed (the
-//! viewer draws the span between as "freed but waiting"), where PyTorch
-//! writes both at once unless `record_stream` was called.
+//! [`MemoryAction::FreeCompleted`] only once the block is back in its pool:
+//! when that work completed, or at once where the only work left is its
+//! own queue's and that queue reuses memory in order (the viewer draws the
+//! span between as "freed but waiting"). PyTorch writes both at once unless
+//! `record_stream` was called.
 
 use crate::timeline::QueueId;
 
@@ -42,8 +44,9 @@ pub enum MemoryAction {
     Alloc,
     /// The buffer's last handle was dropped (`free_requested`).
     FreeRequested,
-    /// Every recorded use of the freed block completed: it may be reused by
-    /// any queue (`free_completed`).
+    /// The freed block is back in its pool (`free_completed`): every
+    /// recorded use completed, or the uses left are on its own queue, which
+    /// reuses it in order.
     FreeCompleted,
     /// A device allocation (`segment_alloc`).
     SegmentAlloc,

@@ -102,34 +102,29 @@ fn in_order_reuse_orders_other_queues_after_the_previous_owner() {
 }
 
 #[test]
-fn a_slot_files_its_shells_whose_work_completed_at_a_miss() {
+fn a_miss_files_the_slots_shells_freed_in_flight() {
     // No `stats()` until the end: a snapshot files every slot's shells.
     let gpu = ManualGpu::new(1 << 30, true);
     let alloc = Allocator::new(gpu.clone(), config()).unwrap();
     let q = alloc.create_queue().unwrap();
     let a = alloc.malloc(4096, &q).unwrap();
-    let id = a.block_id();
+    let (segment, offset) = (a.block_id() >> 40, a.offset());
     let v = use_on(&q, &a);
     drop(a);
-    // A miss of another size while the shell is in flight: the slot keeps
-    // it for in-order reuse.
+    // A miss of another size while the shell is in flight: the slot files
+    // it under the lock the miss takes anyway; the arena merges it with
+    // the free bytes after it (under its stamp), and the carve takes the
+    // lowest address that fits, in order on the shell's own queue.
     let b = alloc.malloc(8192, &q).unwrap();
-    // Its work completes. The next miss learns it from the backend (after
-    // its slot's filing); the one after files the shell as ready: idle now,
-    // it counts against the cache limit like any idle block, and is not
-    // kept in the slot beyond it.
-    gpu.complete(0, v);
-    let c = alloc.malloc(16384, &q).unwrap();
-    let d = alloc.malloc(32768, &q).unwrap();
-    let e = alloc.malloc(4096, &q).unwrap();
-    assert_eq!(e.block_id(), id);
+    assert_eq!((b.block_id() >> 40, b.offset()), (segment, offset));
     let s = balanced(alloc.stats());
     assert_eq!(
         (s.in_order_hits, s.cache_hits, s.device_allocations),
-        (0, 4, 1),
-        "a best fit from the arena, not an in-order take from the slot: {s:?}"
+        (1, 1, 1),
+        "an in-order carve over the filed shell: {s:?}"
     );
-    drop((b, c, d, e));
+    gpu.complete(0, v);
+    drop(b);
     assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
 }
 

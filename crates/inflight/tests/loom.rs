@@ -249,7 +249,6 @@ impl Backend for LoomGpu {
         }
         Ok(true)
     }
-
 }
 
 /// The absolute byte range an operation on `span` of `b` uses.

@@ -287,3 +287,41 @@ fn regression_promotion_refreshes_other_queues_watermarks() {
     ]);
     replay(false, &steps);
 }
+
+/// Shrunk by proptest: the arena reset a recycled node's generation, so a
+/// stale entry of another pool's due heap (left by a node merged away)
+/// matched the recycled node, now free in flight on another queue, and
+/// promoted it: `clear_cache` then released its segment in flight (I1).
+#[test]
+fn regression_in_order_reuse_after_clear_keeps_other_queues_uses() {
+    use Step::*;
+    let steps = [
+        Alloc { size: 4, queue: 0 },
+        Alloc {
+            size: 87041,
+            queue: 2,
+        },
+        Drop { buf: 5 },
+        Alloc { size: 4, queue: 0 },
+        Alloc { size: 4, queue: 2 },
+        Alloc { size: 4, queue: 2 },
+        Alloc {
+            size: 1048577,
+            queue: 0,
+        },
+        Alloc { size: 4, queue: 2 },
+        Bind { buf: 0, queue: 0 },
+        Bind { buf: 5, queue: 0 },
+        Drop { buf: 5 },
+        Drop { buf: 0 },
+        Commit { queue: 2 },
+        Drop { buf: 3 },
+        Alloc { size: 4, queue: 1 },
+        Bind { buf: 3, queue: 0 },
+        Drop { buf: 3 },
+        Clear,
+        Commit { queue: 1 },
+        Complete { queue: 2, upto: 1 },
+    ];
+    replay(true, &steps);
+}

@@ -18,7 +18,6 @@ use crate::policy::PolicyKind;
 use crate::sync::lock_spinning;
 use crate::timeline::QueueId;
 
-use super::malloc::FRONT_MAX;
 use super::state::State;
 use super::{BackendTime, Shared, StateGuard};
 
@@ -51,12 +50,6 @@ impl<B: Backend> Shared<B> {
             (live.held.get_mut().size, live.home)
         };
         let me = self.fronts.me();
-        if size > FRONT_MAX {
-            // Front caches hold small blocks only (see `FRONT_MAX`).
-            self.count_free(me);
-            self.file_evicted(vec![shell], None);
-            return self.uncount(home, me);
-        }
         let mut slot = self.fronts.enter(me);
         slot.frees += 1;
         let cap = self.fronts.cap_for(me);
@@ -149,11 +142,7 @@ impl<B: Backend> Shared<B> {
         // In flight: gathered in the slot, filed in a batch (see `front.rs`).
         let mut slot = self.fronts.enter(me);
         slot.frees += 1;
-        let batch = if size > FRONT_MAX {
-            Some(vec![shell])
-        } else {
-            slot.defer(size, shell)
-        };
+        let batch = slot.defer(size, shell);
         drop(slot);
         if let Some(batch) = batch {
             let mut st = lock_spinning(&self.state);

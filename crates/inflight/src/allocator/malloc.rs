@@ -19,7 +19,7 @@ use std::time::Instant;
 use crate::arena::{Carved, Class, GRANULE};
 use crate::backend::{Backend, DeviceError};
 use crate::block::Block;
-use crate::buffer::{pack_fence, BufferInner};
+use crate::buffer::{pack_fence, BufferInner, Shell};
 use crate::config::{round_size, DEFAULT_PAGE_SIZE, DEFAULT_SMALL_ALIGN};
 use crate::error::{Error, Result};
 use crate::front::{Deferred, Home};
@@ -44,11 +44,16 @@ const MEDIUM_MAX: u64 = 10 << 20;
 const MEDIUM_SEGMENT: u64 = 20 << 20;
 /// Larger requests get a fixed segment of their own, rounded to this.
 const LARGE_ROUND: u64 = 2 << 20;
-/// The largest block a front cache holds: the small pool's. A large block
-/// parked in a thread's front cache cannot merge with its free neighbours,
-/// and the pool then carves other requests elsewhere: on the shared traces
-/// front caches of every size raised peak reserved bytes by 1-24%, and of
-/// small blocks alone by nothing. Large blocks go through the arena.
+/// The largest block a front cache serves: the small pool's. A large
+/// block served from a thread's front cache would skip the arena's choice
+/// (the lowest-addressed of the smallest free blocks that hold it, after
+/// merging), and that choice is what keeps the pool's top low: on the
+/// shared traces, serving large blocks from front caches raised peak
+/// reserved bytes by up to 12% even for exact sizes only. So a free of a
+/// large block still lands in the freeing thread's front cache (no lock),
+/// but every large request misses there, and the miss gives the slot's
+/// large blocks back to the arena under the lock it takes anyway, before
+/// the carve.
 pub(crate) const FRONT_MAX: u64 = SMALL_MAX;
 /// Pages of growable small segments.
 pub(crate) const SMALL_PAGE: u64 = 2 << 20;
@@ -120,18 +125,14 @@ impl<B: Backend> Shared<B> {
             }
             return Ok(buf);
         }
-        // Else the slot's deferred shells are filed under the state lock the
-        // miss takes anyway, where promotion and the arena see them. A slot
-        // that reuses them in order itself keeps those still in flight; the
-        // rest are idle now and go to the arena, within the cache limit
-        // (I4), not kept here beyond it.
-        let deferred = if in_order {
-            slot.take_completed(|stamps| self.first_incomplete_cached(stamps).is_none())
-        } else {
-            slot.take_deferred()
-        };
+        // Else the slot's blocks freed in flight, and for a large request
+        // its large blocks, are filed under the state lock the miss takes
+        // anyway, before the carve: the arena then sees them, merged with
+        // their free neighbours, where the carve may use them (in order,
+        // for blocks in flight on this queue).
+        let filed = slot.take_for_miss((block > FRONT_MAX).then_some(FRONT_MAX));
         drop(slot);
-        self.malloc_miss(size, block, queue, home, deferred)
+        self.malloc_miss(size, block, queue, home, filed)
     }
 
     /// The block size for a request of `size` bytes, and the largest block
@@ -175,9 +176,9 @@ impl<B: Backend> Shared<B> {
         block: u64,
         queue: &Arc<QueueShared<B>>,
         home: Home,
-        deferred: Deferred<B>,
+        filed: (Vec<Shell<B>>, Deferred<B>),
     ) -> Result<Buffer<B>> {
-        let r = self.malloc_locked(size, block, queue, home.slot(), deferred);
+        let r = self.malloc_locked(size, block, queue, home.slot(), filed);
         if r.is_err() {
             // Not counted after all (K1); `self` is an `Arc` the caller
             // holds, so the slot's reference is never the last.
@@ -197,20 +198,32 @@ impl<B: Backend> Shared<B> {
         block: u64,
         queue: &Arc<QueueShared<B>>,
         home: u32,
-        deferred: Deferred<B>,
+        (idle, deferred): (Vec<Shell<B>>, Deferred<B>),
     ) -> Result<Buffer<B>> {
         // With work outstanding on the queue, learn how far it got (and of
         // a failure or a lost device, reported here rather than after a
         // buffer from the cache was handed out).
-        if queue.submitted.load(Ordering::Acquire) > queue.watermark.get() {
+        let fault = if queue.submitted.load(Ordering::Acquire) > queue.watermark.get() {
             self.refresh(queue);
-            queue.check_fault()?;
-        }
+            queue.check_fault()
+        } else {
+            Ok(())
+        };
         let class = Class::of(block);
         let mut st = lock_spinning(&self.state);
         let mut spare = Vec::new();
         let mut segments = Vec::new();
+        // The slot's blocks are filed even when the call fails: nothing
+        // taken out of a slot is lost.
+        for shell in idle {
+            self.file_shell(&mut st, shell, &mut spare);
+        }
         self.file_deferred(&mut st, deferred, &mut spare);
+        if let Err(e) = fault {
+            self.trim_to_cap(st);
+            drop(spare); // after the lock
+            return Err(e);
+        }
         let mut carved = self.carve_cached(&mut st, queue.id, class, block);
         if carved.is_none() {
             // Gather what is idle elsewhere before growing.

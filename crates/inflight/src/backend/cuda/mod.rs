@@ -34,9 +34,9 @@
 
 mod driver;
 mod kernels;
-mod vmm;
 #[cfg(feature = "testing")]
 pub mod peers;
+mod vmm;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -480,7 +480,9 @@ impl Backend for CudaGpu {
 
     fn map(&self, range: &CudaBuffer, offset: u64, bytes: u64) -> Result<(), DeviceError> {
         let Some(r) = &range.range else {
-            return Err(DeviceError::Unsupported("mapping into a plain buffer".into()));
+            return Err(DeviceError::Unsupported(
+                "mapping into a plain buffer".into(),
+            ));
         };
         let aligned = offset % r.page == 0 && bytes % r.page == 0 && bytes > 0;
         if !aligned || offset + bytes > range.size {
