@@ -1,101 +1,150 @@
 //! The shared conformance suite on a real NVIDIA GPU through the CUDA
-//! backend. Where no driver is found (CI has no GPU) each test says so in one
-//! line and passes without running; on a machine with a driver every check
-//! runs, under both raw-allocation modes where it matters.
-#![cfg(feature = "cuda")]
+//! backend, under its own harness (libtest-mimic, `harness = false` in
+//! Cargo.toml). The backend is probed once. Where it cannot run (no driver,
+//! as in CI; no GPU; no NVRTC) every GPU test is reported as ignored,
+//! the reason is printed once on stderr, and only the no-driver test runs.
+//! On a machine with a GPU every check runs, under both raw-allocation modes
+//! where it matters, and the no-driver test is the one ignored.
+//!
+//! The usual flags work: a name filter, `--exact`, `--skip`, `--list`,
+//! `--test-threads`, `--ignored`/`--include-ignored` (a GPU test forced to
+//! run where the backend is missing is ignored again, with the reason).
 
 use inflight::backend::cuda::{probe_driver, CudaConfig, CudaGpu, RawAlloc};
+use inflight::backend::DeviceError;
 use inflight::conformance as c;
+use libtest_mimic::{Arguments, Completion, Trial};
 
-/// A fresh backend on device 0, or `None` (with the reason printed) when this
-/// machine has no CUDA driver.
-fn gpu(raw_alloc: RawAlloc) -> Option<impl Fn() -> CudaGpu> {
-    if let Err(e) = probe_driver() {
-        println!("skipped: {e}");
-        return None;
+/// A check of the shared suite.
+type Check = fn(c::Factory<'_, CudaGpu>);
+
+fn main() {
+    let args = Arguments::from_args();
+    // Once: the driver, then device 0 (which also needs NVRTC).
+    // `Unsupported` is the backend's word for "cannot run here", and so is a
+    // driver that finds no GPU (cuInit's CUDA_ERROR_NO_DEVICE); any other
+    // error is left to the tests, which fail with it.
+    let missing = match CudaGpu::new(CudaConfig::default()) {
+        Err(e @ DeviceError::Unsupported(_)) => Some(e.to_string()),
+        Err(e) if e.to_string().contains("CUDA_ERROR_NO_DEVICE") => Some(e.to_string()),
+        Ok(_) | Err(_) => None,
+    };
+    let missing = missing.as_deref();
+    let checks: [(&str, Check); 12] = [
+        ("ops_compute", c::ops_compute),
+        ("timeline_advances_in_order", c::timeline_advances_in_order),
+        (
+            "wait_times_out_on_unsubmitted_value",
+            c::wait_times_out_on_unsubmitted_value,
+        ),
+        (
+            "freed_buffers_become_reusable_after_completion",
+            c::freed_buffers_become_reusable_after_completion,
+        ),
+        (
+            "reuse_on_another_queue_is_ordered",
+            c::reuse_on_another_queue_is_ordered,
+        ),
+        (
+            "in_order_reuse_bound_on_another_queue_is_ordered",
+            c::in_order_reuse_bound_on_another_queue_is_ordered,
+        ),
+        (
+            "an_unseen_buffer_rebound_sees_only_its_own_writes",
+            an_unseen_buffer_rebound_sees_only_its_own_writes,
+        ),
+        ("cross_queue_use_is_stamped", c::cross_queue_use_is_stamped),
+        (
+            "clear_cache_releases_everything",
+            c::clear_cache_releases_everything,
+        ),
+        (
+            "retained_policy_keeps_bindings_alive",
+            c::retained_policy_keeps_bindings_alive,
+        ),
+        ("bad_input_is_refused", c::bad_input_is_refused),
+        (
+            "memory_limit_gives_out_of_memory",
+            c::memory_limit_gives_out_of_memory,
+        ),
+    ];
+    let mut trials: Vec<Trial> = checks
+        .into_iter()
+        .map(|(name, check)| trial(name, missing, move || check(&gpu(RawAlloc::default()))))
+        .collect();
+    trials.extend([
+        trial(
+            "whole_suite_with_cu_mem_alloc",
+            missing,
+            whole_suite_with_cu_mem_alloc,
+        ),
+        trial(
+            "no_driver_is_an_error_not_a_panic",
+            probe_driver().is_ok().then_some("a CUDA driver is present"),
+            no_driver_is_an_error_not_a_panic,
+        ),
+        trial(
+            "cross_stream_hazard_deferred_is_clean",
+            missing,
+            cross_stream_hazard_deferred_is_clean,
+        ),
+        trial(
+            "cross_stream_hazard_immediate_corrupts",
+            missing,
+            cross_stream_hazard_immediate_corrupts,
+        ),
+    ]);
+    if let Some(reason) = missing {
+        let ignored = trials.iter().filter(|t| t.has_ignored_flag()).count();
+        eprintln!(
+            "cuda_conformance: {ignored} of {} tests ignored: {reason}",
+            trials.len()
+        );
     }
-    Some(move || {
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// The trial `name`: runs `test`; or, given the reason it `cannot` run here,
+/// is ignored (and, run anyway with `--ignored`, ignored again with the
+/// reason).
+fn trial(name: &str, cannot: Option<&str>, test: impl FnOnce() + Send + 'static) -> Trial {
+    match cannot {
+        None => Trial::test(name, move || {
+            test();
+            Ok(())
+        }),
+        Some(reason) => {
+            let reason = reason.to_owned();
+            Trial::ignorable_test(name, move || Ok(Completion::ignored_with(reason)))
+                .with_ignored_flag(true)
+        }
+    }
+}
+
+/// A factory of fresh backends on device 0 (the probe found a driver).
+fn gpu(raw_alloc: RawAlloc) -> impl Fn() -> CudaGpu {
+    move || {
         CudaGpu::new(CudaConfig {
             ordinal: 0,
             raw_alloc,
             ..CudaConfig::default()
         })
         .expect("a CUDA device")
-    })
-}
-
-fn run(check: fn(c::Factory<'_, CudaGpu>)) {
-    if let Some(make) = gpu(RawAlloc::default()) {
-        check(&make);
     }
 }
 
-#[test]
-fn ops_compute() {
-    run(c::ops_compute);
+fn an_unseen_buffer_rebound_sees_only_its_own_writes(make: c::Factory<'_, CudaGpu>) {
+    // How often the GPU was still busy enough for a rebinding.
+    let n = c::an_unseen_buffer_rebound_sees_only_its_own_writes(make);
+    eprintln!("an_unseen_buffer_rebound_sees_only_its_own_writes: {n} of 8 rebound");
 }
-#[test]
-fn timeline_advances_in_order() {
-    run(c::timeline_advances_in_order);
-}
-#[test]
-fn wait_times_out_on_unsubmitted_value() {
-    run(c::wait_times_out_on_unsubmitted_value);
-}
-#[test]
-fn freed_buffers_become_reusable_after_completion() {
-    run(c::freed_buffers_become_reusable_after_completion);
-}
-#[test]
-fn reuse_on_another_queue_is_ordered() {
-    run(c::reuse_on_another_queue_is_ordered);
-}
-#[test]
-fn in_order_reuse_bound_on_another_queue_is_ordered() {
-    run(c::in_order_reuse_bound_on_another_queue_is_ordered);
-}
-#[test]
-fn an_unseen_buffer_rebound_sees_only_its_own_writes() {
-    run(|make| {
-        // How often the GPU was still busy enough for a rebinding.
-        let n = c::an_unseen_buffer_rebound_sees_only_its_own_writes(make);
-        eprintln!("an_unseen_buffer_rebound_sees_only_its_own_writes: {n} of 8 rebound");
-    });
-}
-#[test]
-fn cross_queue_use_is_stamped() {
-    run(c::cross_queue_use_is_stamped);
-}
-#[test]
-fn clear_cache_releases_everything() {
-    run(c::clear_cache_releases_everything);
-}
-#[test]
-fn retained_policy_keeps_bindings_alive() {
-    run(c::retained_policy_keeps_bindings_alive);
-}
-#[test]
-fn bad_input_is_refused() {
-    run(c::bad_input_is_refused);
-}
-#[test]
-fn memory_limit_gives_out_of_memory() {
-    run(c::memory_limit_gives_out_of_memory);
-}
-#[test]
+
 fn whole_suite_with_cu_mem_alloc() {
-    if let Some(make) = gpu(RawAlloc::Sync) {
-        c::run_all(&make);
-    }
+    c::run_all(&gpu(RawAlloc::Sync));
 }
 
 /// Without a driver, opening a device is an error, never a panic.
-#[test]
 fn no_driver_is_an_error_not_a_panic() {
-    if probe_driver().is_ok() {
-        println!("skipped: a CUDA driver is present");
-        return;
-    }
     let r = std::panic::catch_unwind(CudaGpu::default_device);
     match r {
         Ok(Err(e)) => assert!(e.to_string().contains("CUDA"), "{e}"),
@@ -141,11 +190,8 @@ fn cross_stream_reuse(make: &dyn Fn() -> CudaGpu, policy: inflight::Policy) -> (
     (corrupted, reused, ROUNDS)
 }
 
-#[test]
 fn cross_stream_hazard_deferred_is_clean() {
-    let Some(make) = gpu(RawAlloc::default()) else {
-        return;
-    };
+    let make = gpu(RawAlloc::default());
     let (corrupted, reused, rounds) = cross_stream_reuse(&make, inflight::Policy::DEFERRED);
     println!("deferred: {corrupted}/{rounds} corrupted, {reused} reused in flight");
     assert_eq!(
@@ -155,11 +201,8 @@ fn cross_stream_hazard_deferred_is_clean() {
     assert_eq!(corrupted, 0);
 }
 
-#[test]
 fn cross_stream_hazard_immediate_corrupts() {
-    let Some(make) = gpu(RawAlloc::default()) else {
-        return;
-    };
+    let make = gpu(RawAlloc::default());
     // SAFETY: `Policy::immediate` contract (1): here the reused block is
     // never released (the cache limit is far above 64 MiB), so the defect
     // is a data race between two streams on memory this test owns; the

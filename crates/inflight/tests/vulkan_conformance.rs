@@ -2,14 +2,17 @@
 //! is one), with the Khronos validation layer watching: every check must
 //! also leave zero messages from the layer.
 //!
-//! Without Vulkan these tests skip with a one-line reason, except with
-//! `CI=true`, where they fail. With `CI=true` the validation layer is
-//! required; elsewhere it is used when installed.
+//! The file has its own harness (libtest-mimic, `harness = false` in
+//! Cargo.toml), which opens a device once before the tests. Without Vulkan
+//! every test is reported as ignored and the reason is printed once on
+//! stderr, except with `CI=true`, where every test fails with the reason.
+//! With `CI=true` the validation layer is required; elsewhere it is used
+//! when installed. A test that cannot run on the device it finds (too small,
+//! no layer) is ignored at run time, with the reason.
 //!
 //! `immediate_policy_draws_the_layers_vuid` demonstrates the defect: it
 //! re-runs this test binary as a child process (the release in flight may
 //! crash lavapipe) and looks for the layer's VUID in the child's output.
-#![cfg(feature = "vulkan")]
 
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -18,6 +21,7 @@ use std::time::Duration;
 use inflight::backend::vulkan::{ValidationRequest, VulkanConfig, VulkanGpu};
 use inflight::conformance as c;
 use inflight::{Allocator, Config, Policy};
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
 /// Set in the child process of the immediate-policy demonstration.
 const CHILD_ENV: &str = "INFLIGHT_VULKAN_IMMEDIATE_CHILD";
@@ -43,28 +47,138 @@ fn config() -> VulkanConfig {
     }
 }
 
-/// A device, or `None` (after a one-line reason) when Vulkan is missing
-/// outside CI.
-fn probe(test: &str) -> Option<VulkanGpu> {
+/// What the probe found.
+enum Found {
+    /// A device opened: the tests run.
+    Device,
+    /// No Vulkan here, for this reason: the tests are ignored.
+    Missing(String),
+    /// No Vulkan under `CI=true`, for this reason: the tests fail.
+    MissingInCi(String),
+}
+
+/// Opens a device once, with the tests' own settings.
+fn probe() -> Found {
     match VulkanGpu::new(config()) {
         Ok(g) => {
             if !g.validation_enabled() {
-                eprintln!("{test}: note: running without the validation layer (not installed)");
+                eprintln!("vulkan_conformance: note: running without the validation layer (not installed)");
             }
-            Some(g)
+            Found::Device
         }
-        Err(e) if in_ci() => panic!("{test}: Vulkan is required in CI: {e}"),
-        Err(e) => {
-            eprintln!("{test}: skipped: {e}");
-            None
+        Err(e) if in_ci() => Found::MissingInCi(format!("Vulkan is required in CI: {e}")),
+        Err(e) => Found::Missing(e.to_string()),
+    }
+}
+
+/// A check of the shared suite.
+type Check = fn(c::Factory<'_, VulkanGpu>);
+
+fn main() {
+    let args = Arguments::from_args();
+    // The demonstration's child runs one test, on a device its parent found.
+    let found = if std::env::var_os(CHILD_ENV).is_some() {
+        Found::Device
+    } else {
+        probe()
+    };
+    let checks: [(&str, Check); 12] = [
+        ("ops_compute", c::ops_compute),
+        ("timeline_advances_in_order", c::timeline_advances_in_order),
+        (
+            "wait_times_out_on_unsubmitted_value",
+            c::wait_times_out_on_unsubmitted_value,
+        ),
+        (
+            "freed_buffers_become_reusable_after_completion",
+            c::freed_buffers_become_reusable_after_completion,
+        ),
+        (
+            "reuse_on_another_queue_is_ordered",
+            c::reuse_on_another_queue_is_ordered,
+        ),
+        (
+            "in_order_reuse_bound_on_another_queue_is_ordered",
+            c::in_order_reuse_bound_on_another_queue_is_ordered,
+        ),
+        (
+            "an_unseen_buffer_rebound_sees_only_its_own_writes",
+            an_unseen_buffer_rebound_sees_only_its_own_writes,
+        ),
+        ("cross_queue_use_is_stamped", c::cross_queue_use_is_stamped),
+        (
+            "clear_cache_releases_everything",
+            c::clear_cache_releases_everything,
+        ),
+        (
+            "retained_policy_keeps_bindings_alive",
+            c::retained_policy_keeps_bindings_alive,
+        ),
+        ("bad_input_is_refused", c::bad_input_is_refused),
+        (
+            "memory_limit_gives_out_of_memory",
+            c::memory_limit_gives_out_of_memory,
+        ),
+    ];
+    let mut trials: Vec<Trial> = checks
+        .into_iter()
+        .map(|(name, check)| {
+            trial(name, &found, move || {
+                clean(check);
+                Completion::Completed
+            })
+        })
+        .collect();
+    trials.extend([
+        trial("long_spans_are_split", &found, long_spans_are_split),
+        trial(
+            "immediate_policy_draws_the_layers_vuid",
+            &found,
+            immediate_policy_draws_the_layers_vuid,
+        ),
+    ]);
+    match &found {
+        Found::Device => {}
+        Found::Missing(reason) => {
+            eprintln!(
+                "vulkan_conformance: {} tests ignored: {reason}",
+                trials.len()
+            );
+        }
+        Found::MissingInCi(reason) => {
+            eprintln!("vulkan_conformance: {} tests fail: {reason}", trials.len());
+        }
+    }
+    libtest_mimic::run(&args, trials).exit();
+}
+
+/// The trial `name`, as the probe allows: it runs `test`; or, without
+/// Vulkan, it is ignored (and, run anyway with `--ignored`, ignored again
+/// with the reason); or, without Vulkan under `CI=true`, it fails with the
+/// reason.
+fn trial(name: &str, found: &Found, test: impl FnOnce() -> Completion + Send + 'static) -> Trial {
+    match found {
+        Found::Device => Trial::ignorable_test(name, move || Ok(test())),
+        Found::Missing(reason) => {
+            let reason = reason.clone();
+            Trial::ignorable_test(name, move || Ok(Completion::ignored_with(reason)))
+                .with_ignored_flag(true)
+        }
+        Found::MissingInCi(reason) => {
+            let reason = reason.clone();
+            Trial::test(name, move || Err(Failed::from(reason)))
         }
     }
 }
 
+/// A fresh device (the probe opened one like it).
+fn device() -> VulkanGpu {
+    VulkanGpu::new(config()).expect("a device like the probe's")
+}
+
 /// Runs `check` on fresh Vulkan devices and asserts the layer said nothing.
-fn clean(test: &str, check: fn(c::Factory<'_, VulkanGpu>)) {
-    let Some(first) = probe(test) else { return };
-    let made = Mutex::new(vec![first]);
+fn clean(check: Check) {
+    let made = Mutex::new(vec![device()]);
     let make = || {
         let g = VulkanGpu::new(config()).expect("a second device like the first");
         made.lock().unwrap().push(g.clone());
@@ -81,97 +195,22 @@ fn clean(test: &str, check: fn(c::Factory<'_, VulkanGpu>)) {
     }
 }
 
-#[test]
-fn ops_compute() {
-    clean("ops_compute", c::ops_compute);
-}
-#[test]
-fn timeline_advances_in_order() {
-    clean("timeline_advances_in_order", c::timeline_advances_in_order);
-}
-#[test]
-fn wait_times_out_on_unsubmitted_value() {
-    clean(
-        "wait_times_out_on_unsubmitted_value",
-        c::wait_times_out_on_unsubmitted_value,
-    );
-}
-#[test]
-fn freed_buffers_become_reusable_after_completion() {
-    clean(
-        "freed_buffers_become_reusable_after_completion",
-        c::freed_buffers_become_reusable_after_completion,
-    );
-}
-#[test]
-fn reuse_on_another_queue_is_ordered() {
-    clean(
-        "reuse_on_another_queue_is_ordered",
-        c::reuse_on_another_queue_is_ordered,
-    );
-}
-#[test]
-fn in_order_reuse_bound_on_another_queue_is_ordered() {
-    clean(
-        "in_order_reuse_bound_on_another_queue_is_ordered",
-        c::in_order_reuse_bound_on_another_queue_is_ordered,
-    );
-}
-#[test]
-fn an_unseen_buffer_rebound_sees_only_its_own_writes() {
+fn an_unseen_buffer_rebound_sees_only_its_own_writes(make: c::Factory<'_, VulkanGpu>) {
     // Vulkan queues do not order memory here: nothing is reused in order,
     // so nothing is rebound, and the check says so.
-    clean(
-        "an_unseen_buffer_rebound_sees_only_its_own_writes",
-        |make| {
-            assert_eq!(
-                c::an_unseen_buffer_rebound_sees_only_its_own_writes(make),
-                0
-            )
-        },
-    );
-}
-#[test]
-fn cross_queue_use_is_stamped() {
-    clean("cross_queue_use_is_stamped", c::cross_queue_use_is_stamped);
-}
-#[test]
-fn clear_cache_releases_everything() {
-    clean(
-        "clear_cache_releases_everything",
-        c::clear_cache_releases_everything,
-    );
-}
-#[test]
-fn retained_policy_keeps_bindings_alive() {
-    clean(
-        "retained_policy_keeps_bindings_alive",
-        c::retained_policy_keeps_bindings_alive,
-    );
-}
-#[test]
-fn bad_input_is_refused() {
-    clean("bad_input_is_refused", c::bad_input_is_refused);
-}
-#[test]
-fn memory_limit_gives_out_of_memory() {
-    clean(
-        "memory_limit_gives_out_of_memory",
-        c::memory_limit_gives_out_of_memory,
-    );
+    assert_eq!(
+        c::an_unseen_buffer_rebound_sees_only_its_own_writes(make),
+        0
+    )
 }
 
 /// Spans longer than one storage-buffer binding are split, and the checksum
 /// index runs on across the pieces (lavapipe's range is 128 MiB).
-#[test]
-fn long_spans_are_split() {
-    let Some(gpu) = probe("long_spans_are_split") else {
-        return;
-    };
+fn long_spans_are_split() -> Completion {
+    let gpu = device();
     let len: u64 = (160 << 20) + 12;
     if gpu_info_too_small(&gpu, len) {
-        eprintln!("long_spans_are_split: skipped: device too small for {len} bytes");
-        return;
+        return Completion::ignored_with(format!("device too small for {len} bytes"));
     }
     let alloc = Allocator::new(gpu.clone(), Config::default()).unwrap();
     let q = alloc.create_queue().unwrap();
@@ -212,6 +251,7 @@ fn long_spans_are_split() {
         "{:#?}",
         gpu.violation_log()
     );
+    Completion::Completed
 }
 
 fn gpu_info_too_small(gpu: &VulkanGpu, len: u64) -> bool {
@@ -223,18 +263,14 @@ fn gpu_info_too_small(gpu: &VulkanGpu, len: u64) -> bool {
 /// The defect, reproduced: under `Immediate`, trimming a buffer that a
 /// submitted command buffer still uses draws the layer's VUID (lavapipe
 /// then often crashes, which is why this runs in a child process).
-#[test]
-fn immediate_policy_draws_the_layers_vuid() {
+fn immediate_policy_draws_the_layers_vuid() -> Completion {
     if std::env::var_os(CHILD_ENV).is_some() {
         immediate_child();
-        return;
+        return Completion::Completed;
     }
-    let Some(gpu) = probe("immediate_policy_draws_the_layers_vuid") else {
-        return;
-    };
+    let gpu = device();
     if !gpu.validation_enabled() {
-        eprintln!("immediate_policy_draws_the_layers_vuid: skipped: no validation layer");
-        return;
+        return Completion::ignored_with("no validation layer");
     }
     drop(gpu);
     let child = Command::new(std::env::current_exe().unwrap())
@@ -272,6 +308,7 @@ fn immediate_policy_draws_the_layers_vuid() {
             .join(", "),
         out.status
     );
+    Completion::Completed
 }
 
 /// The child: commits long work on a buffer, drops it, and trims the cache
