@@ -153,39 +153,42 @@ fn no_driver_is_an_error_not_a_panic() {
     }
 }
 
-/// The cross-stream hazard, shown: queue A writes a 64 MiB buffer many
-/// times; the host drops it right after commit and allocates the same size
-/// for queue B, which fills and checksums it. Under `immediate` B gets A's
-/// block while A still writes it, and B's checksums come out wrong; under
-/// `deferred` B gets another block and every checksum is right.
+/// The cross-stream hazard, shown (PyTorch's `record_stream` case): a
+/// 64 MiB buffer allocated for queue A is written many times on queue B;
+/// the host drops it right after B's commit and allocates the same size
+/// for A again, which fills and checksums it. Blocks go back to their own
+/// queue's pool, so A's next request may take the block. Under `immediate`
+/// it does while B still writes it, and A's checksums come out wrong; under
+/// `deferred` the block waits for B's work and A gets another one, with
+/// every checksum right.
 fn cross_stream_reuse(make: &dyn Fn() -> CudaGpu, policy: inflight::Policy) -> (u32, u32, u32) {
     use inflight::{Allocator, Config};
     use std::time::Duration;
     const LEN: u64 = 64 << 20;
     const ROUNDS: u32 = 8;
-    const B_PATTERN: u32 = 0xB0B0_B0B0;
-    let expect = inflight::backend::checksum_uniform(B_PATTERN, LEN / 4);
+    const A_PATTERN: u32 = 0xA0A0_A0A0;
+    let expect = inflight::backend::checksum_uniform(A_PATTERN, LEN / 4);
     let alloc = Allocator::new(make(), Config::default().with_policy(policy)).unwrap();
     let (qa, qb) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
     let (mut corrupted, mut reused) = (0, 0);
     for round in 0..ROUNDS {
         let x = alloc.malloc(LEN, &qa).unwrap();
         let x_id = x.block_id();
-        let mut cb = qa.command_buffer().unwrap();
-        for i in 0..32 {
-            cb.fill(&x, 0xA000_0000 + round * 100 + i).unwrap();
-        }
-        let ta = cb.commit().unwrap();
-        drop(x); // still being written on A
-        let y = alloc.malloc(LEN, &qb).unwrap();
-        reused += u32::from(y.block_id() == x_id);
         let mut cb = qb.command_buffer().unwrap();
-        cb.fill(&y, B_PATTERN).unwrap();
-        let slot = cb.checksum(&y).unwrap();
+        for i in 0..32 {
+            cb.fill(&x, 0xB000_0000 + round * 100 + i).unwrap();
+        }
         let tb = cb.commit().unwrap();
-        assert!(tb.wait(Duration::from_secs(30)).unwrap());
+        drop(x); // still being written on B
+        let y = alloc.malloc(LEN, &qa).unwrap();
+        reused += u32::from(y.block_id() == x_id);
+        let mut cb = qa.command_buffer().unwrap();
+        cb.fill(&y, A_PATTERN).unwrap();
+        let slot = cb.checksum(&y).unwrap();
+        let ta = cb.commit().unwrap();
         assert!(ta.wait(Duration::from_secs(30)).unwrap());
-        corrupted += u32::from(tb.checksum(slot).unwrap() != expect);
+        assert!(tb.wait(Duration::from_secs(30)).unwrap());
+        corrupted += u32::from(ta.checksum(slot).unwrap() != expect);
     }
     (corrupted, reused, ROUNDS)
 }
