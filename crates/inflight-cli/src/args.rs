@@ -215,7 +215,7 @@ fn parse_size_classes(s: &str) -> Result<u64, String> {
 }
 
 /// History events a snapshot keeps by default (the oldest are dropped
-/// first): about 40 MiB of history, and room for the whole of a run of a
+/// first): about 32 MiB of history, and room for the whole of a run of a
 /// few hundred thousand allocations (each takes three or four events).
 pub const DEFAULT_SNAPSHOT_EVENTS: usize = 1_000_000;
 

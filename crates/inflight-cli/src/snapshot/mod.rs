@@ -12,6 +12,8 @@ pub mod check;
 #[cfg(test)]
 mod tests;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -99,7 +101,9 @@ pub fn parse_snapshot(data: &[u8], progress: &mut dyn FnMut(u64, u64)) -> anyhow
 /// `snap` as PyTorch's snapshot dict (see the module doc).
 pub fn snapshot_value(snap: &MemorySnapshot) -> PyValue {
     let device = PyValue::int(snap.device);
-    let no_frames = || PyValue::list(Vec::new());
+    let k = Interned::default();
+    let frames = PyValue::list(Vec::new());
+    let no_frames = || frames.clone();
     let segments = snap
         .segments
         .iter()
@@ -123,16 +127,16 @@ pub fn snapshot_value(snap: &MemorySnapshot) -> PyValue {
                     }
                     debug_assert_eq!(b.address, addr, "blocks cover their segment in order");
                     addr = b.address + b.size;
-                    PyValue::dict([
+                    k.dict([
                         ("address", PyValue::int(b.address)),
                         ("size", PyValue::int(b.size)),
                         ("requested_size", PyValue::int(b.requested_size)),
-                        ("state", PyValue::str(b.state.name())),
+                        ("state", k.str(b.state.name())),
                         ("frames", no_frames()),
                     ])
                 })
                 .collect();
-            PyValue::dict([
+            k.dict([
                 ("device", device.clone()),
                 ("address", PyValue::int(s.address)),
                 ("total_size", PyValue::int(s.total_size)),
@@ -140,7 +144,7 @@ pub fn snapshot_value(snap: &MemorySnapshot) -> PyValue {
                 ("active_size", PyValue::int(active)),
                 ("requested_size", PyValue::int(requested)),
                 ("stream", PyValue::int(s.queue)),
-                ("segment_type", PyValue::str(s.pool.name())),
+                ("segment_type", k.str(s.pool.name())),
                 (
                     "segment_pool_id",
                     PyValue::tuple(vec![PyValue::int(0), PyValue::int(0)]),
@@ -156,7 +160,7 @@ pub fn snapshot_value(snap: &MemorySnapshot) -> PyValue {
         .iter()
         .map(|e| {
             let mut entry = vec![
-                ("action", PyValue::str(e.action.name())),
+                ("action", k.str(e.action.name())),
                 ("addr", PyValue::int(e.addr)),
                 ("size", PyValue::int(e.size)),
                 ("stream", PyValue::int(e.queue)),
@@ -168,7 +172,7 @@ pub fn snapshot_value(snap: &MemorySnapshot) -> PyValue {
                 // the allocator does not know it.
                 entry.push(("device_free", PyValue::int(0)));
             }
-            PyValue::dict(entry)
+            k.dict(entry)
         })
         .collect();
     let mut traces: Vec<PyValue> = (0..snap.device)
@@ -176,18 +180,40 @@ pub fn snapshot_value(snap: &MemorySnapshot) -> PyValue {
         .collect();
     traces.push(PyValue::list(events));
     let expandable = snap.segments.iter().any(|s| s.expandable);
-    PyValue::dict([
+    k.dict([
         ("segments", PyValue::list(segments)),
         ("device_traces", PyValue::list(traces)),
         (
             "allocator_settings",
-            PyValue::dict([
+            k.dict([
                 ("allocator", PyValue::str("inflight")),
                 ("expandable_segments", PyValue::Bool(expandable)),
             ]),
         ),
         ("external_annotations", PyValue::list(Vec::new())),
     ])
+}
+
+/// Shared strings: each key and action name is one `str` however many
+/// entries use it (a million events would otherwise hold six million
+/// copies of six keys).
+#[derive(Default)]
+struct Interned(RefCell<HashMap<&'static str, PyValue>>);
+
+impl Interned {
+    fn str(&self, s: &'static str) -> PyValue {
+        let mut map = self.0.borrow_mut();
+        map.entry(s).or_insert_with(|| PyValue::str(s)).clone()
+    }
+
+    /// A dict with `str` keys, shared.
+    fn dict(&self, pairs: impl IntoIterator<Item = (&'static str, PyValue)>) -> PyValue {
+        let pairs: Vec<(PyValue, PyValue)> = pairs
+            .into_iter()
+            .map(|(key, v)| (self.str(key), v))
+            .collect();
+        PyValue::Dict(pairs.into())
+    }
 }
 
 /// What `--snapshot` asks of one run: record the allocator's history from
