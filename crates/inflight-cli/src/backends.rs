@@ -1,13 +1,16 @@
 //! Building a backend by name, with its validation layer, for the commands.
 //!
 //! Each backend is one arm of [`with_backend`]; everything else in the CLI is
-//! generic over [`inflight::Harness`].
+//! generic over [`inflight::Harness`], and reads the backend's validation
+//! layer through [`Validator`].
+
+use std::time::Duration;
 
 use inflight::backend::sim::faults::Faults;
 use inflight::backend::sim::validation::ValidationMode;
 use inflight::backend::sim::{Backing, SimConfig, SimGpu};
 
-use crate::repro::{InjectedFaults, Validator};
+use serde::Serialize;
 
 /// The backends this build knows.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -29,6 +32,36 @@ pub enum BackendName {
     /// asserts instead: docs/METAL.md).
     #[cfg(feature = "metal")]
     Metal,
+}
+
+/// What a backend injected (see `--faults`).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct InjectedFaults {
+    pub alloc_failures: u64,
+    pub submission_failures: u64,
+    pub device_lost: bool,
+}
+
+/// A backend's validation layer, as the harness sees it.
+pub trait Validator: Send + Sync {
+    /// Violations (validation messages) so far.
+    fn violations(&self) -> u64;
+    /// The first messages, in full.
+    fn messages(&self) -> Vec<String>;
+    /// When the layer saw its first violation, since the backend was made,
+    /// if it keeps time; the harness's own 100 ms watcher is the fallback.
+    fn first_seen(&self) -> Option<Duration> {
+        None
+    }
+    /// Faults the backend injected, if it injects any.
+    fn injected(&self) -> Option<InjectedFaults> {
+        None
+    }
+    /// Where the queues spent their time so far, summed over queues: (busy,
+    /// stalled in device-side waits), if the backend keeps it.
+    fn queue_time(&self) -> Option<(Duration, Duration)> {
+        None
+    }
 }
 
 /// CUDA has no validation layer the harness can read: a reuse in flight shows

@@ -14,19 +14,16 @@ use std::fmt::Write as _;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use inflight::{Allocator, Harness, Policy, PolicyKind};
 
-use crate::backends::{
-    sim_config, with_backend, BackendJob, BackendName, BackendOptions, SimOptions,
-};
+use crate::args::{policies, ConfigArgs};
+use crate::backends::{with_backend, BackendJob, Validator};
 use crate::progress::Steps;
-use crate::replay::{self, ReplaySettings, SimCost};
-use crate::repro::Validator;
+use crate::replay::{self, ReplaySettings, RunArgs};
 use crate::trace::{Event, Trace};
-use crate::units::{fmt_bytes, parse_bytes};
+use crate::units::fmt_bytes;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum XAxis {
@@ -46,28 +43,8 @@ pub struct PlotArgs {
     /// The x axis.
     #[arg(long, value_enum, default_value_t = XAxis::Events)]
     x: XAxis,
-    /// The release policy, or `all` for the three side by side.
-    #[arg(long, value_enum, default_value_t = crate::PolicyArg::All)]
-    policy: crate::PolicyArg,
-    /// The GPU backend.
-    #[arg(long, value_enum, default_value_t = BackendName::Sim)]
-    backend: BackendName,
-    /// As replay's: without use/commit events, commit every stream's open
-    /// submission after this many events.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
-    commit_every: u64,
-    /// Memory limit of the allocator (and, on the simulated GPU, its memory).
-    #[arg(long, value_parser = parse_bytes, default_value = "64GiB")]
-    memory_limit: u64,
-    /// Cache limit (default: the memory limit).
-    #[arg(long, value_parser = parse_bytes)]
-    cache_limit: Option<u64>,
-    /// As replay's: submissions a stream may have in flight; 0, no limit.
-    #[arg(long, default_value_t = 16)]
-    max_in_flight: usize,
-    /// Seed of the simulated GPU.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
+    #[command(flatten)]
+    run: RunArgs,
     /// The most points per line.
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(2..=100_000))]
     points: u64,
@@ -83,6 +60,8 @@ pub struct PlotArgs {
     /// No progress display.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 /// One policy's sampled replay.
@@ -219,6 +198,7 @@ impl BackendJob for PlotJob<'_> {
             self.policy,
             self.trace,
             self.settings,
+            None,
             &mut tap,
         )?;
         steps.finish();
@@ -239,11 +219,7 @@ pub fn command(a: PlotArgs) -> anyhow::Result<ExitCode> {
             a.output.display()
         ),
     };
-    if let Some(c) = a.cache_limit {
-        if c > a.memory_limit {
-            anyhow::bail!("--cache-limit must be at most --memory-limit");
-        }
-    }
+    let (opts, settings) = a.run.setup(&a.config, true)?;
     let trace = crate::trace::load(&a.file)?;
     let n = trace.events.len();
     let every = span_ends(n, a.points);
@@ -269,34 +245,8 @@ pub fn command(a: PlotArgs) -> anyhow::Result<ExitCode> {
                 .collect()
         }
     };
-    let opts = BackendOptions {
-        seed: a.seed,
-        abort_on_violation: false,
-        sim: SimOptions {
-            accounting: true,
-            memory_capacity: Some(a.memory_limit.saturating_add(a.memory_limit / 16)),
-            jitter: Some(0.0),
-            ..SimOptions::default()
-        },
-    };
-    let sim_cost = (a.backend == BackendName::Sim).then(|| {
-        let c = sim_config(&opts);
-        SimCost {
-            op_ns: c.op_cost.as_nanos() as f64,
-            ns_per_kib: c.ns_per_kib,
-            submit_ns: c.submit_cost.as_nanos() as f64,
-        }
-    });
-    let settings = ReplaySettings {
-        commit_every: a.commit_every,
-        memory_limit: a.memory_limit,
-        cache_limit: a.cache_limit,
-        sim_cost,
-        max_in_flight: a.max_in_flight,
-        drain_timeout: Duration::from_secs(600),
-    };
     let mut series = Vec::new();
-    for policy in crate::policies(a.policy) {
+    for policy in policies(a.run.policy) {
         let job = PlotJob {
             policy,
             trace: &trace,
@@ -304,7 +254,7 @@ pub fn command(a: PlotArgs) -> anyhow::Result<ExitCode> {
             every,
             quiet: a.quiet,
         };
-        series.push(with_backend(a.backend, &opts, job)?);
+        series.push(with_backend(a.run.backend, &opts, job)?);
     }
     let name = a.file.file_name().map_or_else(
         || a.file.display().to_string(),
@@ -320,9 +270,9 @@ pub fn command(a: PlotArgs) -> anyhow::Result<ExitCode> {
             if trace.explicit_submissions {
                 "submissions as in the trace".to_string()
             } else {
-                format!("committed every {} events", a.commit_every)
+                format!("committed every {} events", settings.commit_every)
             },
-            fmt_bytes(a.memory_limit),
+            fmt_bytes(settings.config.memory_limit.unwrap_or(replay::DEFAULT_MEMORY_LIMIT)),
             every,
             if every == 1 { "" } else { "s" },
         ),

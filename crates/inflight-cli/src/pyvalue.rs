@@ -58,7 +58,9 @@ impl PyValue {
         PyValue::Tuple(items.into())
     }
 
-    /// A `dict` with `str` keys.
+    /// A `dict` with `str` keys (snapshots are built with shared keys
+    /// instead: `snapshot::snapshot_value`).
+    #[cfg_attr(not(test), allow(dead_code))] // the tests build values with it
     pub fn dict<'a>(pairs: impl IntoIterator<Item = (&'a str, PyValue)>) -> PyValue {
         PyValue::Dict(
             pairs

@@ -65,13 +65,20 @@ fn count(path: &Path) -> [u64; 4] {
     n
 }
 
-const FIELDS: [&str; 9] = [
+const FIELDS: [&str; 16] = [
     "policy",
     "backend",
     "events",
     "seconds",
+    "peak_requested_bytes",
     "peak_live_bytes",
     "peak_reserved_bytes",
+    "reserved_to_live",
+    "peak_segments",
+    "splits",
+    "merges",
+    "pages_mapped",
+    "pages_unmapped",
     "device_allocations",
     "cache_hits",
     "cache_misses",
@@ -120,7 +127,15 @@ fn a_recorded_repro_trace_replays_under_every_policy() {
             r["cache_hits"].as_u64().unwrap() + r["cache_misses"].as_u64().unwrap(),
             allocs
         );
-        assert!(r["peak_reserved_bytes"].as_u64() >= r["peak_live_bytes"].as_u64());
+        // Requested, rounded up to blocks, and held from the device.
+        let requested = r["peak_requested_bytes"].as_u64().unwrap();
+        let live = r["peak_live_bytes"].as_u64().unwrap();
+        let reserved = r["peak_reserved_bytes"].as_u64().unwrap();
+        assert!(
+            requested > 0 && requested <= live && live <= reserved,
+            "{r}"
+        );
+        assert!(r["peak_segments"].as_u64().unwrap() > 0, "{r}");
         assert!(r["stats_balanced"].as_bool().unwrap(), "{r}");
     }
     for safe in &reports[..2] {
@@ -146,7 +161,8 @@ fn the_hand_written_trace_with_every_event_kind_replays() {
             r["padding_ops"].as_u64().unwrap() > 0,
             "gpu_us ignored: {r}"
         );
-        assert_eq!(r["peak_live_bytes"], 4096 + 1048576 + 3);
+        assert_eq!(r["peak_requested_bytes"], 4096 + 1048576 + 3);
+        assert!(r["peak_live_bytes"].as_u64().unwrap() > 4096 + 1048576 + 3);
         assert_eq!(
             r["cache_hits"].as_u64().unwrap() + r["cache_misses"].as_u64().unwrap(),
             5
@@ -268,7 +284,7 @@ fn a_multi_gib_trace_replays_without_backing_its_bytes() {
     for r in &reports {
         assert_eq!(r["implicit_submissions"], true);
         assert!(r["submissions"].as_u64().unwrap() > 0);
-        let live = r["peak_live_bytes"].as_u64().unwrap();
+        let live = r["peak_requested_bytes"].as_u64().unwrap();
         assert!(live >= 12 << 30, "{r}");
         assert!(r["peak_reserved_bytes"].as_u64().unwrap() >= live, "{r}");
         if let Some(rss) = r["host_peak_rss_bytes"].as_u64() {
@@ -282,4 +298,76 @@ fn a_multi_gib_trace_replays_without_backing_its_bytes() {
         assert_eq!(safe["violations"], 0, "{safe}");
     }
     let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn allocator_settings_reach_the_allocator() {
+    let every = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/every_event.jsonl");
+    // Growable segments map pages; without them, fixed segments only.
+    let growable = &replay_json(&every, &["--policy", "deferred"])[0];
+    assert!(growable["pages_mapped"].as_u64().unwrap() > 0, "{growable}");
+    let fixed = &replay_json(&every, &["--policy", "deferred", "--no-growable"])[0];
+    assert_eq!(fixed["pages_mapped"], 0, "{fixed}");
+    assert!(fixed["device_allocations"].as_u64().unwrap() > 0, "{fixed}");
+    let scrubbed = &replay_json(
+        &every,
+        &[
+            "--policy",
+            "deferred",
+            "--scrub",
+            "--pressure-timeout",
+            "1s",
+        ],
+    )[0];
+    assert_eq!(scrubbed["violations"], 0, "{scrubbed}");
+    // Limits that contradict each other are refused, by flag.
+    let out = inflight(&[
+        "replay",
+        every.to_str().unwrap(),
+        "--memory-limit",
+        "1GiB",
+        "--gc-limit",
+        "2GiB",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--gc-limit"), "{err}");
+}
+
+/// The experiment switches exist only with the `experimental` feature.
+#[cfg(not(feature = "experimental"))]
+#[test]
+fn experiment_switches_need_the_feature() {
+    let every = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/every_event.jsonl");
+    for flag in ["--no-front-cache", "--no-rebind", "--no-in-order-reuse"] {
+        let out = inflight(&["replay", every.to_str().unwrap(), flag]);
+        assert_eq!(out.status.code(), Some(2), "{flag}");
+    }
+}
+
+/// The experiment switches reach the allocator: no in-order reuse, no
+/// rebinding, whole pages.
+#[cfg(feature = "experimental")]
+#[test]
+fn experiment_switches_reach_the_allocator() {
+    let out = inflight(&[
+        "repro",
+        "--allocations",
+        "4000",
+        "--json",
+        "--no-front-cache",
+        "--no-in-order-reuse",
+        "--no-rebind",
+        "--reuse-wait",
+        "host",
+        "--size-classes",
+        "0",
+    ]);
+    ok(&out);
+    let r = &json_lines(&out)[0];
+    assert_eq!(r["stats"]["in_order_hits"], 0, "{r}");
+    assert_eq!(r["stats"]["reuse_rebinds"], 0, "{r}");
+    assert_eq!(r["violations"], 0, "{r}");
+    let bad = inflight(&["repro", "--size-classes", "3"]);
+    assert_eq!(bad.status.code(), Some(2));
 }

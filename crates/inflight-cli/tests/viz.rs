@@ -174,7 +174,7 @@ fn import_a_json_snapshot_then_replay_and_plot() {
     let rep: Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(rep["allocations"], 4);
     assert_eq!(rep["frees"], 3);
-    assert_eq!(rep["peak_live_bytes"], (1u64 << 20) + (2 << 20) + 512);
+    assert_eq!(rep["peak_requested_bytes"], (1u64 << 20) + (2 << 20) + 512);
     // Errors name the device.
     let r = inflight(&["import-torch", s(&snap), "-o", s(&out2), "--device", "0"]);
     assert_eq!(r.status.code(), Some(2));
@@ -447,7 +447,7 @@ fn replay_reads_gzip() {
     let a: Value = serde_json::from_slice(&plain.stdout).unwrap();
     let b: Value = serde_json::from_slice(&zipped.stdout).unwrap();
     assert_eq!(a["events"], b["events"]);
-    assert_eq!(a["peak_live_bytes"], b["peak_live_bytes"]);
+    assert_eq!(a["peak_requested_bytes"], b["peak_requested_bytes"]);
 }
 
 fn crc32(data: &[u8]) -> u32 {

@@ -15,7 +15,7 @@ use inflight::{Allocator, Config, Harness, Policy};
 use serde::Serialize;
 
 use crate::backends::BackendJob;
-use crate::repro::Validator;
+use crate::backends::Validator;
 
 /// One scaling measurement.
 #[derive(Clone, Debug, Serialize)]
@@ -35,13 +35,15 @@ pub struct ScalingJob {
     pub pairs: u64,
     pub batches: u32,
     pub size: u64,
+    /// The allocator's settings (its policy is deferred's).
+    pub config: Config,
 }
 
 impl BackendJob for ScalingJob {
     type Output = Vec<ScalingRow>;
 
     fn run<B: Harness>(self, backend: B, _: &dyn Validator) -> anyhow::Result<Vec<ScalingRow>> {
-        let alloc = Allocator::new(backend, Config::default().with_policy(Policy::DEFERRED))?;
+        let alloc = Allocator::new(backend, self.config.with_policy(Policy::DEFERRED))?;
         let name = alloc.device_info().backend.to_string();
         let most = self.threads.iter().copied().max().unwrap_or(1);
         let queues = (0..most)

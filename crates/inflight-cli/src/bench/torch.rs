@@ -10,7 +10,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{Plan, Timing};
+use super::measure::Plan;
+use super::sequences::Timing;
 
 const HARNESS: &str = include_str!("torch_harness.cpp");
 

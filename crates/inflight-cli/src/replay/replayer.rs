@@ -1,7 +1,7 @@
-//! `inflight replay`: runs a checked [`Trace`] through the allocator, one
-//! event after another on one thread, as fast as the host goes, and reports
-//! what the allocator did. Generic over the backend; [`crate::backends`]
-//! builds one.
+//! The replayer: runs a checked [`Trace`] through the allocator, one event
+//! after another on one thread, as fast as the host goes, and reports what
+//! the allocator did ([`ReplayReport`]). Generic over the backend;
+//! [`crate::backends`] builds one. `replay` and `plot` both run it.
 //!
 //! Each `use` records a fill of the buffer's first few bytes into its
 //! stream's open submission, so the buffer is stamped and the validation
@@ -24,7 +24,8 @@ use inflight::backend::{Harness, Span};
 use inflight::{Allocator, Buffer, CommandBuffer, Config, Policy, PolicyKind, Queue, Ticket};
 use serde::Serialize;
 
-use crate::repro::Validator;
+use crate::backends::Validator;
+use crate::snapshot::SnapshotRequest;
 use crate::trace::{Event, Trace};
 
 /// Bytes each `use` fills (fewer if the buffer is smaller).
@@ -46,8 +47,9 @@ pub struct ReplaySettings {
     /// Without use/commit events: commit every stream's open submission
     /// after this many events.
     pub commit_every: u64,
-    pub memory_limit: u64,
-    pub cache_limit: Option<u64>,
+    /// The allocator's settings, the memory limit filled in; each run sets
+    /// its policy.
+    pub config: Config,
     /// The simulated GPU's costs, where the backend is the simulated GPU.
     pub sim_cost: Option<SimCost>,
     /// Submissions a stream may have in flight before replay waits for
@@ -81,12 +83,32 @@ pub struct ReplayReport {
     /// Wall time from the first event until every queue was idle.
     pub seconds: f64,
     pub events_per_second: f64,
-    /// The highest sum of requested sizes of live trace buffers.
+    /// The highest sum of requested sizes of live trace buffers (a
+    /// property of the trace).
+    pub peak_requested_bytes: u64,
+    /// The highest bytes in live buffers as the allocator counts them:
+    /// requests rounded to their blocks (`Stats::peak_active_bytes`; with
+    /// front caches on, it may exceed the true peak by the bytes they held
+    /// at that moment).
     pub peak_live_bytes: u64,
     /// The highest bytes the allocator held from the device.
     pub peak_reserved_bytes: u64,
-    /// peak_reserved_bytes / peak_live_bytes.
+    /// peak_reserved_bytes / peak_requested_bytes: rounding, caching and
+    /// fragmentation together.
     pub reserved_to_live: f64,
+    /// The most segments held at once (device allocations and growable
+    /// ranges).
+    pub peak_segments: u64,
+    /// Blocks split off larger free blocks, and free blocks merged with a
+    /// free neighbour.
+    pub splits: u64,
+    pub merges: u64,
+    /// Page runs mapped into and unmapped from growable segments.
+    pub pages_mapped: u64,
+    pub pages_unmapped: u64,
+    /// Free bytes trimming could give back at the end (whole free segments
+    /// and pages).
+    pub releasable_bytes: u64,
     pub device_allocations: u64,
     pub device_releases: u64,
     pub cache_hits: u64,
@@ -209,20 +231,22 @@ impl<B: Harness> Replayer<'_, B> {
 }
 
 /// Replays `trace` once under `policy`, calling `tap` after each event with its index and the
-/// allocator: for progress, and for `plot` to sample the statistics.
+/// allocator: for progress, and for `plot` to sample the statistics. With
+/// `snapshot`, records the allocator's history from the start and writes
+/// its memory snapshot at the end.
 pub fn run_with_tap<B: Harness>(
     backend: B,
     validator: &dyn Validator,
     policy: Policy,
     trace: &Trace,
     settings: &ReplaySettings,
+    snapshot: Option<&SnapshotRequest>,
     tap: &mut dyn FnMut(usize, &Allocator<B>),
 ) -> anyhow::Result<ReplayReport> {
-    let mut config = Config::default()
-        .with_policy(policy)
-        .with_memory_limit(settings.memory_limit);
-    config.cache_limit = settings.cache_limit.map(|c| c.min(settings.memory_limit));
-    let alloc = Allocator::new(backend, config)?;
+    let alloc = Allocator::new(backend, settings.config.clone().with_policy(policy))?;
+    if let Some(s) = snapshot {
+        s.start(&alloc);
+    }
     let implicit = !trace.explicit_submissions;
     let queues: Vec<Queue<B>> = (0..trace.streams.len())
         .map(|_| {
@@ -297,6 +321,11 @@ pub fn run_with_tap<B: Harness>(
     }
     let seconds = start.elapsed().as_secs_f64();
     let stats = alloc.stats();
+    if let Some(s) = snapshot {
+        // After the statistics: taking the snapshot empties the front
+        // caches and promotes completed frees.
+        s.finish(&alloc)?;
+    }
     let events = trace.events.len() as u64;
     let ratio = if trace.peak_live_bytes == 0 {
         0.0
@@ -321,9 +350,16 @@ pub fn run_with_tap<B: Harness>(
         in_flight_waits,
         seconds,
         events_per_second: events as f64 / seconds.max(1e-9),
-        peak_live_bytes: trace.peak_live_bytes,
+        peak_requested_bytes: trace.peak_live_bytes,
+        peak_live_bytes: stats.peak_active_bytes,
         peak_reserved_bytes: stats.peak_reserved_bytes,
         reserved_to_live: ratio,
+        peak_segments: stats.peak_segments,
+        splits: stats.splits,
+        merges: stats.merges,
+        pages_mapped: stats.pages_mapped,
+        pages_unmapped: stats.pages_unmapped,
+        releasable_bytes: stats.releasable_bytes,
         device_allocations: stats.device_allocations,
         device_releases: stats.device_releases,
         cache_hits: stats.cache_hits,

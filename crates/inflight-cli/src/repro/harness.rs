@@ -1,4 +1,4 @@
-//! `inflight repro`: the reference incident as a reproducible harness.
+//! The `repro` harness: the reference incident, reproducible.
 //!
 //! The workload that crashed MLX's Metal allocator: several request threads,
 //! each looping: allocate a mix of buffers (log-uniform sizes, with a share of
@@ -32,7 +32,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::backends::{InjectedFaults, Validator};
 use crate::model::UniformChecksums;
+use crate::snapshot::SnapshotRequest;
 use crate::trace::Recorder;
 use crate::trend::{Trend, TrendRecorder};
 
@@ -60,11 +62,11 @@ pub struct Workload {
     pub window: u64,
     /// Unchecked submissions a thread may have in flight.
     pub max_in_flight: usize,
-    /// Cache limit, bytes.
-    pub cache_limit: u64,
-    /// Memory limit, bytes.
-    pub memory_limit: u64,
-    /// Lower `memory_limit` to 3/4 of the device's memory when above it
+    /// The allocator's settings (`--memory-limit` and the rest), its limits
+    /// filled in ([`Workload::memory_limit`], [`Workload::cache_limit`]);
+    /// each run sets its policy.
+    pub config: Config,
+    /// Lower the memory limit to 3/4 of the device's memory when above it
     /// (set when the limit was not given explicitly).
     pub cap_memory_to_device: bool,
     /// Seed of every random choice.
@@ -73,18 +75,25 @@ pub struct Workload {
     pub faults: bool,
     /// Print each trend interval as it closes (timed runs).
     pub print_trend: bool,
-    /// Zero recycled buffers for their new owner (`Config::scrub`).
-    pub scrub: bool,
-    /// `Config::in_order_reuse`.
-    pub in_order_reuse: bool,
-    /// `Config::reuse_wait`.
-    pub reuse_wait: inflight::ReuseWait,
-    /// `Config::rebind_unseen`.
-    pub rebind_unseen: bool,
-    /// `Config::front_cache`.
-    pub front_cache: bool,
-    /// `Config::size_classes`.
-    pub size_classes: u64,
+}
+
+/// `repro`'s memory limit where none is given (then lowered to 3/4 of the
+/// device's memory where that is less).
+pub const DEFAULT_MEMORY_LIMIT: u64 = 4 << 30;
+/// `repro`'s cache limit where none is given: small, so that trimming
+/// fires constantly.
+pub const DEFAULT_CACHE_LIMIT: u64 = 256 << 20;
+
+impl Workload {
+    /// The memory limit asked for (a run may lower it to fit the device).
+    pub fn memory_limit(&self) -> u64 {
+        self.config.memory_limit.unwrap_or(DEFAULT_MEMORY_LIMIT)
+    }
+
+    /// The cache limit asked for (a run lowers it to its memory limit).
+    pub fn cache_limit(&self) -> u64 {
+        self.config.cache_limit.unwrap_or(DEFAULT_CACHE_LIMIT)
+    }
 }
 
 impl Default for Workload {
@@ -100,18 +109,13 @@ impl Default for Workload {
             kv_share: 0.125,
             window: 16 << 10,
             max_in_flight: 8,
-            cache_limit: 256 << 20,
-            memory_limit: 4 << 30,
+            config: Config::default()
+                .with_memory_limit(DEFAULT_MEMORY_LIMIT)
+                .with_cache_limit(DEFAULT_CACHE_LIMIT),
             cap_memory_to_device: true,
             seed: 1,
             faults: false,
             print_trend: false,
-            scrub: false,
-            in_order_reuse: true,
-            reuse_wait: inflight::ReuseWait::Adaptive,
-            rebind_unseen: true,
-            front_cache: true,
-            size_classes: inflight::DEFAULT_SIZE_CLASSES,
         }
     }
 }
@@ -170,14 +174,6 @@ pub struct Report {
 pub struct QueueShares {
     pub busy: f64,
     pub stalled: f64,
-}
-
-/// What a backend injected (see `--faults`).
-#[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct InjectedFaults {
-    pub alloc_failures: u64,
-    pub submission_failures: u64,
-    pub device_lost: bool,
 }
 
 /// Injected faults against what the allocator reported.
@@ -272,28 +268,6 @@ pub struct Phases {
     pub completion_query_us: f64,
 }
 
-/// A backend's validation layer, as the harness sees it.
-pub trait Validator: Send + Sync {
-    /// Violations (validation messages) so far.
-    fn violations(&self) -> u64;
-    /// The first messages, in full.
-    fn messages(&self) -> Vec<String>;
-    /// When the layer saw its first violation, since the backend was made,
-    /// if it keeps time; the harness's own 100 ms watcher is the fallback.
-    fn first_seen(&self) -> Option<Duration> {
-        None
-    }
-    /// Faults the backend injected, if it injects any.
-    fn injected(&self) -> Option<InjectedFaults> {
-        None
-    }
-    /// Where the queues spent their time so far, summed over queues: (busy,
-    /// stalled in device-side waits), if the backend keeps it.
-    fn queue_time(&self) -> Option<(Duration, Duration)> {
-        None
-    }
-}
-
 /// One expected checksum of a submission.
 struct Expect {
     slot: usize,
@@ -305,6 +279,15 @@ struct InFlight<B: Harness> {
     expect: Vec<Expect>,
 }
 
+/// What one run records besides its report.
+#[derive(Clone, Copy, Default)]
+pub struct Outputs<'a> {
+    /// The allocation events, as a trace (`--record`).
+    pub recorder: Option<&'a Recorder>,
+    /// The memory snapshot at the end (`--snapshot`).
+    pub snapshot: Option<&'a SnapshotRequest>,
+}
+
 /// Runs the workload once under `policy` and reports.
 pub fn run<B: Harness>(
     backend: B,
@@ -312,27 +295,26 @@ pub fn run<B: Harness>(
     policy: Policy,
     w: &Workload,
     live: &Arc<Live>,
-    recorder: Option<&Recorder>,
+    outputs: Outputs<'_>,
     on_tick: &mut dyn FnMut(&Live, &Allocator<B>, u64),
 ) -> anyhow::Result<Report> {
+    let recorder = outputs.recorder;
     let capacity = backend.info().memory_capacity;
     let memory_limit = if w.cap_memory_to_device {
-        w.memory_limit.min(capacity / 4 * 3)
+        w.memory_limit().min(capacity / 4 * 3)
     } else {
-        w.memory_limit
+        w.memory_limit()
     };
-    let config = Config::default()
+    let config = w
+        .config
+        .clone()
         .with_policy(policy)
         .with_memory_limit(memory_limit)
-        .with_cache_limit(w.cache_limit.min(memory_limit))
-        .with_gc_limit(memory_limit / 20 * 19)
-        .with_scrub(w.scrub)
-        .with_in_order_reuse(w.in_order_reuse)
-        .with_reuse_wait(w.reuse_wait)
-        .with_rebind_unseen(w.rebind_unseen)
-        .with_front_cache(w.front_cache)
-        .with_size_classes(w.size_classes);
+        .with_cache_limit(w.cache_limit().min(memory_limit));
     let alloc = Allocator::new(backend, config)?;
+    if let Some(s) = outputs.snapshot {
+        s.start(&alloc);
+    }
     let queues: Vec<Queue<B>> = (0..w.queues.max(1))
         .map(|_| alloc.create_queue())
         .collect::<Result<_, _>>()?;
@@ -421,6 +403,11 @@ pub fn run<B: Harness>(
         first_violation.store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
     let stats = alloc.stats();
+    if let Some(s) = outputs.snapshot {
+        // After the statistics: taking the snapshot empties the front
+        // caches and promotes completed frees.
+        s.finish(&alloc)?;
+    }
     if let Some(at) = validator.first_seen() {
         first_violation.store(at.as_nanos() as u64, Ordering::Relaxed);
     }
@@ -488,7 +475,7 @@ pub fn run<B: Harness>(
         violation_messages: validator.messages().into_iter().take(5).collect(),
         queues_time,
         faults,
-        trend: trend.map(|t| t.finish(w.memory_limit)),
+        trend: trend.map(|t| t.finish(w.memory_limit())),
     })
 }
 
