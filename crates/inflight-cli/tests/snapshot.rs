@@ -247,10 +247,8 @@ fn a_snapshot_name_without_a_known_extension_is_refused_before_the_run() {
     let _ = std::fs::remove_file(&trace);
 }
 
-/// One queue: a buffer reused in order on one queue and then bound on
-/// another may be rebound to another block (rule S2), and the library does
-/// not record rebinds in the history yet, so a snapshot of a run with
-/// several queues can fail the history checks.
+/// Two threads on three queues: buffers reused in order on one queue and
+/// bound on another are rebound (rule S2), and the history shows each move.
 #[test]
 fn repro_writes_a_sound_snapshot() {
     let path = temp("repro.pickle");
@@ -258,8 +256,10 @@ fn repro_writes_a_sound_snapshot() {
         "repro",
         "--allocations",
         "2000",
+        "--threads",
+        "2",
         "--queues",
-        "1",
+        "3",
         "--quiet",
         "--snapshot",
         s(&path),

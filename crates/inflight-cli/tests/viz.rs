@@ -411,7 +411,10 @@ fn snapshot_check_reports_problems() {
     assert!(text(&r).contains("sound"), "{}", text(&r));
     let mut bad = good.clone();
     bad["segments"][0]["total_size"] = json!(4096);
-    bad["device_traces"][0][1]["action"] = json!("free_completed");
+    // A free_completed of an allocated block, without its free_requested.
+    bad["device_traces"][0].as_array_mut().unwrap().push(json!(
+        {"action": "free_completed", "addr": A, "size": 512, "stream": 0, "time_us": 3, "frames": []}
+    ));
     let path = temp("check-bad.json");
     std::fs::write(&path, serde_json::to_vec(&bad).unwrap()).unwrap();
     let r = inflight(&["snapshot-check", s(&path), "--json"]);

@@ -65,8 +65,9 @@ pub struct SnapshotCheck {
     pub events: usize,
     /// Devices with segments or trace entries.
     pub devices: Vec<usize>,
-    /// Frees of blocks allocated before the recording began (their alloc
-    /// is not in the trace): allowed, counted.
+    /// Frees of blocks allocated before the recording began, or before
+    /// the oldest event a full history kept (their alloc is not in the
+    /// trace): allowed, counted.
     pub frees_before_recording: usize,
     /// Entries whose `time_us` is below the one before.
     pub time_reversals: usize,
@@ -148,7 +149,9 @@ const ACTIONS: [&str; 10] = [
 /// - history, per address: an `alloc` only of a free address, a
 ///   `free_requested` only of an allocated one (or of one allocated before
 ///   the recording began), every `free_completed` after a
-///   `free_requested` of that address, with the same size;
+///   `free_requested` of that address, with the same size (or of one freed
+///   before the recording, or before the oldest event a full history
+///   kept);
 /// - the history against the final state, walking back from the end as
 ///   the viewer does to draw each moment: blocks live at the end are the
 ///   allocated (or pending) blocks of the segments, `segment_alloc` and
@@ -572,6 +575,9 @@ fn check_trace(
                         "{at}: free_completed of 0x{addr:x} of {size} bytes, free_requested with {s}"
                     )),
                     Some(State::Requested(_)) => {}
+                    // Freed before the recording, or before the oldest
+                    // event a full history kept.
+                    None => c.frees_before_recording += 1,
                     _ => p.add(format!(
                         "{at}: free_completed of 0x{addr:x} without a free_requested of it before"
                     )),

@@ -10,6 +10,7 @@ use crate::block::Block;
 use crate::buffer::unpack_fence;
 use crate::config::ReuseWait;
 use crate::error::{Error, Result};
+use crate::history::MemoryAction;
 use crate::sync::{lock_spinning, Ordering};
 use crate::timeline::{QueueId, Stamp};
 use crate::Buffer;
@@ -155,7 +156,32 @@ impl<B: Backend> Shared<B> {
         st.stats.active_bytes = st.stats.active_bytes + held.size - reused.size;
         st.stats.peak_active_bytes = st.stats.peak_active_bytes.max(st.stats.active_bytes);
         st.stats.reuse_rebinds += 1;
-        self.file_block(&mut st, reused);
+        if st.history.is_some() {
+            // In the history, the old block is freed and the new one
+            // allocated, so that a snapshot's blocks add up.
+            let old = (self.address_of(&reused.raw, reused.offset), reused.size);
+            let old_queue = st.arena.queue_of(reused.node);
+            let new = (self.address_of(raw, held.offset), held.size);
+            self.record(
+                &mut st,
+                MemoryAction::FreeRequested,
+                old.0,
+                old.1,
+                old_queue,
+            );
+            self.record(&mut st, MemoryAction::Alloc, new.0, new.1, on);
+            if self.file_block(&mut st, reused) {
+                self.record(
+                    &mut st,
+                    MemoryAction::FreeCompleted,
+                    old.0,
+                    old.1,
+                    old_queue,
+                );
+            }
+        } else {
+            self.file_block(&mut st, reused);
+        }
         drop(st);
         buf.inner.reuse_fence.store(fence, Ordering::Release);
         if self.config.scrub {
