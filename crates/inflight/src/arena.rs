@@ -237,8 +237,10 @@ struct Segment<R> {
 /// One pool: a queue's segments of one size class.
 #[derive(Default)]
 struct Pool {
-    /// Free nodes by (size, address key, node).
-    index: BTreeSet<(u64, u64, NodeId)>,
+    /// Free nodes by size, then address, then node: [`entry`] packs the
+    /// three in one `u128`, which compares in one instruction pair and
+    /// packs more entries in a B-tree node than a tuple.
+    index: BTreeSet<u128>,
     /// Free nodes in flight on the pool's queue, by stamp.
     due: BinaryHeap<Reverse<(u64, NodeId, u32)>>,
     /// The pool's growable segment, if it has one.
@@ -343,6 +345,22 @@ impl<R> Default for Arena<R> {
 }
 
 /// The pool of `queue` and `class`.
+/// An index entry: size in granules (bits 92..128), address key (bits
+/// 32..92, see [`Arena::key`]), node (bits 0..32). Segments are below
+/// 32 TiB (checked where they are made), so every size fits and the
+/// packing keeps the order of `(size, key, node)`.
+#[inline]
+fn entry(size: u64, key: u64, n: NodeId) -> u128 {
+    debug_assert!(size / GRANULE < 1 << 36 && key < 1 << 60);
+    ((u128::from(size / GRANULE)) << 92) | (u128::from(key) << 32) | u128::from(n)
+}
+
+/// The node of an index entry.
+#[inline]
+fn entry_node(e: u128) -> NodeId {
+    e as u32
+}
+
 fn pool_of(queue: QueueId, class: Class) -> u32 {
     queue * 2 + class.index() as u32
 }
@@ -382,10 +400,13 @@ impl<R> Arena<R> {
         }
     }
 
-    /// The address key of a node: segment uid, then offset.
+    /// The address key of a node (60 bits): its segment's uid (its low 16
+    /// bits: segments made 65,536 apart may tie-break in either order,
+    /// which only the lowest-address preference among equal sizes sees),
+    /// then its offset in granules.
     fn key(&self, n: NodeId) -> u64 {
         let node = &self.nodes[n as usize];
-        (self.seg(node.seg).uid << 40) | node.offset
+        ((self.seg(node.seg).uid & 0xFFFF) << 44) | (node.offset / GRANULE)
     }
 
     /// The growable segment of `queue`'s pool of `class`, if it has one.
@@ -417,6 +438,11 @@ impl<R> Arena<R> {
 
     fn insert_segment(&mut self, pool: u32, raw: R, size: u64, pages: Option<Pages>) -> SegId {
         debug_assert!(size % GRANULE == 0 && size > 0);
+        // Sizes take 36 bits of granules in an index entry (`entry`).
+        assert!(
+            size / GRANULE < 1 << 36,
+            "a segment of {size} bytes (at most 32 TiB)"
+        );
         let uid = self.next_uid;
         self.next_uid += 1;
         let seg = Segment {
@@ -464,12 +490,14 @@ impl<R> Arena<R> {
     pub(crate) fn carve(&mut self, queue: QueueId, class: Class, size: u64) -> Option<Carved<R>> {
         debug_assert!(size % GRANULE == 0 && size > 0);
         let pool = pool_of(queue, class);
-        let &(_, _, n) = self
-            .pools
-            .get(pool as usize)?
-            .index
-            .range((size, 0, 0)..)
-            .next()?;
+        let n = entry_node(
+            *self
+                .pools
+                .get(pool as usize)?
+                .index
+                .range(entry(size, 0, 0)..)
+                .next()?,
+        );
         let free = self.unfree(n);
         let node_size = self.nodes[n as usize].size;
         if node_size > size {
@@ -628,7 +656,7 @@ impl<R> Arena<R> {
         let key = self.key(n);
         let pool = self.seg(seg).pool;
         let p = self.pool(pool);
-        p.index.insert((size, key, n));
+        p.index.insert(entry(size, key, n));
         if stamp != 0 {
             p.due.push(Reverse((stamp, n, generation)));
         }
@@ -655,7 +683,7 @@ impl<R> Arena<R> {
             self.lru_remove(n);
         }
         let pool = self.seg(seg).pool;
-        let removed = self.pool(pool).index.remove(&(size, key, n));
+        let removed = self.pool(pool).index.remove(&entry(size, key, n));
         debug_assert!(removed, "a free node is indexed");
         f
     }
@@ -967,7 +995,7 @@ impl<R> Arena<R> {
                         if (f.mapped, f.releasable) != (mapped, releasable) {
                             return Err(format!("node {n}: stale measure {f:?}"));
                         }
-                        let key = (node.size, self.key(n), n);
+                        let key = entry(node.size, self.key(n), n);
                         if !self.pools[seg.pool as usize].index.contains(&key) {
                             return Err(format!("node {n}: free but not indexed"));
                         }

@@ -95,15 +95,6 @@ pub(crate) type Deferred<B> = Vec<Shell<B>>;
 /// The share of the cache limit all slots together may hold: 1/8.
 const FRONT_SHARE: u64 = 8;
 
-/// Bytes one slot holds at most, whatever the cache limit. Blocks held in
-/// a slot are invisible to the arena, which can neither merge them with
-/// their free neighbours nor give their pages back, so a slot that keeps
-/// tens of MiB fragments the pools it came from. Replaying the shared
-/// traces on the simulated GPU, 1, 2, 4 and 8 MiB gave the same reserved
-/// peaks (equal to PyTorch's expandable segments on all four); with no
-/// such cap one trace reserved 12% more.
-const FRONT_SLOT_BYTES: u64 = 8 << 20;
-
 /// Slots shared under their spin locks by threads without an owned slot.
 const SHARED_SLOTS: usize = 8;
 
@@ -571,7 +562,7 @@ impl<B: Backend> Fronts<B> {
     /// so that none holds more than the new cap.
     pub(crate) fn set_cache_limit(&self, cache_limit: u64) {
         let cap = if self.enabled {
-            (cache_limit / FRONT_SHARE / self.slots.len() as u64).min(FRONT_SLOT_BYTES)
+            cache_limit / FRONT_SHARE / self.slots.len() as u64
         } else {
             0
         };

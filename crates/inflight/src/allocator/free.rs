@@ -50,6 +50,16 @@ impl<B: Backend> Shared<B> {
             (live.held.get_mut().size, live.home)
         };
         let me = self.fronts.me();
+        if size > self.fronts.cap() {
+            // Over any slot's cap: straight to the arena.
+            self.count_free(me);
+            let mut st = lock_spinning(&self.state);
+            let mut spare = Vec::new();
+            self.file_shell(&mut st, shell, &mut spare);
+            self.trim_to_cap(st);
+            drop(spare); // after the lock
+            return self.uncount(home, me);
+        }
         let mut slot = self.fronts.enter(me);
         slot.frees += 1;
         let cap = self.fronts.cap_for(me);

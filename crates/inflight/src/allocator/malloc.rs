@@ -47,9 +47,10 @@ const LARGE_ROUND: u64 = 2 << 20;
 /// The largest block a front cache serves: the small pool's. A large
 /// block served from a thread's front cache would skip the arena's choice
 /// (the lowest-addressed of the smallest free blocks that hold it, after
-/// merging), and that choice is what keeps the pool's top low: on the
-/// shared traces, serving large blocks from front caches raised peak
-/// reserved bytes by up to 12% even for exact sizes only. So a free of a
+/// merging), and that choice is what keeps the pool's top low: replaying
+/// the shared traces with front caches serving blocks up to 10 MiB, one
+/// reserved more and mapped more pages than PyTorch does on it
+/// (docs/BENCHMARKS.md). So a free of a
 /// large block still lands in the freeing thread's front cache (no lock),
 /// but every large request misses there, and the miss gives the slot's
 /// large blocks back to the arena under the lock it takes anyway, before
