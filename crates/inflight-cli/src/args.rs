@@ -233,8 +233,8 @@ pub struct SnapshotArgs {
     #[arg(long, value_name = "FILE")]
     pub snapshot: Option<PathBuf>,
     /// The most history events a snapshot keeps; the oldest are dropped
-    /// first, and a history cut short can fail `snapshot-check` at its
-    /// start.
+    /// first (`snapshot-check` then counts frees whose earlier events
+    /// were dropped).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_SNAPSHOT_EVENTS,
           value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     pub snapshot_events: usize,
