@@ -44,7 +44,7 @@ for seed in 1 2 3; do
     --repeat "${REPEAT:-3}" -q
 done
 # One order of events for every policy (their live bytes equal): a CUDA
-# trace of `repro` replayed on CUDA (docs/BENCHMARKS.md, eighth session).
+# trace of `repro` replayed on CUDA (docs/BENCHMARKS.md, *Replay of traces*).
 step record-cuda 120 $B/inflight repro --backend cuda --policy deferred --allocations 300000 \
   --streams 2 -q --record "$L/trace.jsonl"
 step replay-cuda 200 $B/inflight replay "$L/trace.jsonl" --backend cuda --cache-limit 256MiB \

@@ -14,8 +14,8 @@
 #     libglvnd0:amd64 libglx0:amd64 libegl1:amd64 libgl1:amd64 libopengl0:amd64)
 # The glvnd packages matter: NVIDIA's ICD is libGLX_nvidia.so.0, which needs
 # libGLdispatch; without it the loader says "Could not get 'vkCreateInstance'
-# via 'vk_icdGetInstanceProcAddr' for ICD libGLX_nvidia.so.0" (seen on the
-# H100 machine, 2026-11-26).
+# via 'vk_icdGetInstanceProcAddr' for ICD libGLX_nvidia.so.0" (as on the
+# H100 machine).
 # Device call: run(command="bash scripts/device-vulkan.sh", carry=[".vkbin", ".vkdebs"])
 #
 # The .debs are unpacked with `dpkg -x` (else `ar` + tar) into a prefix under

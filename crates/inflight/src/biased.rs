@@ -4,9 +4,10 @@
 //!
 //! The front caches' slots are such cells (see `front.rs`): a thread's own
 //! slot serves its cache hits and idle frees, and other threads come by only
-//! to trim, clear, read statistics or close. On the H100 machine's CPU the
-//! two uncontended lock acquisitions of an allocate/free pair were half of
-//! its cost (27–29 ns with them, 14–15 ns without; docs/BENCHMARKS.md).
+//! to trim, clear, read statistics or close. Where an uncontended atomic
+//! read-modify-write is dear (the Intel CPUs of the GPU machines), the two
+//! lock acquisitions of an allocate/free pair were about half of its cost
+//! (docs/BENCHMARKS.md, *The biased slot lock*).
 //!
 //! # Protocol
 //!

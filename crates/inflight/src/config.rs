@@ -261,9 +261,9 @@ pub enum ReuseWait {
     /// host. The binding thread goes on, but the queue, and every
     /// submission behind this one on it (other threads' too), stalls until
     /// the first queue catches up. Suits one thread driving several queues.
-    /// In `repro` on the simulated GPU (4 threads sharing 2 queues, the
-    /// 16-core H100 host) device waits left the queues stalled on each
-    /// other 4-10% of the time (docs/BENCHMARKS.md).
+    /// In `repro` on the simulated GPU (4 threads sharing 2 queues) device
+    /// waits left the queues stalled on each other more than adaptive ones
+    /// did (docs/BENCHMARKS.md, *Reuse waits*).
     Device,
 }
 

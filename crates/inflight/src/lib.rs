@@ -13,38 +13,84 @@
 //!
 //! ## A tour, in the order data flows
 //!
-//! 1. **Buffer** ([`Buffer`]): an RAII handle from [`Allocator::malloc`].
-//!    Dropping the last clone frees its block into the cache through the
-//!    freeing thread's front cache (a per-thread slot, which its thread
-//!    enters with no atomic read-modify-write where the kernel offers
-//!    asymmetric fences): an idle block waits there for that thread's next
-//!    allocation of its size class; one still in flight joins a batch bound
-//!    for the pending list.
-//! 2. **Command buffer** ([`CommandBuffer`]): records operations and the
-//!    buffers they bind, holding them until [`CommandBuffer::commit`], which
-//!    assigns the queue's next timeline value and stamps each bound buffer.
-//! 3. **Timeline** ([`timeline`]): each [`Queue`] has one; the backend's
-//!    completion signal advances its watermark. A [`Ticket`] reports it.
-//! 4. **Pending release** ([`pending`]): a block freed while a stamp is
-//!    ahead of its watermark waits here, filed by stamp.
-//! 5. **Cache** ([`cache`]): idle blocks by size (best fit, MLX's bound) and by
-//!    age (trimming, least recently used first), behind the front caches.
-//!    Trimming never sees a pending block.
-//! 6. **Stats** ([`Stats`]): what is active, ready, pending and reserved; they
+//! 1. **Buffer** ([`Buffer`], `buffer.rs`): an RAII handle from
+//!    [`Allocator::malloc`], an `Arc`'d *shell* recycled so that a cache hit
+//!    allocates nothing on the host. Dropping the last handle frees the
+//!    block (`allocator/free.rs`).
+//! 2. **Front caches** (`front.rs`, `biased.rs`): one slot per thread, which
+//!    the thread enters as the owner of a biased lock (no atomic
+//!    read-modify-write where the kernel offers `membarrier`). A slot keeps
+//!    idle small blocks for its thread's next allocation of their size
+//!    class, and gathers blocks freed in flight (*deferred*) to file in a
+//!    batch at its thread's next miss.
+//! 3. **Command buffer** ([`CommandBuffer`], [`Queue`], `command.rs`):
+//!    binds buffers and records work (the harness operations, or the
+//!    program's own through [`CommandBuffer::native`]);
+//!    [`CommandBuffer::commit`] takes the queue's next timeline value and
+//!    stamps each bound buffer with it.
+//! 4. **Timeline** ([`timeline`]): stamps (queue, value) and each queue's
+//!    completed watermark, advanced from the backend's completion signal;
+//!    a [`Ticket`] reports it. Queues adopted from the program
+//!    ([`Allocator::adopt_queue`]) are stream-ordered: a free fixes its use
+//!    as the queue's next submission.
+//! 5. **Pending list** (`pending.rs`): blocks freed while work on another
+//!    queue may still use them, filed by stamp until their watermark passes.
+//! 6. **Arena** (`arena.rs`): device memory as segments (fixed, or growable
+//!    with pages mapped on demand), split into blocks by best fit and merged
+//!    back, in pools per queue and size class. Idle memory waits here; only
+//!    complete free memory is ever given back to the device.
+//! 7. **The allocator** ([`Allocator`], `allocator/`): the malloc path
+//!    (`malloc.rs`: fast path, miss, growth, memory pressure), reuse across
+//!    queues (`reuse.rs`), free, filing, promotion and trimming (`free.rs`),
+//!    queues and faults (`queues.rs`), the state behind its lock
+//!    (`state.rs`), memory history (`history.rs`, [`history`]) and teardown
+//!    (`teardown.rs`).
+//! 8. **Stats** ([`Stats`]): active, ready, pending and reserved bytes; they
 //!    add up at every quiet point.
+//! 9. **Backends** ([`backend`]): the [`Backend`] and [`Harness`] traits and
+//!    one module per GPU API (`sim`, the default; `cuda`, `vulkan`, `metal`
+//!    behind their features). Settings: [`Config`], [`Policy`]; errors:
+//!    [`Error`].
+//!
+//! `docs/ARCHITECTURE.md` in the repository is the longer guide.
 //!
 //! ## The invariants
 //!
 //! - **I1 No release in flight**: a device allocation is released only after
-//!   every submission that recorded a use of it has completed.
+//!   every submission that recorded a use of it has completed (`arena.rs`:
+//!   trimming sees complete free memory only; `teardown.rs` leaks rather
+//!   than release in flight).
 //! - **I2 No reuse in flight**: a cached block goes to new work only once its
 //!   recorded uses completed, or they were on the same queue and the backend
-//!   declares that queue in-order for memory.
+//!   declares that queue in-order for memory, or the new work was made to
+//!   wait for them (`free.rs`: `file_block`; `reuse.rs`: `order_reuse`).
 //! - **I3 Nothing lost**: every allocation is live, cached (ready or pending)
 //!   or released; the statistics balance ([`Stats::balanced`]).
-//! - **I4 Bounded memory, clear failure**: ready bytes (front caches
-//!   included) stay under the cache limit; past the memory limit the allocator trims, waits boundedly, then
-//!   returns [`Error::OutOfMemory`] with its statistics.
+//! - **I4 Bounded memory, clear failure**: releasable bytes (front caches
+//!   included) stay under the cache limit; past the memory limit the
+//!   allocator trims, waits boundedly, then returns [`Error::OutOfMemory`]
+//!   with its statistics (`malloc.rs`: `grow`; `free.rs`: `trim_to_cap`).
+//!
+//! ## The ownership rules
+//!
+//! - **K1 A free uncounts its buffer last**: a live buffer's home slot counts
+//!   it and holds a strong reference to the allocator, so the free's uncount
+//!   must be its last touch of the allocator (`front.rs`: `remove_live`;
+//!   `free.rs`: `uncount`).
+//! - **S1 A shell in a slot is the allocator's**: a shell's fields are
+//!   written only by its sole owner while no handle exists, and read only
+//!   through a live handle (`buffer.rs`: `Drop for Buffer`, `unfill`).
+//! - **S2 Rebinding**: the block a live buffer holds may be replaced once,
+//!   by a rebinding, until anyone sees it; the buffer's `pin` says whether
+//!   anyone has (`buffer.rs`: `try_rebind`, `pinned`; `reuse.rs`: `rebind`).
+//!
+//! ## Lock order
+//!
+//! The state lock (allocator) → front-cache slots, in index order →
+//! a queue's submit lock → a buffer's stamps. Dropping a buffer enters a
+//! slot and may take the state lock, so no buffer is dropped under any of
+//! them; slow backend calls (device allocation, release, completion
+//! queries, waits) are made with the state lock let go.
 //!
 //! ## Example
 //!

@@ -155,7 +155,11 @@ fn a_slot_reuses_its_shell_in_flight_in_order_on_its_queue_only() {
 
 #[test]
 fn under_immediate_a_bound_block_skips_the_front_cache() {
-    let (gpu, alloc, q) = setup(config().with_policy(unsafe { Policy::immediate() }));
+    // SAFETY: `Policy::immediate`'s contract (1): the driven test GPU is no
+    // real driver; a release in flight there is a counted violation, not
+    // undefined behaviour.
+    let policy = unsafe { Policy::immediate() };
+    let (gpu, alloc, q) = setup(config().with_policy(policy));
     drop(alloc.malloc(512, &q).unwrap()); // this thread's slot claims its share
     let b = alloc.malloc(4096, &q).unwrap();
     use_on(&q, &b);

@@ -161,9 +161,9 @@ fn measure<S: Subject>(s: &mut S, plan: &Plan, seq: Seq, ops: u64) -> anyhow::Re
 
 /// Runs `batch` untimed at least once and until 250 ms have passed (at most
 /// 100 times), so that caches, the clock frequency and the allocator's own
-/// pools are warm before timing. (With 50 ms, the first subject of a process
-/// on the H100 machine sometimes ran 30–50% slower than the same code path
-/// measured later in the process: docs/BENCHMARKS.md, run 17.)
+/// pools are warm before timing. (A shorter warm-up left the first subject
+/// of a process slower than the same code path measured later in it:
+/// docs/BENCHMARKS.md, *Tried and rejected*.)
 /// Returns how many it ran.
 fn warm_up(mut batch: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<u32> {
     let t = Instant::now();

@@ -9,38 +9,41 @@
 //! (the last handle).
 //!
 //! One [`Allocator`] owns a backend, its queues, the per-thread front caches
-//! (`front.rs`), the ready list and the pending list. The lists sit behind
-//! one mutex, the state lock; backends are only called for cheap queries
-//! under it (device allocation is made with it let go; release, rare next
-//! to cache hits, under it).
+//! (`front.rs`), the arena (segments and their free blocks, `arena.rs`)
+//! and the pending list (`pending.rs`). The arena and the pending list sit
+//! behind one mutex, the state lock. Slow backend calls (allocating a
+//! fixed segment, releasing one, completion queries, waits) are made with
+//! it let go; mapping and unmapping pages of a growable segment are made
+//! under it, since a carve may map the same pages the moment it goes.
 //!
 //! # Paths
 //!
-//! - **free** (the last handle of a buffer is dropped): the buffer's home
-//!   slot counts it gone (K1); never bound, or every stamp passed by the
-//!   cached watermarks → the freeing thread's front cache (no state lock),
-//!   its older half going to the ready list when it is full; else gathered
-//!   in that front cache as deferred, then filed on the pending list under
-//!   its first incomplete stamp, 32 at a time or at the thread's next miss.
-//!   Ready bytes are trimmed to their share of the cache limit, oldest
-//!   first. (Under `Immediate`, a block that was ever bound skips the front
-//!   cache and goes to the ready list, its stamps ignored: that is the
-//!   defect.)
-//! - **malloc**: a block of the rounded size (its size class) from the
-//!   calling thread's front cache, with no shared lock. Else, under the
-//!   state lock: file the thread's deferred shells; best fit from ready;
-//!   else promote due pending blocks by the cached watermarks and try again;
-//!   else, on a queue that orders memory, a pending block whose only stamp
-//!   is on that queue; else promote again after asking the backend (the
-//!   state lock let go), and try again; else trim the ready list to its
-//!   share of the cache limit and make a device allocation: drain the front
-//!   caches, trim to the GC limit, trim to the memory limit, ask the device
-//!   (the state lock let go), wait (boundedly) for the oldest in-flight
-//!   stamp, and finally fail with [`Error::OutOfMemory`].
+//! - **free** (the last handle of a buffer is dropped): never bound, or
+//!   every stamp passed by the cached watermarks → the freeing thread's
+//!   front cache (no state lock), its older half going to the arena when it
+//!   is full; else gathered in that front cache as deferred, then filed
+//!   (`file_block`) in the arena (complete, or in flight on its pool's
+//!   in-order queue alone) or on the pending list, 16 at a time or at the
+//!   thread's next miss. Then the buffer's home slot uncounts it, last
+//!   (K1). Releasable bytes are trimmed to their share of the cache limit,
+//!   oldest first. (Under `Immediate`, a block that was ever bound skips
+//!   the front cache and goes to the arena, its stamps ignored: that is
+//!   the defect.)
+//! - **malloc**: an idle block of the request's size class from the
+//!   calling thread's front cache (small requests only), or under in-order
+//!   reuse a deferred one in flight on the same queue alone, with no shared
+//!   lock. Else, under the state lock: file the slot's deferred shells;
+//!   carve from the queue's pool in the arena (best fit, maybe a block in
+//!   flight on that queue, reused in order); else drain every front cache,
+//!   ask the backend how far the queues got (the lock let go), promote and
+//!   carve again; else grow (pages of the pool's growable segment, or a
+//!   fixed segment), trimming to the GC and memory limits first, then wait
+//!   (boundedly) for the oldest in-flight work, and finally fail with
+//!   [`Error::OutOfMemory`].
 //! - **bind** on another queue of a buffer reused in order ahead of its
 //!   previous owner's work (`order_reuse`): nothing, if that work has
 //!   completed; else, if nothing has seen the buffer's block (rule S2 in
-//!   `buffer.rs`), another block under the state lock: a ready one, or
+//!   `buffer.rs`), another block under the state lock: a complete one, or
 //!   one in flight on the binding queue alone; else a wait, on the host or
 //!   on the device ([`crate::ReuseWait`]).
 //!
@@ -52,6 +55,11 @@
 //! submit lock, a slot or the state lock: handles are collected and dropped
 //! after those locks are released.
 
+// Every unsafe block in `free.rs` is argued (rule S1), but one
+// (`free_idle`) has its `// SAFETY:` line above the enclosing statement,
+// where the lint does not look; the lint is lifted for that file alone until
+// the comment moves onto the block.
+#[allow(clippy::undocumented_unsafe_blocks)]
 mod free;
 mod history;
 mod malloc;
@@ -267,7 +275,7 @@ impl<B: Backend> Allocator<B> {
     }
 
     /// Adopts a queue the program owns and records its own work on (on
-    /// CUDA, a stream from [`crate::backend::cuda::CudaGpu::adopt_stream`]):
+    /// CUDA, a stream from `backend::cuda::CudaGpu::adopt_stream`):
     /// a *stream-ordered* queue, as `cuMemAllocAsync`'s streams are.
     ///
     /// A buffer allocated for it is taken to be used on its stream from its

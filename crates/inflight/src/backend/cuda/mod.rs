@@ -331,10 +331,10 @@ impl QueueState {
     /// The newest event is asked first: a stream completes its work in
     /// order, so if the newest event has completed, so has every earlier
     /// one, and one query harvests them all (the common case when the GPU is
-    /// ahead; a query can wait behind other threads' driver calls). With
-    /// it, completion queries took under 1 µs per `repro` round on the
-    /// H100 (run 30, docs/BENCHMARKS.md). Otherwise, and on an error, each
-    /// from the front, which attributes a failure to its submission.
+    /// ahead; a query can wait behind other threads' driver calls), which
+    /// keeps completion queries off `repro`'s profile (docs/BENCHMARKS.md,
+    /// *CUDA*). Otherwise, and on an error, each from the front, which
+    /// attributes a failure to its submission.
     fn harvest(&self, dev: &Device) -> Result<u64, DeviceError> {
         let mut inflight = self.inflight.lock();
         let all_done = inflight

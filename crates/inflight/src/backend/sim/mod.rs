@@ -66,11 +66,11 @@ pub struct SimConfig {
     /// Fixed time of each submission (a command-buffer boundary).
     pub submit_cost: Duration,
     /// Host time of each device allocation, spent by the caller as a driver
-    /// call spends it (`cuMemAlloc` took 58–196 µs on the H100 machine,
-    /// docs/BENCHMARKS.md). Creating buffers is slow: that is why caching
-    /// allocators exist. Without it, a lazily backed new buffer would be
-    /// cheaper than a reused one, and a policy that caches less would look
-    /// faster than one that caches more.
+    /// call spends it (a `cuMemAlloc` + `cuMemFree` pair takes tens of µs:
+    /// docs/CUDA.md, docs/BENCHMARKS.md). Creating buffers is slow: that is
+    /// why caching allocators exist. Without it, a lazily backed new buffer
+    /// would be cheaper than a reused one, and a policy that caches less
+    /// would look faster than one that caches more.
     pub alloc_cost: Duration,
     /// Relative jitter of every cost, 0.0 to 1.0, drawn from `seed`.
     pub jitter: f64,

@@ -72,6 +72,8 @@ pub(crate) struct DeviceShared {
     /// Raw buffers currently allocated: count and bytes.
     pub live_allocations: AtomicU64,
     pub live_bytes: AtomicU64,
+    /// The next synthetic address (see `VulkanBuffer::address`): only grows.
+    pub next_address: AtomicU64,
 }
 
 /// A physical device as the chooser sees it.
@@ -322,6 +324,7 @@ impl DeviceShared {
             info,
             live_allocations: AtomicU64::new(0),
             live_bytes: AtomicU64::new(0),
+            next_address: AtomicU64::new(super::SYNTHETIC_ADDRESS_BASE),
         }))
     }
 

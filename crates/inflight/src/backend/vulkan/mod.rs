@@ -10,6 +10,9 @@
 //!
 //! - **Buffers**: a `VkBuffer` with a dedicated `VkDeviceMemory`
 //!   (device-local when the device offers it); release destroys both.
+//!   The backend asks for no device addresses (`bufferDeviceAddress` is
+//!   off), so [`Backend::address`] gives each raw buffer a synthetic one,
+//!   for memory snapshots ([`VulkanBuffer::address`]).
 //! - **Queues**: one hardware queue shared by every logical queue (submits
 //!   take a lock), one timeline semaphore per logical queue.
 //! - **Memory ordering**: [`Backend::orders_memory`] is `false`. Vulkan does
@@ -46,6 +49,13 @@ pub const VALIDATION_ENV: &str = "INFLIGHT_VULKAN_VALIDATION";
 /// Allocations kept free for the backend's own result buffers, below the
 /// device's `maxMemoryAllocationCount`.
 const RESERVED_ALLOCATIONS: u64 = 256;
+
+/// The first synthetic address of a device's raw buffers (1 TiB: clear of
+/// 0, which snapshots read as "no address").
+const SYNTHETIC_ADDRESS_BASE: u64 = 1 << 40;
+/// Synthetic addresses are this far apart at least, and aligned to it, as
+/// a driver's allocations are.
+const SYNTHETIC_ADDRESS_ALIGN: u64 = 2 << 20;
 
 /// Settings of the Vulkan backend.
 #[derive(Clone, Debug, Default)]
@@ -92,6 +102,8 @@ pub struct VulkanBuffer {
     buffer: vk::Buffer,
     memory: vk::DeviceMemory,
     size: u64,
+    /// Synthetic, fixed at creation (see [`VulkanBuffer::address`]).
+    address: u64,
 }
 
 /// A logical queue: a timeline semaphore over the shared hardware queue.
@@ -220,6 +232,10 @@ impl Backend for VulkanGpu {
                 Err(e.into())
             }
         }
+    }
+
+    fn address(&self, buffer: &VulkanBuffer) -> u64 {
+        buffer.address()
     }
 
     unsafe fn release(&self, buffer: VulkanBuffer) {
@@ -398,6 +414,10 @@ impl VulkanGpu {
                 buffer,
                 memory: memory_or_null,
                 size: bytes,
+                address: self.dev.next_address.fetch_add(
+                    bytes.next_multiple_of(SYNTHETIC_ADDRESS_ALIGN),
+                    Ordering::Relaxed,
+                ),
             }),
             Err(e) => {
                 // SAFETY: neither was ever used by any command.
@@ -440,6 +460,18 @@ impl VulkanBuffer {
     /// Bytes of the buffer.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// A synthetic device address of the buffer's first byte, for memory
+    /// snapshots: the backend enables no device addresses, so each raw
+    /// buffer of a device gets `[address, address + size)` of an address
+    /// space of its own, starting at 1 TiB, handed out in creation order
+    /// and aligned to 2 MiB. Stable for the buffer's life, distinct from
+    /// every other buffer of the device (never reused, even after a
+    /// release), never 0. Not a `VkDeviceAddress`: nothing on the device
+    /// can use it.
+    pub fn address(&self) -> u64 {
+        self.address
     }
 }
 
