@@ -287,7 +287,7 @@ fn in_order_reuse_bound_on_another_queue_is_ordered_with<B: Harness>(
 /// plain ordering one. Returns how many binds were rebound. Nothing to
 /// check where queues do not order memory.
 pub fn an_unseen_buffer_rebound_sees_only_its_own_writes<B: Harness>(make: Factory<'_, B>) -> u64 {
-    // Front caches off: a never-bound free goes straight to the ready list.
+    // Front caches off: a never-bound free goes straight to the arena.
     let alloc = allocator_with(make, Config::default().with_front_cache(false));
     let (qa, qb) = (alloc.create_queue().unwrap(), alloc.create_queue().unwrap());
     if !qa.orders_memory() {

@@ -7,9 +7,13 @@
 //! - up to [`FRONT_BLOCKS`] idle **filled shells**: buffer shells that still
 //!   hold their block, whose every recorded use had completed when they were
 //!   freed, so any queue may take them (I2 needs no check). A free lands its
-//!   idle block in the freeing thread's slot; an allocation of the same
-//!   rounded size on that thread takes it back. On a thread's own slot each
-//!   is a few plain loads and stores, and no shared cache line written.
+//!   idle block in the freeing thread's slot; an allocation of a small block
+//!   (at most `FRONT_MAX`, the small pool's largest) of a size the shell
+//!   fits takes it back. On a thread's own slot each is a few plain loads
+//!   and stores, and no shared cache line written. Large blocks freed here
+//!   wait for the thread's next large request, which misses the slot (the
+//!   arena chooses large blocks: see `FRONT_MAX`) and files them under the
+//!   lock it takes anyway, before its carve.
 //! - the count of **live buffers** allocated through it and, while that count
 //!   is above zero (and always until the last [`crate::Allocator`] handle is
 //!   dropped), one strong reference to the allocator's shared state. A buffer
@@ -22,32 +26,29 @@
 //!   work was in flight (their stamps kept). They are pending blocks not yet
 //!   filed, never released from here. Filed many under one state lock: the
 //!   oldest half when the batch is full, all of them at the slot thread's
-//!   next front-cache miss (which takes the state lock anyway; if the slot
-//!   reuses them in order, only those whose work the cached watermarks show
-//!   complete), and by every drain. Filing puts each on the
-//!   pending list, or on the ready list if the cached watermarks show its
-//!   work completed meanwhile. So a free in flight, the common case under
-//!   `Deferred`, usually takes no shared lock either.
+//!   next miss (which takes the state lock anyway), and by every drain.
+//!   Filing gives each to the arena (`file_block`): to its pool, merged with
+//!   its free neighbours, if its work completed or if the only work left is
+//!   its own queue's and that queue reuses in order; else to the pending
+//!   list. So a free in flight, the common case under `Deferred`, usually
+//!   takes no shared lock either.
 //!
 //!   Under in-order reuse (I2, `Config::in_order_reuse`) with front caches
-//!   on (`Config::front_cache`), an allocation on
-//!   a queue that orders memory may take a deferred shell of its size whose
-//!   only use in flight is on that queue, the oldest first, as the state
-//!   lock's path takes a pending block: the new work runs after the old on
+//!   on (`Config::front_cache`), an allocation on a queue that orders memory
+//!   may also take a deferred shell of its size whose only use in flight is
+//!   on that queue, the oldest first: the new work runs after the old on
 //!   that queue, and work on any other queue waits for the old (the
-//!   buffer's `reuse_fence`). Then the shells stay in the slot at a miss:
-//!   a thread's next round of allocations, on the same queue and of the
-//!   same sizes as the round it freed, takes them back without the state
-//!   lock.
+//!   buffer's `reuse_fence`).
 //! - counters (frees, front hits), summed into each statistics snapshot.
 //!
 //! A slot holds at most `cap` bytes, an eighth of the cache limit over the
 //! slot count, and only once it has *claimed* that share: at the first idle
 //! block that fits, under the state lock, which takes the share from the
-//! ready list's (trimmed to the cache limit less the claimed shares). So
-//! cached bytes stay under the cache limit (I4), and slots no thread uses
-//! leave their share to the ready list. Trimming, clearing, limit changes
-//! and memory pressure empty the slots; a claim stays.
+//! arena's (whose releasable bytes are trimmed to the cache limit less the
+//! claimed shares). So cached bytes stay under the cache limit (I4), and
+//! slots no thread uses leave their share to the arena. Growth, trimming,
+//! clearing, limit changes and memory pressure empty the slots; a claim
+//! stays.
 //!
 //! # Slots and locking
 //!
@@ -80,10 +81,8 @@ use crate::timeline::QueueId;
 
 /// Idle blocks one slot holds at most (its bytes are capped apart). With
 /// sizes that vary, more blocks mean more frees taken back by the same
-/// thread without the state lock: the mixed benchmark (64 live buffers,
-/// 1 KiB-64 MiB) took 151, 95-104, 83-84 and 66-89 ns a pair at 16, 32, 64
-/// and 128 on the 2-core development machine (docs/BENCHMARKS.md). A miss
-/// in the slot scans them, newest first.
+/// thread without the state lock, and a longer scan at a miss (newest
+/// first); at 128 the mixed benchmark gained a few percent at most.
 pub(crate) const FRONT_BLOCKS: usize = 64;
 
 /// Deferred shells one slot gathers before filing them as a batch.
@@ -537,7 +536,7 @@ impl<B: Backend> Fronts<B> {
 
     /// Under the state lock: claims `home`'s share of the cache limit, if
     /// not yet claimed. `make_room` gets the new [`Fronts::reserve`], for
-    /// the caller to lower the ready list's cap and trim to it; only then is
+    /// the caller to lower the arena's releasable cap and trim to it; only then is
     /// the claim marked, so no thread (the owner, or a sharer of a shared
     /// slot) files an idle block in the slot before the room is made (I4).
     /// Claims are serialized by the state lock.
@@ -552,7 +551,7 @@ impl<B: Backend> Fronts<B> {
         flag.store(true, std::sync::atomic::Ordering::Release);
     }
 
-    /// Bytes the claimed slots together may hold: the ready list gets the
+    /// Bytes the claimed slots together may hold: the arena gets the
     /// rest of the cache limit.
     pub(crate) fn reserve(&self) -> u64 {
         self.cap() * self.claimed.load(std::sync::atomic::Ordering::Relaxed) as u64

@@ -44,8 +44,9 @@ impl<B: Backend> Shared<B> {
     /// thread's slot: the fast path, on a thread's own slot without a lock.
     #[inline]
     pub(super) fn free_idle(&self, shell: Shell<B>) -> Option<Arc<Shared<B>>> {
-        // SAFETY: S1: the shell has no handle and is ours (the free path's).
         let (size, home) = {
+            // SAFETY: S1: the shell has no handle and is ours (the free
+            // path's).
             let live = unsafe { shell.owned_live() };
             (live.held.get_mut().size, live.home)
         };

@@ -55,11 +55,6 @@
 //! submit lock, a slot or the state lock: handles are collected and dropped
 //! after those locks are released.
 
-// Every unsafe block in `free.rs` is argued (rule S1), but one
-// (`free_idle`) has its `// SAFETY:` line above the enclosing statement,
-// where the lint does not look; the lint is lifted for that file alone until
-// the comment moves onto the block.
-#[allow(clippy::undocumented_unsafe_blocks)]
 mod free;
 mod history;
 mod malloc;
