@@ -29,7 +29,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 B=$ROOT/.devbin
 L=$(mktemp -d /tmp/h200logs.XXXXXX)
-S=$L/summary.txt
+# The summary goes straight to $OUT, so that a call cut short keeps it.
+S=${OUT:+$OUT/summary.txt}
+S=${S:-$L/summary.txt}
 PY=python3
 [ -x /opt/torch/.venv/bin/python3 ] && PY=/opt/torch/.venv/bin/python3
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/lib64:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
@@ -54,14 +56,11 @@ if [ -n "$T" ]; then
     step "viz-trace-$t" 120 "$PY" -m torch.cuda._memory_viz trace_plot "$L/$t.pickle" -o "$L/$t.trace.html"
     step "viz-segment-$t" 120 "$PY" -m torch.cuda._memory_viz segment_plot "$L/$t.pickle" -o "$L/$t.segment.html"
     ls -l "$L/$t.trace.html" "$L/$t.segment.html" >> "$S" 2>&1
-    rm -f "$L/$t.pickle"
+    rm -f "$L/$t.pickle" "$L/$t.trace.html" "$L/$t.segment.html"
   done
   step memcheck-replay 200 compute-sanitizer --tool memcheck "$B/inflight" replay \
     "$T/vit_infer_varbatch.jsonl.gz" --backend cuda --policy deferred -q
 fi
-step repro-all 200 "$B/inflight" repro --backend cuda --policy all --allocations 1000000 --streams 2 -q
-step memcheck-repro 150 compute-sanitizer --tool memcheck "$B/inflight" repro --backend cuda \
-  --policy deferred --allocations 20000 --streams 2 -q
 step bench 200 "$B/inflight" bench --backend cuda --json "$L/bench.json"
 step threads 150 "$B/alloc_bench" --bench "threads/" --warm-up-time 1 --measurement-time 2
 step real-snapshot 120 "$PY" scripts/torch/record_snapshot.py "$L/real.pickle"
@@ -69,11 +68,13 @@ step real-check 60 "$B/inflight" snapshot-check "$L/real.pickle"
 step real-import 60 "$B/inflight" import-torch "$L/real.pickle" -o "$L/real.jsonl"
 step real-replay 120 "$B/inflight" replay "$L/real.jsonl" --backend cuda
 step real-replay-sim 120 "$B/inflight" replay "$L/real.jsonl" --backend sim
+step repro-all 200 "$B/inflight" repro --backend cuda --policy all --allocations 300000 --streams 2 -q
+step memcheck-repro 150 compute-sanitizer --tool memcheck "$B/inflight" repro --backend cuda \
+  --policy deferred --allocations 20000 --streams 2 -q
 (cd "$L" && grep -H -E "test result|^(violations|corrupted checksums) |ERROR SUMMARY|^pair|^mixed|MISSED|met:|all targets|some targets|sound|problem|reserved / |threads/cache_hit/[0-9]+ +time|^ +thrpt|wrote " \
   ./*.log) >> "$S" 2>/dev/null
 if [ -n "${OUT:-}" ]; then
   rm -f "$L"/*.pickle "$L/real.jsonl"
-  cp "$S" "$OUT/summary.txt"
   [ -f "$L/tables.md" ] && cp "$L/tables.md" "$OUT/tables.md"
   tar -czf "$OUT/logs.tar.gz" -C "$L" .
 fi
