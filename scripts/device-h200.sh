@@ -61,7 +61,7 @@ if [ -n "$T" ]; then
   step memcheck-replay 200 compute-sanitizer --tool memcheck "$B/inflight" replay \
     "$T/vit_infer_varbatch.jsonl.gz" --backend cuda --policy deferred -q
 fi
-step bench 200 "$B/inflight" bench --backend cuda --json "$L/bench.json"
+step bench 200 "$B/inflight" bench --backend cuda --repeat 3 --json "$L/bench.json"
 step threads 150 "$B/alloc_bench" --bench "threads/" --warm-up-time 1 --measurement-time 2
 step real-snapshot 120 "$PY" scripts/torch/record_snapshot.py "$L/real.pickle"
 step real-check 60 "$B/inflight" snapshot-check "$L/real.pickle"

@@ -167,6 +167,16 @@ impl<K: Kind> Plugin<K> {
             Err(e) => (0, Some(e)),
         };
         let mut config = Config::default().with_policy(settings.policy.policy());
+        // Growable segments (address ranges, pages mapped on demand) unless
+        // the environment turns them off, as PyTorch's expandable segments
+        // are an option too.
+        if let Ok(v) = std::env::var("INFLIGHT_TORCH_GROWABLE") {
+            let off = matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "0" | "false" | "off" | "no"
+            );
+            config = config.with_growable(!off);
+        }
         config.memory_limit = settings.memory_limit;
         config.cache_limit = settings.cache_limit;
         let fractions: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(NO_FRACTION)).collect();

@@ -84,6 +84,11 @@ fn main() {
             no_driver_is_an_error_not_a_panic,
         ),
         trial(
+            "growable_segments_map_pages",
+            missing,
+            growable_segments_map_pages,
+        ),
+        trial(
             "cross_stream_hazard_deferred_is_clean",
             missing,
             cross_stream_hazard_deferred_is_clean,
@@ -191,6 +196,40 @@ fn cross_stream_reuse(make: &dyn Fn() -> CudaGpu, policy: inflight::Policy) -> (
         corrupted += u32::from(ta.checksum(slot).unwrap() != expect);
     }
     (corrupted, reused, ROUNDS)
+}
+
+/// With the default configuration, blocks come from growable segments (an
+/// address range, pages mapped on demand), whose memory kernels write and
+/// read, and whose whole free pages go back.
+fn growable_segments_map_pages() {
+    use inflight::{Allocator, Config};
+    use std::time::Duration;
+    let alloc = Allocator::new(gpu(RawAlloc::default())(), Config::default()).unwrap();
+    let q = alloc.create_queue().unwrap();
+    let small = alloc.malloc(4096, &q).unwrap();
+    let large = alloc.malloc(48 << 20, &q).unwrap();
+    let mut cb = q.command_buffer().unwrap();
+    cb.fill(&small, 7).unwrap();
+    cb.fill(&large, 9).unwrap();
+    let (a, b) = (cb.checksum(&small).unwrap(), cb.checksum(&large).unwrap());
+    let t = cb.commit().unwrap();
+    assert!(t.wait(Duration::from_secs(30)).unwrap());
+    assert_eq!(
+        t.checksum(a).unwrap(),
+        inflight::backend::checksum_uniform(7, 1024)
+    );
+    assert_eq!(
+        t.checksum(b).unwrap(),
+        inflight::backend::checksum_uniform(9, (48 << 20) / 4)
+    );
+    let s = alloc.stats();
+    assert!(s.pages_mapped >= 2, "no pages mapped: {s:?}");
+    assert_eq!(s.device_allocations, s.pages_mapped, "{s:?}");
+    drop((small, large));
+    alloc.clear_cache();
+    let s = alloc.stats();
+    assert_eq!(s.reserved_bytes, 0, "whole free pages stay mapped: {s:?}");
+    assert!(s.pages_unmapped >= 2, "{s:?}");
 }
 
 fn cross_stream_hazard_deferred_is_clean() {

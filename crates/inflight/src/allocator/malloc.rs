@@ -351,6 +351,9 @@ impl<B: Backend> Shared<B> {
         if st.arena.range_of(queue, class).is_some() {
             return true;
         }
+        if st.ranges_refused {
+            return false;
+        }
         let page = self.page_size(class);
         let size = self.info.memory_capacity.next_multiple_of(page);
         match self.backend.reserve(size, page) {
@@ -358,7 +361,10 @@ impl<B: Backend> Shared<B> {
                 st.arena.add_range(queue, class, raw, size, page);
                 true
             }
-            Err(_) => false,
+            Err(_) => {
+                st.ranges_refused = true;
+                false
+            }
         }
     }
 

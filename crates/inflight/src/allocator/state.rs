@@ -43,6 +43,9 @@ pub(super) struct State<B: Backend> {
     /// flight: promotion gives back everything releasable until nothing is
     /// in flight any more.
     pub(super) release_pending: bool,
+    /// The backend refused an address range for a growable segment: growth
+    /// makes fixed segments from then on, without asking at every growth.
+    pub(super) ranges_refused: bool,
 }
 
 /// Spare shells kept; more are freed.
@@ -61,6 +64,7 @@ impl<B: Backend> State<B> {
             spares: Vec::new(),
             history: None,
             release_pending: false,
+            ranges_refused: false,
         }
     }
 

@@ -63,12 +63,17 @@ pub(crate) fn granularity(ctx: &Context) -> Option<u64> {
     (r == sys::CUresult::CUDA_SUCCESS && g > 0).then_some(g as u64)
 }
 
-/// Reserves `bytes` of address space, aligned to `page`.
+/// Reserves `bytes` of address space (a multiple of the allocation
+/// granularity, as `page` is). The range is aligned to the granularity
+/// (alignment 0: the driver's default), which is all `cuMemMap` needs at
+/// offsets that are multiples of `page`; a page that is not a power of two
+/// (20 MiB) is refused as an alignment.
 pub(crate) fn reserve(ctx: &Context, bytes: u64, page: u64) -> Result<DevicePtr, DeviceError> {
     ctx.make_current()?;
+    debug_assert!(page > 0 && bytes % page == 0);
     let mut ptr: DevicePtr = 0;
     // SAFETY: the out-pointer is ours; no fixed address is asked for.
-    unsafe { sys::cuMemAddressReserve(&mut ptr, bytes as usize, page as usize, 0, 0) }
+    unsafe { sys::cuMemAddressReserve(&mut ptr, bytes as usize, 0, 0, 0) }
         .result()
         .map_err(|e| map_err("cuMemAddressReserve", e))?;
     Ok(ptr)
