@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::arena::NodeId;
 use crate::timeline::Stamps;
 
-/// A block out of the arena (see `arena.rs`): a live buffer's, a front
+/// A block out of the arena (see `arena/`): a live buffer's, a front
 /// cache's, or one on the pending list.
 #[derive(Debug)]
 pub(crate) struct Block<R> {

@@ -35,7 +35,7 @@
 //!    as the queue's next submission.
 //! 5. **Pending list** (`pending.rs`): blocks freed while work on another
 //!    queue may still use them, filed by stamp until their watermark passes.
-//! 6. **Arena** (`arena.rs`): device memory as segments (fixed, or growable
+//! 6. **Arena** (`arena/`): device memory as segments (fixed, or growable
 //!    with pages mapped on demand), split into blocks by best fit and merged
 //!    back, in pools per queue and size class. Idle memory waits here; only
 //!    complete free memory is ever given back to the device.
@@ -57,7 +57,7 @@
 //! ## The invariants
 //!
 //! - **I1 No release in flight**: a device allocation is released only after
-//!   every submission that recorded a use of it has completed (`arena.rs`:
+//!   every submission that recorded a use of it has completed (`arena/`:
 //!   trimming sees complete free memory only; `teardown.rs` leaks rather
 //!   than release in flight).
 //! - **I2 No reuse in flight**: a cached block goes to new work only once its

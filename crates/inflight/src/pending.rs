@@ -14,7 +14,7 @@
 //! where reuse in order does not apply (queues that do not order memory,
 //! policies other than `Deferred`), while any queue may. A block in flight
 //! on its pool's in-order queue alone goes back to the arena at once (see
-//! `arena.rs`, the reuse rule), so nothing here is reused before it is due.
+//! `arena/`, the reuse rule), so nothing here is reused before it is due.
 //!
 //! # Ordering and layout
 //!

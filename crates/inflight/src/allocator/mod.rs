@@ -9,7 +9,7 @@
 //! (the last handle).
 //!
 //! One [`Allocator`] owns a backend, its queues, the per-thread front caches
-//! (`front.rs`), the arena (segments and their free blocks, `arena.rs`)
+//! (`front.rs`), the arena (segments and their free blocks, `arena/`)
 //! and the pending list (`pending.rs`). The arena and the pending list sit
 //! behind one mutex, the state lock. Slow backend calls (allocating a
 //! fixed segment, releasing one, completion queries, waits) are made with
