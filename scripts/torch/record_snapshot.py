@@ -17,9 +17,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--stacks", default="all", choices=["all", "python"],
+                    help="the frames kept with each entry (python: smaller files)")
     a = ap.parse_args()
     torch.manual_seed(0)
-    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks=a.stacks)
     model = torchvision.models.resnet18(num_classes=100).cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     side = torch.cuda.Stream()
