@@ -542,3 +542,43 @@ fn slots_no_thread_fills_leave_their_share_to_the_ready_list() {
     );
     assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
 }
+
+#[test]
+fn a_large_block_asked_again_by_its_thread_comes_back_as_it_is() {
+    let gpu = ManualGpu::new(1 << 30, true);
+    let alloc = Allocator::new(gpu.clone(), config()).unwrap();
+    let q = alloc.create_queue().unwrap();
+    let a = alloc.malloc(48 << 20, &q).unwrap();
+    let (id, offset) = (a.block_id(), a.offset());
+    drop(a);
+    let before = balanced(alloc.stats());
+    let b = alloc.malloc(48 << 20, &q).unwrap();
+    assert_eq!((b.block_id(), b.offset()), (id, offset));
+    let s = balanced(alloc.stats());
+    // The block never went through the free index: no merge, no split.
+    assert_eq!(
+        (s.merges, s.splits),
+        (before.merges, before.splits),
+        "{s:?}"
+    );
+    assert_eq!(s.cache_hits, before.cache_hits + 1);
+    alloc.check_consistency().unwrap();
+    drop(b);
+    // With a free block before it, the arena's choice (the lowest address
+    // of the merged block) wins over taking the same block back.
+    // (Blocks under 10 MiB share 20 MiB segments.)
+    let first = alloc.malloc(4 << 20, &q).unwrap();
+    let second = alloc.malloc(8 << 20, &q).unwrap();
+    let (low, high) = (first.offset(), second.offset());
+    assert_eq!(
+        (first.block_id() >> 40, high),
+        (second.block_id() >> 40, low + (4 << 20))
+    );
+    drop(first);
+    drop(second);
+    let c = alloc.malloc(8 << 20, &q).unwrap();
+    assert_eq!(c.offset(), low, "the lowest address that fits");
+    alloc.check_consistency().unwrap();
+    drop(c);
+    assert_eq!(gpu.violations(), 0, "{:?}", gpu.messages());
+}

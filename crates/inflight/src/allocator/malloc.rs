@@ -199,7 +199,7 @@ impl<B: Backend> Shared<B> {
         block: u64,
         queue: &Arc<QueueShared<B>>,
         home: u32,
-        (idle, deferred): (Vec<Shell<B>>, Deferred<B>),
+        (mut idle, deferred): (Vec<Shell<B>>, Deferred<B>),
     ) -> Result<Buffer<B>> {
         // With work outstanding on the queue, learn how far it got (and of
         // a failure or a lost device, reported here rather than after a
@@ -214,6 +214,14 @@ impl<B: Backend> Shared<B> {
         let mut st = lock_spinning(&self.state);
         let mut spare = Vec::new();
         let mut segments = Vec::new();
+        // A large block of exactly this size that the thread freed, kept
+        // apart while the rest is filed: it may be the very block the carve
+        // would choose.
+        let again = idle
+            .iter()
+            // SAFETY: S1: a shell out of a slot has no handle and is ours.
+            .position(|shell| unsafe { shell.owned_live() }.held.get_mut().size == block)
+            .map(|i| idle.swap_remove(i));
         // The slot's blocks are filed even when the call fails: nothing
         // taken out of a slot is lost.
         for shell in idle {
@@ -221,9 +229,31 @@ impl<B: Backend> Shared<B> {
         }
         self.file_deferred(&mut st, deferred, &mut spare);
         if let Err(e) = fault {
+            if let Some(shell) = again {
+                self.file_shell(&mut st, shell, &mut spare);
+            }
             self.trim_to_cap(st);
             drop(spare); // after the lock
             return Err(e);
+        }
+        if let Some(shell) = again {
+            // SAFETY: S1, as above.
+            let node = unsafe { shell.owned_live() }.held.get_mut().node;
+            if st.arena.would_carve_again(node, queue.id, class, block) {
+                // Handed out again as it is: what its release and the
+                // carve would have done (`Arena::would_carve_again`).
+                st.stats.allocations += 1;
+                st.stats.cache_hits += 1;
+                drop(st);
+                drop(spare); // after the lock
+                let scrub = self.config.scrub;
+                let buf = Buffer::reissue(shell, size, queue.id, scrub, home, 0);
+                if queue.stream_ordered {
+                    buf.inner.stamps.lock().record(queue.id, AT_FREE);
+                }
+                return Ok(buf);
+            }
+            self.file_shell(&mut st, shell, &mut spare);
         }
         let mut carved = self.carve_cached(&mut st, queue.id, class, block);
         if carved.is_none() {

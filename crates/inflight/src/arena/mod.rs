@@ -452,6 +452,49 @@ impl<R> Arena<R> {
         })
     }
 
+    /// Whether taken node `n` is what a carve of `size` bytes from `queue`'s
+    /// pool of `class` would give again if `n` were released first: `n` is
+    /// of that pool and exactly that size, its previous node is not free
+    /// (so the merged node would start at `n`), and no free node of the pool
+    /// sorts before the merged one (`n` with its free next node, if any)
+    /// among those that hold `size`. Then keeping `n` taken is the release
+    /// and the carve without the index work: the same block, the same
+    /// neighbours, nothing mapped.
+    pub(crate) fn would_carve_again(
+        &self,
+        n: NodeId,
+        queue: QueueId,
+        class: Class,
+        size: u64,
+    ) -> bool {
+        let node = &self.nodes[n as usize];
+        let pool = pool_of(queue, class);
+        if node.free.is_some() || node.size != size || self.seg(node.seg).pool != pool {
+            return false;
+        }
+        if node.prev != NIL && self.nodes[node.prev as usize].free.is_some() {
+            return false;
+        }
+        // The free next node merges into the released one: its own entry
+        // would be gone.
+        let (next_free, next_entry) = match node.next {
+            m if m != NIL && self.nodes[m as usize].free.is_some() => {
+                let next = &self.nodes[m as usize];
+                (next.size, Some(entry(next.size, self.key(m), m)))
+            }
+            _ => (0, None),
+        };
+        let merged = entry(size + next_free, self.key(n), n);
+        match self.pools.get(pool as usize) {
+            Some(p) => p
+                .index
+                .range(entry(size, 0, 0)..)
+                .find(|&&e| Some(e) != next_entry)
+                .is_none_or(|&e| e > merged),
+            None => true,
+        }
+    }
+
     /// Undoes the page mapping of a carve whose device map failed: marks
     /// `runs` of the node's segment unmapped again (the caller then gives
     /// the node back).

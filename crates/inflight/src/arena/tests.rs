@@ -194,3 +194,57 @@ fn random_operations_keep_every_invariant() {
         }
     }
 }
+
+/// `would_carve_again` agrees with a release followed by a carve: for each
+/// taken block of a segment with holes, the answer is whether that round
+/// trip gives the same block back.
+#[test]
+fn would_carve_again_predicts_release_then_carve() {
+    const SIZES: [u64; 5] = [4, 2, 4, 8, 2];
+    // A 64 MiB segment carved into SIZES (MiB), then `holes` released.
+    fn build(holes: &[usize]) -> (Arena<u32>, Vec<Carved<u32>>) {
+        let mut a = arena();
+        a.add_segment(0, Class::Large, 1, 64 * MIB);
+        let blocks: Vec<_> = SIZES
+            .iter()
+            .map(|&m| a.carve(0, Class::Large, m * MIB).unwrap())
+            .collect();
+        for &i in holes {
+            a.release(blocks[i].node, 0);
+        }
+        (a, blocks)
+    }
+    let mut both = [0, 0];
+    for holes in [vec![], vec![1], vec![3], vec![0, 3], vec![2, 4], vec![1, 3]] {
+        for i in (0..SIZES.len()).filter(|i| !holes.contains(i)) {
+            let (mut a, blocks) = build(&holes);
+            let (b, size) = (&blocks[i], SIZES[i] * MIB);
+            assert!(
+                !a.would_carve_again(b.node, 1, Class::Large, size),
+                "another pool"
+            );
+            assert!(
+                !a.would_carve_again(b.node, 0, Class::Small, size),
+                "another class"
+            );
+            assert!(
+                !a.would_carve_again(b.node, 0, Class::Large, size + MIB),
+                "another size"
+            );
+            let predicted = a.would_carve_again(b.node, 0, Class::Large, size);
+            a.release(b.node, 0);
+            let c = a.carve(0, Class::Large, size).unwrap();
+            assert_eq!(
+                predicted,
+                c.offset == b.offset,
+                "block {i}, holes {holes:?}"
+            );
+            a.check().unwrap();
+            both[usize::from(predicted)] += 1;
+        }
+    }
+    assert!(
+        both[0] > 0 && both[1] > 0,
+        "both answers exercised: {both:?}"
+    );
+}
