@@ -72,8 +72,6 @@ fn probe() -> Found {
 }
 
 /// A check of the shared suite.
-type Check = fn(c::Factory<'_, VulkanGpu>);
-
 fn main() {
     let args = Arguments::from_args();
     // The demonstration's child runs one test, on a device its parent found.
@@ -82,44 +80,14 @@ fn main() {
     } else {
         probe()
     };
-    let checks: [(&str, Check); 12] = [
-        ("ops_compute", c::ops_compute),
-        ("timeline_advances_in_order", c::timeline_advances_in_order),
+    let mut checks = c::checks::<VulkanGpu>();
+    checks.insert(
+        6,
         (
-            "wait_times_out_on_unsubmitted_value",
-            c::wait_times_out_on_unsubmitted_value,
-        ),
-        (
-            "freed_buffers_become_reusable_after_completion",
-            c::freed_buffers_become_reusable_after_completion,
-        ),
-        (
-            "reuse_on_another_queue_is_ordered",
-            c::reuse_on_another_queue_is_ordered,
-        ),
-        (
-            "in_order_reuse_bound_on_another_queue_is_ordered",
-            c::in_order_reuse_bound_on_another_queue_is_ordered,
-        ),
-        (
-            "an_unseen_buffer_rebound_sees_only_its_own_writes",
+            c::REBIND_CHECK,
             an_unseen_buffer_rebound_sees_only_its_own_writes,
         ),
-        ("cross_queue_use_is_stamped", c::cross_queue_use_is_stamped),
-        (
-            "clear_cache_releases_everything",
-            c::clear_cache_releases_everything,
-        ),
-        (
-            "retained_policy_keeps_bindings_alive",
-            c::retained_policy_keeps_bindings_alive,
-        ),
-        ("bad_input_is_refused", c::bad_input_is_refused),
-        (
-            "memory_limit_gives_out_of_memory",
-            c::memory_limit_gives_out_of_memory,
-        ),
-    ];
+    );
     let mut trials: Vec<Trial> = checks
         .into_iter()
         .map(|(name, check)| {
@@ -182,7 +150,7 @@ fn device() -> VulkanGpu {
 }
 
 /// Runs `check` on fresh Vulkan devices and asserts the layer said nothing.
-fn clean(check: Check) {
+fn clean(check: c::Check<VulkanGpu>) {
     let made = Mutex::new(vec![device()]);
     let make = || {
         let g = VulkanGpu::new(config()).expect("a second device like the first");
