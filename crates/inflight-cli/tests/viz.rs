@@ -5,37 +5,13 @@
 //! refused.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
 use serde_json::{json, Value};
 
-fn inflight(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_inflight"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn ok(out: &Output) {
-    assert_eq!(out.status.code(), Some(0), "{}", text(out));
-}
-
-fn temp(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("viz-{}-{name}", std::process::id()))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
+use common::{inflight, ok, s, temp, text};
 
 const S1: u64 = 0x5581_2c40_0a10;
 const S2: u64 = 0x5581_2c40_0b20;
