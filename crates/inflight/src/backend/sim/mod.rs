@@ -324,23 +324,8 @@ impl Backend for SimGpu {
             self.inner.allocated.fetch_sub(bytes, Ordering::AcqRel);
             return Err(DeviceError::OutOfMemory);
         }
-        let data = match c.backing {
-            Backing::Host => Some(Pages::new((bytes / 4) as usize)),
-            Backing::Accounting => None,
-        };
         spend(c.alloc_cost);
-        Ok(SimBuffer {
-            mem: Arc::new(Memory {
-                generation: self.inner.next_buffer.fetch_add(1, Ordering::Relaxed),
-                size: bytes,
-                data: Mutex::new(data),
-                released: AtomicBool::new(false),
-                released_at_ns: AtomicU64::new(0),
-                in_flight: AtomicU64::new(0),
-                last_use: AtomicU64::new(0),
-                range: None,
-            }),
-        })
+        Ok(self.new_buffer(bytes, None))
     }
 
     fn address(&self, buffer: &SimBuffer) -> u64 {
@@ -363,26 +348,12 @@ impl Backend for SimGpu {
                 "cannot reserve a range of {bytes} bytes (pages of {page})"
             )));
         }
-        let data = match self.inner.config.backing {
-            Backing::Host => Some(Pages::new((bytes / 4) as usize)),
-            Backing::Accounting => None,
+        let range = RangeState {
+            page,
+            mapped: vec![false; (bytes / page) as usize],
+            in_flight: Vec::new(),
         };
-        Ok(SimBuffer {
-            mem: Arc::new(Memory {
-                generation: self.inner.next_buffer.fetch_add(1, Ordering::Relaxed),
-                size: bytes,
-                data: Mutex::new(data),
-                released: AtomicBool::new(false),
-                released_at_ns: AtomicU64::new(0),
-                in_flight: AtomicU64::new(0),
-                last_use: AtomicU64::new(0),
-                range: Some(Mutex::new(RangeState {
-                    page,
-                    mapped: vec![false; (bytes / page) as usize],
-                    in_flight: Vec::new(),
-                })),
-            }),
-        })
+        Ok(self.new_buffer(bytes, Some(Mutex::new(range))))
     }
 
     fn map(&self, range: &SimBuffer, offset: u64, bytes: u64) -> Result<(), DeviceError> {
@@ -703,6 +674,27 @@ impl SimView<'_> {
 }
 
 impl SimGpu {
+    /// A raw buffer of `bytes`, with host memory behind it unless the
+    /// device only accounts; `range` makes it a growable segment's range.
+    fn new_buffer(&self, bytes: u64, range: Option<Mutex<RangeState>>) -> SimBuffer {
+        let data = match self.inner.config.backing {
+            Backing::Host => Some(Pages::new((bytes / 4) as usize)),
+            Backing::Accounting => None,
+        };
+        SimBuffer {
+            mem: Arc::new(Memory {
+                generation: self.inner.next_buffer.fetch_add(1, Ordering::Relaxed),
+                size: bytes,
+                data: Mutex::new(data),
+                released: AtomicBool::new(false),
+                released_at_ns: AtomicU64::new(0),
+                in_flight: AtomicU64::new(0),
+                last_use: AtomicU64::new(0),
+                range,
+            }),
+        }
+    }
+
     /// Enqueues work the program records itself on `queue`'s executor,
     /// outside the allocator's timeline (as a program launches kernels on a
     /// CUDA stream it owns): it runs in order with the queue's submissions,
